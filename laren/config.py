@@ -1,0 +1,314 @@
+"""The run config: one frozen pydantic section per concern, validated before any worker starts.
+
+Every section forbids unknown keys, so a typo in a job YAML is an error that names the field path
+(``model.gdm.num_nodes``) rather than a silently ignored setting. Units are in the field names
+(``total_kimg``, ``batch_size_global``); durations a user sets are counted in images (kimg), never steps.
+
+Only ``laren/models/build.py`` turns :class:`ModelConfig` into modules; modules themselves take plain numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    """Base of every config section: immutable, unknown keys rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+class PriorConfig(Section):
+    """The frozen pre-trained StyleGAN2 (architecture + where its laren-format weights live)."""
+
+    path: Optional[str] = Field(
+        None,
+        description="URL (local path or s3://) of the laren-format prior (.safetensors + .json) written by "
+        "`laren prior import`. None builds a randomly initialised generator (tests, summaries).",
+    )
+    resolution: int = Field(1024, description="Output resolution of the generator in pixels (a power of 2, 32..1024).")
+    style_dim: int = Field(512, description="Style / latent width H of the generator (512 for official weights).")
+    mapping_layers: int = Field(8, description="Depth of the mapping MLP (8 for official weights).")
+    channel_multiplier: int = Field(2, description="StyleGAN2 channel multiplier (2 for FFHQ-1024 config-f, 1 for some 256 models).")
+    channel_max: int = Field(512, description="Cap on feature channels per resolution (512 for official weights; small in tests).")
+    source: str = Field(
+        "",
+        description="Human note: which pre-trained checkpoint this job expects and where to obtain it.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "PriorConfig":
+        r = self.resolution
+        if r < 32 or r > 1024 or r & (r - 1):
+            raise ValueError(f"resolution must be a power of 2 in 32..1024, got {r}")
+        return self
+
+    def channel_base(self) -> int:
+        """NVIDIA-style ``channels(r) = min(channel_base / r, channel_max)``; rosinality's stock table."""
+        return 16384 * self.channel_multiplier
+
+
+class EncoderConfig(Section):
+    """GLEAN-style encoder (LR image -> z); model-spec section 2.1."""
+
+    rrdb_blocks: int = Field(23, description="Number of RRDB blocks in the feature extractor.")
+    rrdb_channels: int = Field(64, description="RRDB feature channels.")
+    rrdb_growth: int = Field(32, description="RRDB dense-block growth channels.")
+
+
+class GDMConfig(Section):
+    """Graph Disentangled Module; model-spec section 2.2 (choices C1-C8)."""
+
+    num_nodes: int = Field(64, description="J: number of graph nodes derived from z.")
+    node_dim: int = Field(8, description="C: width of each node.")
+    convkb_filters: int = Field(8, description="Omega: ConvKB 1x3 filters.")
+    relation_scale: Union[Literal["dim"], float] = Field(
+        "dim",
+        description="kappa in rho = kappa * r (choice C5): 'dim' multiplies by the attribute count D (default); "
+        "1.0 is the paper-literal reading, which leaves g nearly constant.",
+    )
+    chunk_size: int = Field(256, description="Attributes processed per chunk; bounds peak memory (never the full (B,P,D,Omega,C) tensor).")
+    checkpoint_chunks: bool = Field(True, description="Recompute each attribute chunk in backward (gradient checkpointing).")
+
+
+class CGMConfig(Section):
+    """Code Generation Module; model-spec section 2.3 (choices C9-C15)."""
+
+    code_dim: int = Field(64, description="F: width of each image-specific code c_n.")
+    noise_proj_max_res: int = Field(
+        128, description="Each code is projected to a min(res, this)^2 map, then bilinearly upsampled (choice C14)."
+    )
+
+
+class ModelConfig(Section):
+    """LAREN and its Table IV ablations, as config choices."""
+
+    lr_size: int = Field(16, description="Input (low-resolution) image size in pixels.")
+    prior: PriorConfig = Field(default_factory=PriorConfig, description="The frozen StyleGAN2 prior.")
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig, description="Encoder (LR image -> z).")
+    latent_space: Literal["w", "w+", "s", "g"] = Field(
+        "g", description="Latent head: w (z broadcast), w+ (linear head), s (StyleSpace head), g (GDM)."
+    )
+    gdm_relation: Literal["hmrr", "vrr"] = Field("hmrr", description="GDM relation reasoning (used when latent_space = g).")
+    noise_source: Literal["random", "cgm"] = Field("cgm", description="Generator noise: random N(0,1) or codes from the CGM.")
+    cgm_relation: Literal["rerr", "vrr"] = Field("rerr", description="CGM relation reasoning (used when noise_source = cgm).")
+    gdm: GDMConfig = Field(default_factory=GDMConfig, description="GDM sizes.")
+    cgm: CGMConfig = Field(default_factory=CGMConfig, description="CGM sizes.")
+    glean_skips: bool = Field(
+        False, description="Add GLEAN's multi-scale encoder features and decoder (off by default; choice C17)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        lr, hr = self.lr_size, self.prior.resolution
+        if lr < 4 or lr & (lr - 1) or lr >= hr:
+            raise ValueError(f"lr_size must be a power of 2, >= 4 and < prior.resolution ({hr}), got {lr}")
+        return self
+
+    @property
+    def scale(self) -> int:
+        """Upscaling factor HR / LR (16, 32, 64 in the paper)."""
+        return self.prior.resolution // self.lr_size
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class DataConfig(Section):
+    """Where the shards are and how batches are made."""
+
+    train_url: str = Field("", description="Dataset URL (local dir or s3://bucket/prefix) holding manifest.json and shards.")
+    val_url: str = Field("", description="Evaluation dataset URL (same layout); empty uses train_url.")
+    num_val_images: int = Field(64, description="Images evaluated at each periodic evaluation (the full set in `laren eval`).")
+    shuffle_buffer: int = Field(256, description="Samples held in the training shuffle buffer per loader worker.")
+    loader_workers: int = Field(2, description="DataLoader worker processes per training rank.")
+    hflip: bool = Field(True, description="Random horizontal flip (p = 0.5) of training images.")
+    max_bad_fraction: float = Field(
+        0.01, description="Abort with a clear error when more than this fraction of samples is undecodable or malformed."
+    )
+
+
+# ----------------------------------------------------------------------------------------------- loss / optim
+
+
+class LossConfig(Section):
+    """Eq. 5: pixel MSE + perceptual (VGG16 conv4_3) + adversarial (StyleGAN2 D)."""
+
+    pixel_weight: float = Field(1.0, description="Weight of mean((sr - hr)^2).")
+    perceptual_weight: float = Field(0.01, description="Weight of the VGG16 conv4_3 feature MSE (choice C20).")
+    adversarial_weight: float = Field(0.01, description="Weight of the generator's adversarial term.")
+    adversarial: Literal["nonsaturating", "saturating"] = Field(
+        "nonsaturating", description="softplus(-D(sr)) (GLEAN) or the paper-literal log(1 - sigmoid(D(sr))) (choice C19)."
+    )
+    vgg16_path: Optional[str] = Field(
+        None, description="torchvision-format VGG16 state dict (vgg16-397923af.pth). Required when perceptual_weight > 0."
+    )
+    random_backbone_for_tests: bool = Field(
+        False, description="TEST ONLY: use a randomly initialised VGG16 instead of vgg16_path."
+    )
+
+
+class OptimConfig(Section):
+    """Adam for the trainable modules and for D (paper section IV-A)."""
+
+    lr: float = Field(1e-4, description="Adam learning rate of the SR model.")
+    lr_d: float = Field(1e-4, description="Adam learning rate of the discriminator.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    eps: float = Field(1e-8, description="Adam epsilon.")
+    cosine_min_lr: Optional[float] = Field(
+        1e-7, description="Cosine-anneal the learning rate to this over total_kimg (None: constant)."
+    )
+
+
+class TrainConfig(Section):
+    """Durations in kimg (thousands of images), so they survive changes of batch size and worker count."""
+
+    batch_size_global: int = Field(8, description="Images per optimizer step, summed over all workers.")
+    total_kimg: float = Field(2400.0, description="Training length in thousands of images.")
+    log_every_kimg: float = Field(1.0, description="Metric logging interval.")
+    eval_every_kimg: float = Field(40.0, description="Validation + sample grid interval.")
+    checkpoint_every_kimg: float = Field(40.0, description="Checkpoint interval.")
+    keep_checkpoints: int = Field(3, description="Checkpoints kept in storage (newest).")
+    max_failures: int = Field(3, description="Worker-group restarts (from the last checkpoint) before the run fails.")
+    seed: int = Field(0, description="Seed of model init, data order and noise.")
+    bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
+    sample_grid_images: int = Field(4, description="Images in each logged LR | SR | HR sample grid.")
+
+
+class EvalConfig(Section):
+    """Metrics: PSNR and SSIM always, LPIPS (AlexNet v0.1) when its backbone weights are given."""
+
+    alexnet_path: Optional[str] = Field(
+        None, description="torchvision-format AlexNet state dict (alexnet-owt-7be5be79.pth) for LPIPS; None skips LPIPS."
+    )
+    random_backbone_for_tests: bool = Field(False, description="TEST ONLY: LPIPS on a randomly initialised AlexNet.")
+
+
+# ----------------------------------------------------------------------------------------------- infra
+
+
+class StorageConfig(Section):
+    """Where datasets, priors and runs live."""
+
+    root: str = Field(
+        default_factory=lambda: os.environ.get("LAREN_STORAGE", "./.laren/storage"),
+        description="Storage root: a local path or s3://bucket/prefix (env LAREN_STORAGE).",
+    )
+
+
+class TrackingConfig(Section):
+    """MLflow."""
+
+    tracking_uri: str = Field(
+        default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///.laren/mlflow.db"),
+        description="MLflow tracking URI (env MLFLOW_TRACKING_URI); default a local SQLite file.",
+    )
+    experiment: str = Field("", description="MLflow experiment; empty uses the job family (the job name).")
+    system_metrics: bool = Field(True, description="Log CPU / memory / GPU system metrics.")
+
+
+class ResourcesConfig(Section):
+    """What the run asks the cluster for."""
+
+    num_workers: int = Field(1, description="Training workers (one per GPU on a GPU cluster).")
+    min_workers: Optional[int] = Field(None, description="Elastic minimum; None = fixed num_workers.")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, description="CPUs reserved per worker.")
+    gpu_type: Optional[str] = Field(None, description="Accelerator type label (e.g. H100) for cluster scheduling.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ResourcesConfig":
+        if self.num_workers < 1:
+            raise ValueError("num_workers must be >= 1")
+        if self.min_workers is not None and not (1 <= self.min_workers <= self.num_workers):
+            raise ValueError("min_workers must be in 1..num_workers")
+        return self
+
+
+class RunConfig(Section):
+    """Everything one training run needs; the job's effective config."""
+
+    name: str = Field(..., description="Job name (the run id is <name>-<hash of this config>).")
+    description: str = Field("", description="What this job is for.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Data.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="Loss.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimisers.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training schedule.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Storage.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Tracking.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Cluster resources.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def config_hash(self) -> str:
+        """Hash of the resolved config, excluding where it runs (storage, tracking, resources)."""
+        d = self.to_dict()
+        for k in ("storage", "tracking", "description"):
+            d.pop(k, None)
+        blob = json.dumps(d, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:8]
+
+    @property
+    def run_id(self) -> str:
+        """Deterministic identity: the Ray submission id, Ray Train run name and MLflow run name."""
+        return f"{self.name}-{self.config_hash()}"
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+class ConfigError(ValueError):
+    """A user error in a config file: the message names the file and the field path."""
+
+
+def format_validation_error(err: ValidationError, source: str = "") -> str:
+    lines = [f"invalid config{(' in ' + source) if source else ''}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see `laren validate --help` for the schema)"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_section(cls: type[Section], data: Any, source: str = "", prefix: str = "") -> Any:
+    """Validate ``data`` as ``cls``; raise ConfigError naming every bad field path (prefixed)."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        msg = format_validation_error(err, source)
+        if prefix:
+            msg = msg.replace("\n  ", f"\n  {prefix}.")
+        raise ConfigError(msg) from None
+
+
+def load_yaml(path: str | Path) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Load a YAML file that is exactly a RunConfig."""
+    return parse_section(RunConfig, load_yaml(path), source=str(path))
