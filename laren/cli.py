@@ -42,3 +42,19 @@ def data() -> None:
 
 
 # --- commands are registered below, one section per area (model, prior, data, train, jobs). ---
+
+# ==== section: model (laren model ...) ====
+
+# ==== section: prior (laren prior ...) ====
+
+# ==== section: data (laren data ...) ====
+
+# ==== section: train / eval / upscale ====
+
+# ==== section: jobs (validate / submit / status / logs / stop / list / sweep) ====
+
+# ==== section: infra (render ...) ====
+
+
+if __name__ == "__main__":
+    main()
