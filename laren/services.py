@@ -1,0 +1,294 @@
+"""Local services on 127.0.0.1: an S3 server (SeaweedFS), an MLflow server on SQLite, a Ray head.
+
+These are the embedded defaults of the local-first pipeline (`make services`, `make demo`) and the real parts the integration
+tests run against. Each is a context manager that starts the process, waits until it answers, and stops it (process group)
+on exit. Ports default to free ones; state lives under ``root_dir`` so a restart on the same dir keeps the data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int, host: str = LOOPBACK) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _bin(name: str) -> str:
+    """An executable from this interpreter's environment (the venv), else PATH."""
+    cand = Path(sys.executable).parent / name
+    if cand.exists():
+        return str(cand)
+    found = shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"`{name}` not found: run `make setup` (it installs every local service)")
+    return found
+
+
+class _Process:
+    """A child process in its own process group, with its output in ``root_dir/<name>.log``."""
+
+    name = "service"
+
+    def __init__(self, root_dir: str | os.PathLike):
+        self.root = Path(root_dir).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / f"{self.name}.log"
+
+    def _spawn(self, argv: list[str], env: Optional[dict] = None) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})}, cwd=self.root, start_new_session=True,
+        )
+        log.close()
+
+    def _wait(self, ready, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}:\n{self._tail()}")
+            try:
+                if ready():
+                    return
+            except Exception:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"{self.name} did not become ready in {timeout_s:.0f} s; see {self.log_path}:\n{self._tail()}")
+
+    def _tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = None
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=15)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=5)
+        self.proc = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class S3Server(_Process):
+    """SeaweedFS `weed mini`: a real S3 endpoint on 127.0.0.1 with one static access key.
+
+    Every port weed opens is chosen here (master, volume, filer, s3, admin, webdav, their gRPC twins), so
+    several servers can run side by side.
+    """
+
+    name = "s3"
+
+    def __init__(self, root_dir, port: Optional[int] = None, access_key: str = "laren", secret_key: str = "laren-secret-key"):
+        super().__init__(root_dir)
+        self.port = port or free_port()
+        self.access_key = access_key
+        self.secret_key = secret_key
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        """Standard AWS variables that point boto3 (and so laren.data.storage) at this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key, region_name="us-east-1",
+            config=Config(signature_version="s3v4", retries={"max_attempts": 5, "mode": "standard"}),
+        )
+
+    def create_bucket(self, name: str) -> None:
+        c = self.client()
+        try:
+            c.create_bucket(Bucket=name)
+        except c.exceptions.BucketAlreadyOwnedByYou:
+            pass
+
+    def start(self) -> "S3Server":
+        ids = {
+            "identities": [
+                {
+                    "name": "laren",
+                    "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        cfg = self.root / "s3-identities.json"
+        cfg.write_text(json.dumps(ids))
+        data = self.root / "data"
+        data.mkdir(exist_ok=True)
+        ports = {k: free_port() for k in ("master", "volume", "filer", "admin", "webdav", "debug")}
+        argv = [
+            _bin("weed"), "mini", f"-dir={data}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
+            f"-s3.port={self.port}", f"-s3.port.grpc={free_port()}", f"-s3.config={cfg}",
+            f"-master.port={ports['master']}", f"-master.port.grpc={free_port()}",
+            f"-volume.port={ports['volume']}", f"-volume.port.grpc={free_port()}",
+            f"-filer.port={ports['filer']}", f"-filer.port.grpc={free_port()}",
+            f"-admin.port={ports['admin']}", f"-admin.port.grpc={free_port()}", "-admin.ui=false",
+            f"-webdav.port={ports['webdav']}", "-webdav=false", f"-debug.port={ports['debug']}",
+            "-master.volumeSizeLimitMB=64",
+        ]
+        self._spawn(argv)
+
+        def ready() -> bool:
+            self.client().list_buckets()
+            return True
+
+        self._wait(ready, timeout_s=60)
+        return self
+
+
+class MLflowServer(_Process):
+    """`mlflow server` on SQLite with artifacts under root_dir, served through the server (clients need no storage access)."""
+
+    name = "mlflow"
+
+    def __init__(self, root_dir, port: Optional[int] = None, workers: int = 1):
+        super().__init__(root_dir)
+        self.port = port or free_port()
+        self.workers = workers
+
+    @property
+    def uri(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def start(self) -> "MLflowServer":
+        db = self.root / "mlflow.db"
+        argv = [
+            _bin("mlflow"), "server", "--host", LOOPBACK, "--port", str(self.port),
+            "--backend-store-uri", f"sqlite:///{db}",
+            "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
+            "--workers", str(self.workers),
+        ]
+        self._spawn(argv, env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+
+        def ready() -> bool:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                return r.status == 200
+
+        self._wait(ready, timeout_s=120)
+        return self
+
+
+class RayHead(_Process):
+    """`ray start --head --block` on 127.0.0.1 with its dashboard (the Jobs API).
+
+    Token auth is off for this loopback-only head (RAY_AUTH_MODE=disabled), so the local CLI and the Jobs SDK need no token.
+    """
+
+    name = "ray"
+
+    def __init__(self, root_dir, num_cpus: Optional[int] = None, port: Optional[int] = None,
+                 dashboard_port: Optional[int] = None, object_store_mb: int = 512):
+        super().__init__(root_dir)
+        self.num_cpus = num_cpus
+        self.port = port or free_port()
+        self.dashboard_port = dashboard_port or free_port()
+        self.object_store_mb = object_store_mb
+
+    @property
+    def address(self) -> str:
+        """GCS address for `ray.init(address=...)`."""
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        """Jobs API / dashboard address for JobSubmissionClient and `laren submit --address`."""
+        return f"http://{LOOPBACK}:{self.dashboard_port}"
+
+    @staticmethod
+    def env() -> dict[str, str]:
+        return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def start(self) -> "RayHead":
+        argv = [
+            _bin("ray"), "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={self.port}",
+            "--include-dashboard=true", f"--dashboard-host={LOOPBACK}", f"--dashboard-port={self.dashboard_port}",
+            f"--object-store-memory={self.object_store_mb * 1024 * 1024}", "--disable-usage-stats",
+            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--temp-dir={self._temp_dir()}",
+        ]
+        if self.num_cpus is not None:
+            argv.append(f"--num-cpus={self.num_cpus}")
+        # The venv's bin first on PATH: jobs and workers then find the same interpreter and packages.
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        self._spawn(argv, env={**self.env(), "PATH": path})
+
+        def ready() -> bool:
+            with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
+                return r.status == 200
+
+        self._wait(ready, timeout_s=120)
+        return self
+
+    def _temp_dir(self) -> str:
+        # Ray's socket paths must stay short (AF_UNIX limit of 107 bytes): keep them under /tmp.
+        d = Path("/tmp") / f"ray-{self.port}"
+        d.mkdir(parents=True, exist_ok=True)
+        return str(d)
+
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self._temp_dir(), ignore_errors=True)

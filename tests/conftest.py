@@ -1,0 +1,57 @@
+"""Shared fixtures: real services on 127.0.0.1 (started once per test session, stopped after) and reference data paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures"
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.skip(f"reference fixtures not found at {FIXTURES}")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server; yields the S3Server (endpoint_url, env(), create_bucket(), client())."""
+    from laren.services import S3Server
+
+    with S3Server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Points boto3 (AWS_* variables) at the test S3 server for one test."""
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    return s3_server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """An MLflow server on SQLite; yields the MLflowServer (uri)."""
+    from laren.services import MLflowServer
+
+    with MLflowServer(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A Ray head with its dashboard / Jobs API; yields the RayHead (address, dashboard_url, env())."""
+    from laren.services import RayHead
+
+    os.environ.update(RayHead.env())
+    with RayHead(tmp_path_factory.mktemp("ray"), num_cpus=4) as head:
+        yield head
