@@ -1,0 +1,268 @@
+"""Graph Disentangled Module (GDM): z -> N disentangled latent codes g_1..g_N (paper III-B, Eq. 1-2; model-spec 2.2 and 5).
+
+Legend (shapes in names and comments):
+    B batch, H latent width (z and each g_n), N codes (generator style inputs), D = N*H attributes,
+    J graph nodes, C node width, P = J*(J-1) ordered node pairs (i != j, i-major), Omega ConvKB filters,
+    Dc attributes in one chunk.
+
+HMRR (hierarchical multi-relation reasoning), the default:
+    U      = (W_U z + b_U).view(B, J, C)                                       one W_U in R^{JC x H}            [C1]
+    A_pd   = ReLU(W_attr [u_i || u_j] + b_attr)_d                              W_attr in R^{D x 2C}              [paper Eq. 1]
+    r_pd   = Softmax_D(A / max(||A_p||_2, 1e-12) + P)_d, P = -inf where A == 0   rows with A == 0 give r = 0      [C3, C4]
+    rho    = kappa * r, kappa = D by default (paper-literal 1)                                                   [C5]
+    h      = ReLU(theta_1 u_ik + theta_2 rho_pd + theta_3 u_jk + beta_w)        ConvKB 1x3 conv, Omega filters    [C6]
+    g_d    = mean_p sum_{w,k} w_{wk} h[p, d, w, k]                                                               [C7, C8]
+
+Memory: the (B, P, D, Omega, C) tensor h is never built, and neither are the full (B, P, D) tensors A, X-hat or r.
+The attribute axis is processed in chunks of Dc under ``torch.utils.checkpoint``. The softmax over D needs two
+per-pair normalisers, the L2 norm and the sum of exponentials, and the second depends on the first. They are gathered
+in two cheap chunked statistics passes (each chunk only (B, P, Dc)). A third pass then forms the ConvKB features
+chunk by chunk. Because X-hat lies in [0, 1], sum(exp(X-hat)) over the support cannot overflow, so it needs no
+log-sum-exp shift. The efficient ConvKB form precomputes alpha_i + gamma_j = theta_1 u_i + beta + theta_3 u_j
+once per pair, as (B, P, Omega, C).
+
+VRR (vanilla relation reasoning, Table IV "GDM(VRR)", spec section 5): a scalar adjacency per pair,
+    s_ij = ReLU(w_r^T [u_i || u_j] + b_r),  a_ij = Softmax_{j != i}(s_ij / ||s_i.||_2 + P_ij),  rho = (J-1) a,
+which is shared by every sub-graph d. The attribute comes in only through a learned relation-type embedding
+E in R^{D x C}: the triple is [u_i, rho_ij e_d, u_j]. The ConvKB extractor is the same.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["ConvKB", "GraphDisentangle", "GraphDisentangleVRR", "ordered_pairs"]
+
+
+def ordered_pairs(num_nodes: int) -> tuple[Tensor, Tensor]:
+    """Indices (i, j) of all ordered pairs with i != j, i-major: p = i*(J-1) + (rank of j among j != i). Each (P,)."""
+    p = torch.arange(num_nodes * (num_nodes - 1))
+    i, rank = p // (num_nodes - 1), p % (num_nodes - 1)
+    return i, rank + (rank >= i).long()  # arithmetic only (no boolean masking), so it also builds on the meta device
+
+
+class ConvKB(nn.Module):
+    """ConvKB attribute extractor f (Nguyen et al. 2018), shared across the D sub-graphs (choice C6).
+
+    A triple matrix [u_i, rel, u_j] in R^{C x 3} is convolved with Omega filters of size 1x3 (theta (Omega, 3), bias beta),
+    passed through a ReLU, and scored with w in R^{Omega*C} (no bias). Parameters: Omega*3 + Omega + Omega*C.
+    """
+
+    def __init__(self, node_dim: int, filters: int):
+        super().__init__()
+        self.node_dim, self.filters = node_dim, filters
+        self.theta = nn.Parameter(torch.empty(filters, 3))  # (Omega, 3): columns act on u_i, rel, u_j
+        self.beta = nn.Parameter(torch.empty(filters))  # (Omega,)
+        self.w = nn.Parameter(torch.empty(filters, node_dim))  # (Omega, C)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # The defaults of Conv2d(1, Omega, (1, 3)) and Linear(Omega*C, 1): fan_in 3 and Omega*C.
+        b = 1.0 / math.sqrt(3)
+        self.theta.uniform_(-b, b)
+        self.beta.uniform_(-b, b)
+        b = 1.0 / math.sqrt(self.filters * self.node_dim)
+        self.w.uniform_(-b, b)
+
+    def pair_base(self, u_BJC: Tensor, i_P: Tensor, j_P: Tensor) -> Tensor:
+        """alpha_i + gamma_j = theta_1 u_i + beta + theta_3 u_j, per ordered pair: (B, P, Omega, C)."""
+        th1 = self.theta[:, 0, None]  # (Omega, 1)
+        th3 = self.theta[:, 2, None]
+        alpha_BJOC = th1 * u_BJC[:, :, None, :] + self.beta[:, None]
+        gamma_BJOC = th3 * u_BJC[:, :, None, :]
+        return alpha_BJOC[:, i_P] + gamma_BJOC[:, j_P]
+
+
+def _maybe_checkpoint(enabled: bool, fn, *args):
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def _chunks(total: int, size: int):
+    for start in range(0, total, size):
+        yield start, min(start + size, total)
+
+
+class GraphDisentangle(nn.Module):
+    """GDM with hierarchical multi-relation reasoning (HMRR): z (B, H) -> g (B, N, H), with D = N*H.
+
+    Args:
+        latent_dim: H, the width of z and of each g_n.
+        num_nodes: J.  node_dim: C.  num_codes: N (the generator's number of style inputs).
+        convkb_filters: Omega.
+        relation_scale: kappa in rho = kappa * r. None means D (choice C5); 1.0 is the paper-literal reading.
+        chunk_size: attributes per chunk (Dc). Peak memory scales with B*P*Dc*Omega*C, not with D.
+        checkpoint_chunks: recompute each chunk in backward, so the memory stays flat in D during training too.
+
+    Parameters: J*C*H + J*C + 2C*D + D + Omega*4 + Omega*C (419,424 for H=512, N=18, J=64, C=8, Omega=8).
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        num_nodes: int,
+        node_dim: int,
+        num_codes: int,
+        convkb_filters: int = 8,
+        relation_scale: Optional[float] = None,
+        chunk_size: int = 256,
+        checkpoint_chunks: bool = True,
+    ):
+        super().__init__()
+        if num_nodes < 2:
+            raise ValueError(f"num_nodes must be >= 2 (a graph needs node pairs), got {num_nodes}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.latent_dim, self.num_nodes, self.node_dim, self.num_codes = latent_dim, num_nodes, node_dim, num_codes
+        self.num_attributes = num_codes * latent_dim  # D
+        self.relation_scale = float(self.num_attributes if relation_scale is None else relation_scale)
+        self.chunk_size, self.checkpoint_chunks = chunk_size, checkpoint_chunks
+        self.node_proj = nn.Linear(latent_dim, num_nodes * node_dim)  # W_U, b_U  (JC x H)
+        self.attr = nn.Linear(2 * node_dim, self.num_attributes)  # W_attr, b_attr  (D x 2C)
+        self.convkb = ConvKB(node_dim, convkb_filters)
+        i_P, j_P = ordered_pairs(num_nodes)
+        self.register_buffer("pair_i", i_P, persistent=False)
+        self.register_buffer("pair_j", j_P, persistent=False)
+
+    @property
+    def num_pairs(self) -> int:
+        return self.num_nodes * (self.num_nodes - 1)
+
+    def nodes(self, z_BH: Tensor) -> Tensor:
+        """U = (W_U z + b_U).view(B, J, C)."""
+        return self.node_proj(z_BH).view(z_BH.shape[0], self.num_nodes, self.node_dim)
+
+    # -- chunk kernels (pure functions of their tensor inputs so that checkpoint can recompute them) --------------
+
+    def _attr_chunk(self, u_BJC: Tensor, w_DcC2: Tensor, b_Dc: Tensor) -> Tensor:
+        """A = ReLU(W_attr [u_i || u_j] + b) for one chunk of attributes: (B, P, Dc).
+
+        Computed as the sum of a left term on u_i and a right term on u_j (J*Dc each), gathered per pair.
+        """
+        C = self.node_dim
+        left_BJDc = u_BJC @ w_DcC2[:, :C].T
+        right_BJDc = u_BJC @ w_DcC2[:, C:].T
+        return F.relu(left_BJDc[:, self.pair_i] + right_BJDc[:, self.pair_j] + b_Dc)
+
+    def _sumsq_chunk(self, u_BJC, w_DcC2, b_Dc):
+        return self._attr_chunk(u_BJC, w_DcC2, b_Dc).square().sum(-1)  # (B, P)
+
+    def _sumexp_chunk(self, u_BJC, w_DcC2, b_Dc, norm_BP):
+        a_BPDc = self._attr_chunk(u_BJC, w_DcC2, b_Dc)
+        # exp(X-hat) on the support only (P = -inf elsewhere). X-hat lies in [0, 1], so no shift is needed.
+        return torch.where(a_BPDc > 0, torch.exp(a_BPDc / norm_BP[..., None]), 0.0).sum(-1)  # (B, P)
+
+    def _g_chunk(self, u_BJC, w_DcC2, b_Dc, norm_BP, sumexp_BP, base_BPOC, theta2_O, w_OC):
+        a_BPDc = self._attr_chunk(u_BJC, w_DcC2, b_Dc)
+        r_BPDc = torch.where(a_BPDc > 0, torch.exp(a_BPDc / norm_BP[..., None]) / sumexp_BP[..., None], 0.0)
+        rho_BPDc = self.relation_scale * r_BPDc
+        # h[b,p,d,w,k] = ReLU(alpha_i + gamma_j + theta_2 rho): (B, P, Dc, Omega, C), for this chunk only.
+        h = F.relu(base_BPOC[:, :, None] + theta2_O[:, None] * rho_BPDc[..., None, None])
+        return torch.einsum("bpdoc,oc->bd", h, w_OC) / h.shape[1]  # mean over pairs: (B, Dc)
+
+    # -------------------------------------------------------------------------------------------------------------
+
+    def forward(self, z_BH: Tensor) -> Tensor:
+        """z (B, H) -> g (B, N, H)."""
+        B = z_BH.shape[0]
+        u_BJC = self.nodes(z_BH)
+        W, b = self.attr.weight, self.attr.bias  # (D, 2C), (D,)
+        D, cs, ck = self.num_attributes, self.chunk_size, self.checkpoint_chunks
+
+        # Pass 1: per-pair L2 norm over all D attributes (choice C4), eps 1e-12 (sqrt of a clamp: finite gradient at 0).
+        sumsq_BP = sum(_maybe_checkpoint(ck, self._sumsq_chunk, u_BJC, W[s:e], b[s:e]) for s, e in _chunks(D, cs))
+        norm_BP = torch.sqrt(sumsq_BP.clamp_min(1e-24))
+        # Pass 2: softmax normaliser over the support. It is >= 1 whenever the support is non-empty, and clamping to 1
+        # keeps the empty rows (r = 0) finite in backward.
+        sumexp_BP = sum(
+            _maybe_checkpoint(ck, self._sumexp_chunk, u_BJC, W[s:e], b[s:e], norm_BP) for s, e in _chunks(D, cs)
+        ).clamp_min(1.0)
+        # Pass 3: ConvKB features per attribute chunk, averaged over the pairs.
+        base_BPOC = self.convkb.pair_base(u_BJC, self.pair_i, self.pair_j)
+        theta2_O = self.convkb.theta[:, 1]
+        g_chunks = [
+            _maybe_checkpoint(
+                ck, self._g_chunk, u_BJC, W[s:e], b[s:e], norm_BP, sumexp_BP, base_BPOC, theta2_O, self.convkb.w
+            )
+            for s, e in _chunks(D, cs)
+        ]
+        return torch.cat(g_chunks, dim=1).view(B, self.num_codes, self.latent_dim)
+
+
+class GraphDisentangleVRR(nn.Module):
+    """GDM with vanilla relation reasoning (Table IV "Base+GDM(VRR)"; model-spec section 5): z (B, H) -> g (B, N, H).
+
+    One scalar relation a_ij per ordered pair, normalised over the neighbours j of i (Eq. 1 with D = 1). It is shared
+    by all D sub-graphs. A learned relation-type embedding E (D, C) makes the triple attribute-specific:
+    [u_i, rho_ij e_d, u_j]. relation_scale None means kappa = J - 1, the size of the softmax support, by analogy
+    with HMRR's kappa = D.
+
+    Parameters: J*C*H + J*C + (2C + 1) + Omega*4 + Omega*C + D*C (336,497 for H=512, N=18, J=64, C=8, Omega=8).
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        num_nodes: int,
+        node_dim: int,
+        num_codes: int,
+        convkb_filters: int = 8,
+        relation_scale: Optional[float] = None,
+        chunk_size: int = 256,
+        checkpoint_chunks: bool = True,
+    ):
+        super().__init__()
+        if num_nodes < 2:
+            raise ValueError(f"num_nodes must be >= 2 (a graph needs node pairs), got {num_nodes}")
+        self.latent_dim, self.num_nodes, self.node_dim, self.num_codes = latent_dim, num_nodes, node_dim, num_codes
+        self.num_attributes = num_codes * latent_dim
+        self.relation_scale = float(num_nodes - 1 if relation_scale is None else relation_scale)
+        self.chunk_size, self.checkpoint_chunks = chunk_size, checkpoint_chunks
+        self.node_proj = nn.Linear(latent_dim, num_nodes * node_dim)
+        self.relation = nn.Linear(2 * node_dim, 1)  # w_r, b_r
+        self.convkb = ConvKB(node_dim, convkb_filters)
+        self.rel_embed = nn.Parameter(torch.empty(self.num_attributes, node_dim))  # E (D, C)
+        nn.init.normal_(self.rel_embed, std=1.0)
+        i_P, j_P = ordered_pairs(num_nodes)
+        self.register_buffer("pair_i", i_P, persistent=False)
+        self.register_buffer("pair_j", j_P, persistent=False)
+
+    def nodes(self, z_BH: Tensor) -> Tensor:
+        return self.node_proj(z_BH).view(z_BH.shape[0], self.num_nodes, self.node_dim)
+
+    def adjacency(self, u_BJC: Tensor) -> Tensor:
+        """rho (B, P): kappa * Softmax over the neighbours j != i of s_ij / ||s_i.||_2, masked where s_ij == 0."""
+        B, J = u_BJC.shape[:2]
+        x_BPC2 = torch.cat([u_BJC[:, self.pair_i], u_BJC[:, self.pair_j]], dim=-1)
+        s_BJJm = F.relu(self.relation(x_BPC2)).view(B, J, J - 1)  # rows i, columns the J-1 neighbours (i-major pairs)
+        norm_BJ1 = torch.sqrt(s_BJJm.square().sum(-1, keepdim=True).clamp_min(1e-24))
+        e = torch.where(s_BJJm > 0, torch.exp(s_BJJm / norm_BJ1), 0.0)
+        a_BJJm = e / e.sum(-1, keepdim=True).clamp_min(1.0)
+        return self.relation_scale * a_BJJm.reshape(B, J * (J - 1))
+
+    def _g_chunk(self, base_BPOC, rho_BP, e_DcC, theta2_O, w_OC):
+        rel_BPDcC = rho_BP[:, :, None, None] * e_DcC  # (B, P, Dc, C)
+        h = F.relu(base_BPOC[:, :, None] + theta2_O[:, None] * rel_BPDcC[:, :, :, None, :])  # (B, P, Dc, Omega, C)
+        return torch.einsum("bpdoc,oc->bd", h, w_OC) / h.shape[1]
+
+    def forward(self, z_BH: Tensor) -> Tensor:
+        B = z_BH.shape[0]
+        u_BJC = self.nodes(z_BH)
+        rho_BP = self.adjacency(u_BJC)
+        base_BPOC = self.convkb.pair_base(u_BJC, self.pair_i, self.pair_j)
+        theta2_O = self.convkb.theta[:, 1]
+        g_chunks = [
+            _maybe_checkpoint(
+                self.checkpoint_chunks, self._g_chunk, base_BPOC, rho_BP, self.rel_embed[s:e], theta2_O, self.convkb.w
+            )
+            for s, e in _chunks(self.num_attributes, self.chunk_size)
+        ]
+        return torch.cat(g_chunks, dim=1).view(B, self.num_codes, self.latent_dim)
