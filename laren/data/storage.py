@@ -1,0 +1,407 @@
+"""One small URL API over local paths and ``s3://bucket/key`` objects.
+
+S3 goes through boto3 with the standard AWS configuration: credentials from the environment / ``~/.aws`` / instance
+role, the endpoint from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (any S3-compatible server: SeaweedFS, MinIO,
+Ceph, R2 ...). Requests are retried with exponential backoff (botocore "standard" mode, ``LAREN_S3_MAX_ATTEMPTS``,
+default 10); streaming reads that break mid-object resume with a ranged GET from the byte they reached; uploads
+above :data:`MULTIPART_THRESHOLD` are multipart; listings are paginated.
+
+Local writes are atomic (temp file in the same folder + ``os.replace``); S3 objects are atomic by nature. So a reader
+never sees half a file.
+
+Importing this module registers the ``s3`` scheme with WebDataset's ``gopen``, so
+``webdataset.WebDataset("s3://bucket/ffhq/shard-{000000..000069}.tar", ...)`` reads through the same client.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import BinaryIO, Optional
+
+log = logging.getLogger("laren.data")
+
+__all__ = [
+    "is_s3", "split_s3", "join", "read_bytes", "write_bytes", "open_read", "exists", "list_files", "delete",
+    "upload_file", "download_file", "s3_client", "size", "register_webdataset_s3",
+]
+
+MULTIPART_THRESHOLD = 64 * 1024 * 1024  # bytes; S3 parts must be >= 5 MiB (except the last)
+MULTIPART_CHUNK = 64 * 1024 * 1024
+READ_RETRIES = 5  # resumptions of one streaming read after a broken connection
+
+
+def is_s3(url: str | os.PathLike) -> bool:
+    return str(url).startswith("s3://")
+
+
+def _local(url: str | os.PathLike) -> str:
+    u = str(url)
+    return u[len("file://"):] if u.startswith("file://") else u
+
+
+def split_s3(url: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> (``bucket``, ``a/b``)."""
+    if not is_s3(url):
+        raise ValueError(f"not an s3:// URL: {url}")
+    rest = url[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"{url}: no bucket name (expected s3://bucket/key)")
+    return bucket, key
+
+
+def join(url: str | os.PathLike, *parts: str) -> str:
+    """Join path parts onto a local path or an S3 URL (always '/' for S3)."""
+    u = str(url)
+    if is_s3(u):
+        out = u.rstrip("/")
+        for p in parts:
+            p = str(p).strip("/")
+            if p:
+                out = f"{out}/{p}"
+        return out
+    return os.path.join(u, *[str(p) for p in parts])
+
+
+# ------------------------------------------------------------------------------------------------ client
+
+_clients: dict[tuple, object] = {}
+_clients_lock = threading.Lock()
+
+
+def s3_client():
+    """A boto3 S3 client for this process and AWS environment (endpoint from AWS_ENDPOINT_URL[_S3]), with retries.
+
+    Cached per (process, endpoint, access key), so forked loader workers make their own and a changed environment
+    (another endpoint) gets a fresh one.
+    """
+    import boto3
+    from botocore.config import Config
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    key = (os.getpid(), endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+    with _clients_lock:
+        c = _clients.get(key)
+        if c is None:
+            cfg = Config(
+                signature_version="s3v4",
+                retries={"max_attempts": int(os.environ.get("LAREN_S3_MAX_ATTEMPTS", "10")), "mode": "standard"},
+                connect_timeout=10, read_timeout=60, max_pool_connections=32,
+                s3={"addressing_style": "path"} if endpoint else None,
+            )
+            session = boto3.session.Session()
+            c = session.client("s3", endpoint_url=endpoint, config=cfg)
+            _clients[key] = c
+        return c
+
+
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK,
+                          max_concurrency=4, use_threads=True)
+
+
+def _is_missing(err: Exception) -> bool:
+    from botocore.exceptions import ClientError
+
+    if isinstance(err, ClientError):
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        return code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
+    return False
+
+
+def _file_mode() -> int:
+    """0666 minus the umask: what open() would give (mkstemp makes 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _not_found(url: str, err: Exception | None = None) -> FileNotFoundError:
+    return FileNotFoundError(f"{url}: no such object" + (f" ({err})" if err else ""))
+
+
+# ------------------------------------------------------------------------------------------------ reads
+
+
+class _S3Reader(io.RawIOBase):
+    """A streaming GetObject body that resumes (ranged GET from the current byte, with backoff) when it breaks."""
+
+    def __init__(self, url: str):
+        super().__init__()
+        self.url = url
+        self.bucket, self.key = split_s3(url)
+        self.pos = 0
+        self.body = None
+        self.size: Optional[int] = None
+        self._open()
+
+    def _open(self) -> None:
+        kw = {"Bucket": self.bucket, "Key": self.key}
+        if self.pos:
+            kw["Range"] = f"bytes={self.pos}-"
+        try:
+            r = s3_client().get_object(**kw)
+        except Exception as err:
+            if _is_missing(err):
+                raise _not_found(self.url) from None
+            raise
+        if self.size is None:
+            self.size = int(r.get("ContentLength", 0))
+        self.body = r["Body"]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.size is not None and self.pos >= self.size:
+            return 0
+        for attempt in range(READ_RETRIES + 1):
+            try:
+                data = self.body.read(len(b))
+                break
+            except Exception as err:  # connection reset, read timeout, incomplete read
+                if attempt == READ_RETRIES:
+                    raise OSError(f"{self.url}: read failed at byte {self.pos} after {READ_RETRIES} retries: {err}") from err
+                delay = min(8.0, 0.2 * 2**attempt) * (0.5 + random.random())
+                log.warning("%s: read broke at byte %d (%s); resuming in %.1f s", self.url, self.pos, err, delay)
+                time.sleep(delay)
+                self._close_body()
+                self._open()
+        n = len(data)
+        b[:n] = data
+        self.pos += n
+        return n
+
+    def _close_body(self) -> None:
+        if self.body is not None:
+            try:
+                self.body.close()
+            except Exception:
+                pass
+            self.body = None
+
+    def close(self) -> None:
+        self._close_body()
+        super().close()
+
+
+def open_read(url: str | os.PathLike) -> BinaryIO:
+    """A buffered binary stream over the object (S3: streamed, resumed on broken connections)."""
+    u = str(url)
+    if is_s3(u):
+        return io.BufferedReader(_S3Reader(u), buffer_size=1 << 20)
+    return open(_local(u), "rb")
+
+
+def read_bytes(url: str | os.PathLike) -> bytes:
+    with open_read(url) as f:
+        return f.read()
+
+
+def exists(url: str | os.PathLike) -> bool:
+    u = str(url)
+    if is_s3(u):
+        bucket, key = split_s3(u)
+        try:
+            s3_client().head_object(Bucket=bucket, Key=key)
+            return True
+        except Exception as err:
+            if _is_missing(err):
+                return False
+            raise
+    return os.path.exists(_local(u))
+
+
+def size(url: str | os.PathLike) -> int:
+    """Size in bytes; FileNotFoundError when absent."""
+    u = str(url)
+    if is_s3(u):
+        bucket, key = split_s3(u)
+        try:
+            return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except Exception as err:
+            if _is_missing(err):
+                raise _not_found(u) from None
+            raise
+    return os.path.getsize(_local(u))
+
+
+def list_files(url_prefix: str | os.PathLike, page_size: int = 1000) -> list[str]:
+    """Every file under the folder ``url_prefix`` (recursive), as sorted full URLs / paths.
+
+    S3: a paginated ListObjectsV2 under ``prefix/`` (``page_size`` keys per request). Local: a recursive walk.
+    A missing folder lists as [].
+    """
+    u = str(url_prefix)
+    if is_s3(u):
+        bucket, prefix = split_s3(u)
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        out: list[str] = []
+        pages = s3_client().get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size})
+        for page in pages:
+            for obj in page.get("Contents", []) or []:
+                if not obj["Key"].endswith("/"):
+                    out.append(f"s3://{bucket}/{obj['Key']}")
+        return sorted(out)
+    root = _local(u)
+    if not os.path.isdir(root):
+        return []
+    out = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
+    return sorted(out)
+
+
+# ------------------------------------------------------------------------------------------------ writes
+
+
+def write_bytes(url: str | os.PathLike, data: bytes) -> None:
+    """Write atomically (local: temp file + os.replace; S3: one PUT, or multipart above MULTIPART_THRESHOLD)."""
+    u = str(url)
+    if is_s3(u):
+        bucket, key = split_s3(u)
+        if len(data) < MULTIPART_THRESHOLD:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        else:
+            s3_client().upload_fileobj(io.BytesIO(data), bucket, key, Config=_transfer_config())
+        return
+    path = _local(u)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def upload_file(local_path: str | os.PathLike, url: str | os.PathLike) -> None:
+    """Copy a local file to ``url`` (S3: multipart above MULTIPART_THRESHOLD; local: atomic copy)."""
+    u = str(url)
+    if not os.path.isfile(local_path):
+        raise FileNotFoundError(f"{local_path}: no such file to upload")
+    if is_s3(u):
+        bucket, key = split_s3(u)
+        s3_client().upload_file(str(local_path), bucket, key, Config=_transfer_config())
+        return
+    dest = _local(u)
+    folder = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    os.close(fd)
+    try:
+        shutil.copyfile(local_path, tmp)
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def download_file(url: str | os.PathLike, local_path: str | os.PathLike) -> None:
+    """Copy ``url`` to a local file (atomically)."""
+    u = str(url)
+    folder = os.path.dirname(os.path.abspath(local_path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    os.close(fd)
+    try:
+        if is_s3(u):
+            bucket, key = split_s3(u)
+            try:
+                s3_client().download_file(bucket, key, tmp, Config=_transfer_config())
+            except Exception as err:
+                if _is_missing(err):
+                    raise _not_found(u) from None
+                raise
+        else:
+            shutil.copyfile(_local(u), tmp)
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, local_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def delete(url: str | os.PathLike) -> None:
+    """Remove one file / object; absent is fine."""
+    u = str(url)
+    if is_s3(u):
+        bucket, key = split_s3(u)
+        s3_client().delete_object(Bucket=bucket, Key=key)
+        return
+    try:
+        os.unlink(_local(u))
+    except FileNotFoundError:
+        pass
+
+
+# ------------------------------------------------------------------------------------------------ WebDataset
+
+
+class _S3Writer(io.BufferedWriter):
+    """A write stream for ``gopen(s3://..., "wb")``: spools to a temp file, uploads (multipart) on close."""
+
+    def __init__(self, url: str):
+        self.url = url
+        fd, self.tmp = tempfile.mkstemp(prefix="laren-upload-")
+        super().__init__(io.FileIO(fd, "wb"))
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            super().close()
+            upload_file(self.tmp, self.url)
+        finally:
+            if os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+
+
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    if mode == "rb":
+        return open_read(url)
+    if mode == "wb":
+        return _S3Writer(url)
+    raise ValueError(f"{url}: unsupported mode {mode!r}")
+
+
+def register_webdataset_s3() -> bool:
+    """Make ``s3://`` URLs work in WebDataset (``webdataset.gopen.gopen_schemes["s3"]``). False if not installed."""
+    try:
+        import webdataset.gopen  # noqa: F401  (the package re-exports a function named gopen)
+
+        wds_gopen = sys.modules["webdataset.gopen"]
+    except ImportError:  # pragma: no cover - webdataset is a dependency
+        return False
+    wds_gopen.gopen_schemes["s3"] = _gopen_s3
+    return True
+
+
+register_webdataset_s3()
+
+
+def ensure_local_dir(path: str | os.PathLike) -> None:
+    """Create a local folder (no-op for S3, which has no folders)."""
+    if not is_s3(path):
+        Path(_local(path)).mkdir(parents=True, exist_ok=True)
