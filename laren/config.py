@@ -107,6 +107,9 @@ class ModelConfig(Section):
     glean_skips: bool = Field(
         False, description="Add GLEAN's multi-scale encoder features and decoder (off by default; choice C17)."
     )
+    eval_noise_seed: int = Field(
+        0, description="Seed of the fixed generator noise maps used at evaluation when noise_source = random."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":

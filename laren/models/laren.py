@@ -1,0 +1,130 @@
+"""LarenSR: LR image -> encoder -> latent head (W / W+ / S / GDM) -> frozen StyleGAN2 (+ CGM noise) -> SR image
+(paper III-A, Fig. 3; model-spec 2.4 and 5).
+
+Legend: B batch, l LR size, R output size, H latent width, N style inputs, M noise inputs.
+
+    lr (B, 3, l, l) in [-1, 1] -> z (B, H) -> latents (B, N, H) or styles [(B, w_l)]
+                               -> noise: CGM(latents) | N(0, 1) during training | fixed-seed maps at evaluation
+                               -> G(latents, noise, styles) -> sr (B, 3, R, R) in about [-1, 1]
+
+The generator is frozen: its parameters never require grad, and it stays in eval mode even under ``.train()``
+(choice C15; the pre-trained noise strengths and the modulation affines stay fixed). Gradients still flow through it
+to the latents and the noise maps, and so to the encoder, the head and the CGM.
+
+Noise without a CGM (the Base rows of Table IV): fresh N(0, 1) maps per layer in training, and fixed maps from
+``eval_noise_seed`` in evaluation, shared across the batch (1, 1, r, r), like GLEAN's ``injected_noise_i`` buffers.
+
+``glean_skips`` (choice C17) is a compact GLEAN fusion + decoder, :class:`GleanDecoder`. mmagic fuses the encoder
+maps into the generator's features inside the synthesis loop. The generator here stays a closed, frozen module, so
+the fusion happens in the decoder instead. It starts at 4x4 from conv(cat(G feature, encoder feature)). At every
+higher resolution r it convolves cat(upsampled decoder feature, G feature at r, encoder feature at r when r <= l)
+down to ch[r]. A final conv3x3 -> RGB gives the SR image. For in16/out1024 this adds 30,665,539 parameters, against
++55.09M for mmagic's fusion (14.20M) and decoder (40.89M).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LarenSR", "GleanDecoder"]
+
+
+class GleanDecoder(nn.Module):
+    """Compact GLEAN fusion + decoder: G features {r: (B, chg[r], r, r)}, r = 4..R, and encoder features
+    {r: (B, che[r], r, r)}, r = 4..l -> image (B, 3, R, R)."""
+
+    def __init__(self, lr_size: int, out_size: int, gen_channels: Mapping[int, int], enc_channels: Mapping[int, int]):
+        super().__init__()
+        self.lr_size, self.out_size = lr_size, out_size
+        cg, ce = gen_channels, enc_channels
+        self.fuse4 = nn.Conv2d(cg[4] + ce[4], cg[4], 3, 1, 1)
+        self.blocks = nn.ModuleDict()
+        r = 8
+        while r <= out_size:
+            cin = cg[r // 2] + cg[r] + (ce[r] if r <= lr_size else 0)
+            self.blocks[str(r)] = nn.Conv2d(cin, cg[r], 3, 1, 1)
+            r *= 2
+        self.to_rgb = nn.Conv2d(cg[out_size], 3, 3, 1, 1)
+
+    def forward(self, gen_feats: Mapping[int, Tensor], enc_feats: Mapping[int, Tensor]) -> Tensor:
+        x = F.leaky_relu(self.fuse4(torch.cat([gen_feats[4], enc_feats[4]], 1)), 0.2)
+        r = 8
+        while r <= self.out_size:
+            parts = [F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False), gen_feats[r]]
+            if r <= self.lr_size:
+                parts.append(enc_feats[r])
+            x = F.leaky_relu(self.blocks[str(r)](torch.cat(parts, 1)), 0.2)
+            r *= 2
+        return self.to_rgb(x)
+
+
+class LarenSR(nn.Module):
+    """The SR model. ``head`` maps z (B, H) to latents (B, N, H) (``produces == "latents"``: W, W+, GDM) or to a
+    list of style slices (``produces == "styles"``: S). ``cgm`` (optional) maps the latents to the noise maps."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        head: nn.Module,
+        generator: nn.Module,
+        cgm: Optional[nn.Module] = None,
+        decoder: Optional[GleanDecoder] = None,
+        eval_noise_seed: int = 0,
+    ):
+        super().__init__()
+        self.encoder, self.head, self.generator, self.cgm, self.decoder = encoder, head, generator, cgm, decoder
+        self.head_produces = getattr(head, "produces", "latents")
+        if cgm is not None and self.head_produces != "latents":
+            raise ValueError("the CGM reads the latent codes g_n; it cannot follow a StyleSpace (S) head")
+        generator.requires_grad_(False)
+        generator.eval()
+        # Fixed evaluation noise (1, 1, r, r) per layer, drawn on the CPU from eval_noise_seed so that it does not
+        # depend on the device; non-persistent: it is a function of the seed, not a weight.
+        gen = torch.Generator(device="cpu").manual_seed(eval_noise_seed)
+        for i, r in enumerate(generator.noise_resolutions):
+            self.register_buffer(f"eval_noise_{i}", torch.randn(1, 1, r, r, generator=gen, device="cpu"), persistent=False)
+
+    def train(self, mode: bool = True) -> "LarenSR":
+        super().train(mode)
+        self.generator.eval()  # frozen prior: always eval mode
+        return self
+
+    def trainable_parameters(self):
+        """Parameters the optimizer updates (encoder, head, CGM, decoder); never the generator's."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def noise(self, batch: int, ref: Tensor) -> list[Tensor]:
+        """Random N(0, 1) maps in training; the fixed evaluation maps otherwise."""
+        res = self.generator.noise_resolutions
+        if self.training:
+            return [torch.randn(batch, 1, r, r, device=ref.device, dtype=ref.dtype) for r in res]
+        return [getattr(self, f"eval_noise_{i}").to(ref.dtype) for i in range(len(res))]
+
+    def forward(self, lr: Tensor, return_aux: bool = False):
+        """lr (B, 3, l, l) -> sr (B, 3, R, R); with return_aux also {z, latents, styles, noise}."""
+        G = self.generator
+        if self.decoder is not None:
+            z, enc_feats = self.encoder.features(lr)
+        else:
+            z, enc_feats = self.encoder(lr), None
+        B = z.shape[0]
+        styles = None
+        out = self.head(z)
+        if self.head_produces == "styles":
+            styles = out
+            latents = z[:, None].expand(B, G.num_latents, z.shape[1])  # unused by G when styles are given
+        else:
+            latents = out
+        noise = self.cgm(latents) if self.cgm is not None else self.noise(B, z)
+        if self.decoder is not None:
+            _, gen_feats = G(latents, noise=noise, randomize_noise=False, styles=styles, return_features=True)
+            sr = self.decoder(gen_feats, enc_feats)
+        else:
+            sr = G(latents, noise=noise, randomize_noise=False, styles=styles)
+        if return_aux:
+            return sr, {"z": z, "latents": latents, "styles": styles, "noise": noise}
+        return sr
