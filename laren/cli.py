@@ -45,6 +45,24 @@ def data() -> None:
 
 # ==== section: model (laren model ...) ====
 
+
+@model.command("summary")
+@click.argument("job_file", type=click.Path(dir_okay=False))
+def model_summary_cmd(job_file) -> None:
+    """Parameter counts per module of JOB_FILE's model (Table III style); no weights are read."""
+    from laren.models.build import parameter_summary
+    from laren.specs import load_job
+
+    job = load_job(job_file)
+    m = job.model
+    latent = m.latent_space + (f" ({m.gdm_relation})" if m.latent_space == "g" else "")
+    noise = m.noise_source + (f" ({m.cgm_relation})" if m.noise_source == "cgm" else "")
+    click.echo(f"{job.name}: {m.scale}x SR, {m.lr_size} -> {m.prior.resolution}; latent space {latent}; noise {noise}")
+    click.echo(f"{'module':<24}{'parameters':>14}{'':>10}  trainable")
+    for name, n, trainable in parameter_summary(m):
+        click.echo(f"{name:<24}{n:>14,}{n / 1e6:>9.2f}M  {'yes' if trainable else 'no'}")
+
+
 # ==== section: prior (laren prior ...) ====
 
 # ==== section: data (laren data ...) ====
@@ -54,6 +72,49 @@ def data() -> None:
 # ==== section: jobs (validate / submit / status / logs / stop / list / sweep) ====
 
 # ==== section: infra (render ...) ====
+
+
+@main.group()
+def render() -> None:
+    """Render cluster manifests for a job file (nothing secret is written)."""
+
+
+@render.command("k8s")
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--image", envvar="LAREN_IMAGE", default=None, show_envvar=True,
+              help="Container image of the Ray pods (built from infra/docker/Dockerfile). Default laren:<version>-gpu.")
+@click.option("--namespace", "-n", default=None, help="Kubernetes namespace of the rendered objects.")
+@click.option("--env-configmap", default="laren-env", show_default=True,
+              help="ConfigMap with LAREN_STORAGE, MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL … (infra/k8s/laren-env.example.yaml).")
+@click.option("--env-secret", default="laren-credentials", show_default=True,
+              help="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / MLFLOW_TRACKING_USERNAME / _PASSWORD.")
+@click.option("--service-account", default=None, help="Pod service account (e.g. one bound to an IAM role for S3).")
+@click.option("--worker-memory", default="32Gi", show_default=True, help="Memory of each worker pod.")
+@click.option("--head-cpus", default=4, show_default=True, type=int, help="CPUs of the head pod (driver + controller).")
+@click.option("--head-memory", default="16Gi", show_default=True, help="Memory of the head pod.")
+@click.option("--gpu-label-key", default="nvidia.com/gpu.product", show_default=True,
+              help="Node label that resources.gpu_type must equal (e.g. cloud.google.com/gke-accelerator).")
+@click.option("--retries", default=2, show_default=True, type=int,
+              help="RayJob backoffLimit: fresh-cluster retries; each resumes from the run's last checkpoint.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write here instead of stdout.")
+def render_k8s_cmd(job_file, image, namespace, env_configmap, env_secret, service_account, worker_memory, head_cpus,
+                   head_memory, gpu_label_key, retries, output) -> None:
+    """A KubeRay RayJob (and the ConfigMap carrying JOB_FILE) running JOB_FILE: `... | kubectl apply -f -`."""
+    from laren.render import K8sOptions, render_k8s_file, to_yaml
+
+    opts = K8sOptions(
+        **({"image": image} if image else {}), namespace=namespace, env_configmap=env_configmap,
+        env_secret=env_secret, service_account=service_account, worker_memory=worker_memory, head_cpus=head_cpus,
+        head_memory=head_memory, gpu_label_key=gpu_label_key, backoff_limit=retries,
+    )
+    text = to_yaml(render_k8s_file(job_file, opts))
+    if output:
+        with open(output, "w") as f:
+            f.write(text)
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
 
 
 if __name__ == "__main__":

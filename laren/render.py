@@ -1,0 +1,257 @@
+"""Render cluster manifests from a job file: a KubeRay RayJob (plus the ConfigMap that carries the job file).
+
+``laren render k8s jobs/face64x.yaml | kubectl apply -f -`` runs the same job file on Kubernetes that ``laren train`` runs
+on a laptop. Everything cluster-specific comes from the job's ``resources`` section; nothing secret is ever written:
+
+- identity: ``metadata.name`` is the run id (``<job name>-<config hash>``, deterministic) made a DNS-1123 name, and
+  ``spec.jobId`` (the Ray submission id) is the run id itself. ``backoffLimit`` retries start a fresh cluster that runs the
+  same entrypoint with the same run id, so training resumes from the last checkpoint under ``<storage>/runs/<run id>``.
+- the job file travels in a ConfigMap (its text as written, so ``storage.root`` / ``tracking.tracking_uri`` defaults resolve
+  from the pod's environment, not the machine that rendered it) mounted at :data:`JOBS_DIR` in every Ray pod.
+- entrypoint: ``laren train <job file>`` (train and grid jobs; a dedicated ``grid`` / ``eval`` command is used once the CLI
+  has one).
+- resources: one worker pod per training worker (``num_workers`` -> replicas / maxReplicas, ``min_workers`` -> minReplicas
+  with the in-tree autoscaler on, ``use_gpu`` -> one ``nvidia.com/gpu`` per pod, ``cpus_per_worker`` -> CPU request and
+  Ray's ``num-cpus``, ``gpu_type`` -> a nodeSelector).
+- environment: ``LAREN_STORAGE``, ``MLFLOW_TRACKING_URI``, ``AWS_ENDPOINT_URL`` … from the ConfigMap ``laren-env`` and the
+  credentials from the Secret ``laren-credentials`` (``envFrom``), which the operator creates once per namespace
+  (see infra/k8s/laren-env.example.yaml).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from laren.config import ConfigError
+from laren.specs import JobSpec, load_job
+
+RAY_VERSION = "2.60.0"
+try:
+    _LAREN_VERSION = version("laren")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    _LAREN_VERSION = "latest"
+#: Where the job file's ConfigMap is mounted in every Ray pod.
+JOBS_DIR = "/home/ray/laren-jobs"
+#: Label keys laren puts on what it renders (select with ``kubectl get rayjobs -l laren.io/job=face64x``).
+LABEL_JOB = "laren.io/job"
+LABEL_RUN = "laren.io/run-id"
+
+
+@dataclass(frozen=True)
+class K8sOptions:
+    """Cluster-side choices that are not part of a job's config (they do not change the run id)."""
+
+    image: str = f"laren:{_LAREN_VERSION}-gpu"
+    namespace: Optional[str] = None
+    env_configmap: str = "laren-env"
+    env_secret: str = "laren-credentials"
+    service_account: Optional[str] = None
+    head_cpus: int = 4
+    head_memory: str = "16Gi"
+    worker_memory: str = "32Gi"
+    gpu_label_key: str = "nvidia.com/gpu.product"
+    backoff_limit: int = 2
+    ttl_seconds_after_finished: int = 600
+    active_deadline_seconds: Optional[int] = None
+    extra_labels: dict[str, str] = field(default_factory=dict)
+
+
+def dns1123(name: str, max_len: int = 63) -> str:
+    """``name`` as a DNS-1123 label: lower-case alphanumerics and '-', starting and ending alphanumeric, <= max_len.
+
+    Characters outside the set become '-', runs of '-' collapse; an over-long name keeps its tail (the config hash) by
+    cutting the middle of the job name.
+    """
+    s = re.sub(r"[^a-z0-9-]+", "-", name.lower())
+    s = re.sub(r"-{2,}", "-", s).strip("-")
+    if not s:
+        raise ValueError(f"{name!r} has no character usable in a Kubernetes name (a-z, 0-9, '-')")
+    if len(s) > max_len:
+        head, _, tail = s.rpartition("-")
+        keep = max_len - len(tail) - 1
+        s = (head[:keep].rstrip("-") + "-" + tail) if keep > 0 and tail else s[:max_len]
+        s = s.strip("-")
+    return s
+
+
+def _cli_commands() -> set[str]:
+    try:
+        from laren.cli import main
+
+        return set(main.commands)
+    except Exception:  # the CLI must never be needed to render
+        return set()
+
+
+def entrypoint(job: JobSpec, job_path_in_pod: str) -> str:
+    """The shell command the Ray job runs on the head pod."""
+    cmds = _cli_commands()
+    if job.kind == "eval":
+        if "eval" not in cmds:
+            raise ConfigError(f"{job_path_in_pod}: kind 'eval' has no `laren eval` command to run on a cluster yet")
+        cmd = "eval"
+    elif job.kind == "grid" and "grid" in cmds:
+        cmd = "grid"
+    else:
+        cmd = "train"
+    return f"laren {cmd} {job_path_in_pod}"
+
+
+def _cpu_quantity(cpus: float) -> str:
+    """Kubernetes CPU quantity: whole cores as '4', fractions in millicores ('500m')."""
+    return str(int(cpus)) if float(cpus).is_integer() else f"{int(round(cpus * 1000))}m"
+
+
+def _container(name: str, image: str, cpus: float, memory: str, gpus: int, opts: K8sOptions) -> dict[str, Any]:
+    limits: dict[str, Any] = {"cpu": _cpu_quantity(cpus), "memory": memory}
+    if gpus:
+        limits["nvidia.com/gpu"] = gpus
+    return {
+        "name": name,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "resources": {"requests": dict(limits), "limits": dict(limits)},
+        # Addresses (ConfigMap) and credentials (Secret) by reference only: nothing secret is rendered.
+        "envFrom": [{"configMapRef": {"name": opts.env_configmap}}, {"secretRef": {"name": opts.env_secret}}],
+        "volumeMounts": [{"name": "laren-jobs", "mountPath": JOBS_DIR, "readOnly": True},
+                         {"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+
+
+def _pod_spec(container: dict, configmap: str, opts: K8sOptions, node_selector: dict[str, str], gpu: bool) -> dict:
+    spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [
+            {"name": "laren-jobs", "configMap": {"name": configmap}},
+            # DataLoader workers share batches through /dev/shm; the container default (64 MiB) is too small.
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        ],
+    }
+    if node_selector:
+        spec["nodeSelector"] = node_selector
+    if gpu:
+        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    if opts.service_account:
+        spec["serviceAccountName"] = opts.service_account
+    return spec
+
+
+def render_k8s(job: JobSpec, job_file: str | Path, job_text: str, opts: K8sOptions = K8sOptions()) -> list[dict[str, Any]]:
+    """The manifests that run ``job`` on KubeRay: ``[ConfigMap (the job file), RayJob]``.
+
+    ``job_file`` names the file (its basename is kept in the pod); ``job_text`` is its content, carried verbatim.
+    """
+    run_id = job.run_config().run_id
+    name = dns1123(run_id)
+    r = job.resources
+    file_name = Path(job_file).name
+    configmap = dns1123(f"{name}-job")
+    labels = {LABEL_JOB: dns1123(job.name), LABEL_RUN: name, **opts.extra_labels}
+    meta = {"name": name, "labels": dict(labels)}
+    if opts.namespace:
+        meta["namespace"] = opts.namespace
+
+    gpus = 1 if r.use_gpu else 0
+    worker_cpus = max(1, math.ceil(r.cpus_per_worker))
+    node_selector = {opts.gpu_label_key: r.gpu_type} if (r.use_gpu and r.gpu_type) else {}
+    elastic = r.min_workers is not None and r.min_workers < r.num_workers
+    group = "gpu-workers" if r.use_gpu else "cpu-workers"
+
+    head = _container("ray-head", opts.image, opts.head_cpus, opts.head_memory, 0, opts)
+    head["ports"] = [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
+                     {"containerPort": 10001, "name": "client"}]
+    worker = _container("ray-worker", opts.image, worker_cpus, opts.worker_memory, gpus, opts)
+
+    cluster_spec: dict[str, Any] = {
+        "rayVersion": RAY_VERSION,
+        "enableInTreeAutoscaling": elastic,
+        "headGroupSpec": {
+            # The head runs the driver and the Train controller, never a training worker (no GPU).
+            "rayStartParams": {"num-gpus": "0"},
+            "template": {"metadata": {"labels": labels}, "spec": _pod_spec(head, configmap, opts, {}, False)},
+        },
+        "workerGroupSpecs": [
+            {
+                "groupName": group,
+                "replicas": r.num_workers,
+                "minReplicas": r.min_workers if r.min_workers is not None else r.num_workers,
+                "maxReplicas": r.num_workers,
+                # One training worker per pod: Ray sees exactly the CPUs and GPU the worker reserves.
+                "rayStartParams": {"num-cpus": str(worker_cpus), "num-gpus": str(gpus)},
+                "template": {"metadata": {"labels": labels},
+                             "spec": _pod_spec(worker, configmap, opts, node_selector, bool(gpus))},
+            }
+        ],
+    }
+    if elastic:
+        cluster_spec["autoscalerOptions"] = {"upscalingMode": "Default", "idleTimeoutSeconds": 300}
+
+    spec: dict[str, Any] = {
+        "entrypoint": entrypoint(job, f"{JOBS_DIR}/{file_name}"),
+        "jobId": run_id,
+        "metadata": {"laren_run_id": run_id, "laren_job": job.name, "laren_kind": job.kind},
+        "entrypointNumCpus": 1,
+        "submissionMode": "K8sJobMode",
+        "backoffLimit": opts.backoff_limit,
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": opts.ttl_seconds_after_finished,
+        "rayClusterSpec": cluster_spec,
+    }
+    if opts.active_deadline_seconds:
+        spec["activeDeadlineSeconds"] = opts.active_deadline_seconds
+
+    cm_meta = {"name": configmap, "labels": labels}
+    if opts.namespace:
+        cm_meta["namespace"] = opts.namespace
+    return [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": cm_meta, "data": {file_name: job_text}},
+        {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": meta, "spec": spec},
+    ]
+
+
+def check_cluster_storage(raw: Any, source: str) -> None:
+    """A multi-node cluster needs shared storage: a job file that pins ``storage.root`` to a local path cannot run there.
+
+    Only an explicit value is checked; an absent one resolves from ``LAREN_STORAGE`` in the pod (ConfigMap laren-env).
+    """
+    root = (raw.get("storage") or {}).get("root") if isinstance(raw, dict) else None
+    if root is not None and not str(root).startswith("s3://"):
+        raise ConfigError(
+            f"{source}: storage.root is {root!r}, a local path, which the workers of a cluster do not share; "
+            "remove it (the pods then take LAREN_STORAGE from the ConfigMap laren-env) or set an s3:// URL"
+        )
+
+
+def render_k8s_file(path: str | Path, opts: K8sOptions = K8sOptions()) -> list[dict[str, Any]]:
+    """Load and validate a job file, check it can run on a cluster, then :func:`render_k8s` it."""
+    job = load_job(path)
+    text = Path(path).read_text()
+    check_cluster_storage(yaml.safe_load(text), str(path))
+    return render_k8s(job, path, text, opts)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the job file in the ConfigMap) as literal blocks, so the rendered file stays readable;
+    no YAML anchors (shared label dicts are written out in full, as kubectl users expect)."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+def _str(dumper: yaml.SafeDumper, s: str):
+    return dumper.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def to_yaml(docs: list[dict[str, Any]]) -> str:
+    """Documents joined with '---', keys in the order built."""
+    return yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, default_flow_style=False, explicit_start=True)
