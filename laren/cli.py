@@ -65,6 +65,26 @@ def model_summary_cmd(job_file) -> None:
 
 # ==== section: prior (laren prior ...) ====
 
+
+@prior.command("import")
+@click.argument("src")
+@click.argument("dest")
+def prior_import(src: str, dest: str) -> None:
+    """Convert a StyleGAN2 checkpoint SRC (rosinality .pt, NVIDIA .pkl, mmagic .pth) to DEST.safetensors + DEST.json.
+
+    No code from SRC is run. DEST is a local path or an s3:// URL (suffix optional).
+    """
+    from laren.models.prior_io import UnsafePickleError, import_prior, prior_paths
+
+    try:
+        meta = import_prior(src, dest)
+    except (UnsafePickleError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    st_url, json_url = prior_paths(dest)
+    click.echo(f"detected: {meta.describe()}")
+    click.echo(f"wrote {st_url} (sha256 {meta.sha256}) and {json_url}")
+
+
 # ==== section: data (laren data ...) ====
 
 # ==== section: train / eval / upscale ====
