@@ -87,6 +87,121 @@ def prior_import(src: str, dest: str) -> None:
 
 # ==== section: data (laren data ...) ====
 
+
+@data.command("pack", context_settings={"show_default": True})
+@click.argument("src")
+@click.argument("dest")
+@click.option("--name", required=True, help="Data set name (recorded in the manifest; no '.' or '/').")
+@click.option("--resolution", "resolution", type=int, required=True,
+              help="Output side R: each image becomes RGB, is center-cropped to its largest square (side min(W,H)) and "
+                   "resized to RxR with PIL Lanczos (antialiased) when that side differs from R; images with "
+                   "min(W,H) < R are rejected (never upsampled) and listed in the manifest.")
+@click.option("--format", "fmt", type=click.Choice(["png", "jpg"]), default="png", help="Stored image format.")
+@click.option("--quality", type=click.IntRange(1, 100), default=95, help="JPEG quality (4:4:4 chroma); jpg only.")
+@click.option("--shard-size-mb", type=float, default=512.0, help="Close a shard once it reaches this size.")
+@click.option("--workers", type=int, default=None, help="Decode/resize/encode processes [default: CPU count].")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def data_pack(src, dest, name, resolution, fmt, quality, shard_size_mb, workers, quiet):
+    """Pack SRC (an image folder, searched recursively; a .zip; or an LSUN lmdb directory) into WebDataset shards
+    DEST/shard-000000.tar ... and DEST/manifest.json (counts, bytes, sha256, rejected inputs). DEST is a local folder
+    or s3://bucket/prefix (endpoint and keys from the AWS environment, e.g. AWS_ENDPOINT_URL). Re-running the same
+    command skips shards already complete; an interrupted run lists no half shard."""
+    import os
+
+    from laren.data.pack import pack
+
+    try:
+        res = pack(src, dest, name=name, resolution=resolution, fmt=fmt, quality=quality, shard_size_mb=shard_size_mb,
+                   workers=(os.cpu_count() or 1) if workers is None else workers, progress=not quiet)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    m = res.manifest
+    click.echo(f"{dest}: {m['num_samples']} samples in {len(m['shards'])} shards "
+               f"({res.shards_written} written, {res.shards_kept} kept), {len(m['rejected'])} inputs rejected, "
+               f"{m['resolution']}x{m['resolution']} {m['format']}")
+
+
+@data.command("verify")
+@click.argument("dest")
+@click.option("--decode", is_flag=True, help="Also decode every image and check its size.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def data_verify(dest, decode, quiet):
+    """Check DEST's shards against its manifest (presence, bytes, sha256, sample counts); exit 1 on any problem."""
+    from laren.data.pack import verify
+
+    try:
+        r = verify(dest, decode=decode, progress=not quiet)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"{r['url']}: data set {r['name']!r}, {r['resolution']}x{r['resolution']} {r['format']}, "
+               f"{r['shards']} shards, {r['samples']} samples (manifest {r['manifest_samples']}), "
+               f"{r['bytes'] / 1e6:.1f} MB, {r['rejected']} inputs rejected at pack time")
+    if r["unlisted_shards"]:
+        click.echo(f"note: {len(r['unlisted_shards'])} shard files not in the manifest (left by an interrupted pack; "
+                   f"ignored): {', '.join(r['unlisted_shards'][:5])}")
+    for p in r["problems"]:
+        click.echo(f"problem: {p}")
+    if not r["ok"]:
+        raise click.ClickException(f"{len(r['problems'])} problem(s) found in {dest}")
+    click.echo("OK")
+
+
+@data.command("stream")
+@click.argument("url")
+@click.option("--hr-size", type=int, required=True, help="HR side (must equal the packed resolution).")
+@click.option("--lr-size", type=int, required=True, help="LR side; LR = MATLAB bicubic at lr/hr (1/4 ... 1/64).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Images per batch (per rank).")
+@click.option("--batches", type=int, default=10, show_default=True, help="Batches to read (training stream).")
+@click.option("--eval", "eval_", is_flag=True, help="The deterministic evaluation stream (whole set once) instead.")
+@click.option("--workers", type=int, default=2, show_default=True, help="Loader worker processes (training stream).")
+@click.option("--rank", type=int, default=0, show_default=True, help="Simulated DDP rank.")
+@click.option("--world-size", type=int, default=1, show_default=True, help="Simulated DDP world size.")
+@click.option("--save-grid", type=click.Path(dir_okay=False), default=None,
+              help="Write the first batch as a PNG grid (LR upsampled by pixel repeat | HR).")
+def data_stream(url, hr_size, lr_size, batch_size, batches, eval_, workers, rank, world_size, save_grid):
+    """Stream batches from a packed data set (local or s3://) and print their shapes, throughput and bad-sample counts."""
+    import time
+
+    from laren.data.pipeline import BadDataError, make_eval_loader, make_train_loader
+
+    try:
+        if eval_:
+            loader = make_eval_loader(url, hr_size, lr_size, batch_size, rank=rank, world_size=world_size)
+        else:
+            loader = make_train_loader(url, hr_size, lr_size, batch_size, rank=rank, world_size=world_size,
+                                       num_workers=workers, batches_per_epoch=batches)
+        t0, n, first = time.perf_counter(), 0, None
+        for i, b in enumerate(loader):
+            first = first or b
+            n += len(b["key"])
+            click.echo(f"batch {i}: lr {tuple(b['lr'].shape)} hr {tuple(b['hr'].shape)} "
+                       f"range [{b['hr'].min().item():.2f}, {b['hr'].max().item():.2f}] keys {b['key'][0]}..{b['key'][-1]}")
+        dt = time.perf_counter() - t0
+    except (ValueError, BadDataError) as err:
+        raise click.ClickException(str(err)) from None
+    st = loader.stats()
+    click.echo(f"{n} samples in {dt:.2f} s ({n / max(dt, 1e-9):.1f} samples/s); bad {st['bad']}"
+               + (f": {', '.join(st['bad_keys'][:5])}" if st["bad"] else ""))
+    if save_grid and first is not None:
+        import numpy as np
+        from PIL import Image
+
+        s = hr_size // lr_size
+        lr = first["lr"].repeat_interleave(s, -1).repeat_interleave(s, -2)
+        grid = torch_cat_rows(lr, first["hr"])
+        Image.fromarray(np.ascontiguousarray(grid)).save(save_grid)
+        click.echo(f"wrote {save_grid}")
+
+
+def torch_cat_rows(lr, hr):
+    """(B,3,h,h) pairs in [-1, 1] -> uint8 (B*h, 2*h, 3) grid: LR | HR per row."""
+    import torch
+
+    rows = torch.cat([lr, hr], dim=-1)  # (B, 3, h, 2h)
+    img = ((rows + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return img.permute(0, 2, 3, 1).reshape(-1, img.shape[-1], 3).numpy()
+
+
 # ==== section: train / eval / upscale ====
 
 # ==== section: jobs (validate / submit / status / logs / stop / list / sweep) ====
@@ -113,20 +228,23 @@ def render() -> None:
 @click.option("--head-cpus", default=4, show_default=True, type=int, help="CPUs of the head pod (driver + controller).")
 @click.option("--head-memory", default="16Gi", show_default=True, help="Memory of the head pod.")
 @click.option("--gpu-label-key", default="nvidia.com/gpu.product", show_default=True,
-              help="Node label that resources.gpu_type must equal (e.g. cloud.google.com/gke-accelerator).")
+              help="Node label that selects GPU nodes of resources.gpu_type (e.g. cloud.google.com/gke-accelerator).")
+@click.option("--gpu-label-value", default=None,
+              help="Value of --gpu-label-key to select (default resources.gpu_type, e.g. NVIDIA-H100-80GB-HBM3 for H100).")
 @click.option("--retries", default=2, show_default=True, type=int,
               help="RayJob backoffLimit: fresh-cluster retries; each resumes from the run's last checkpoint.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write here instead of stdout.")
 def render_k8s_cmd(job_file, image, namespace, env_configmap, env_secret, service_account, worker_memory, head_cpus,
-                   head_memory, gpu_label_key, retries, output) -> None:
+                   head_memory, gpu_label_key, gpu_label_value, retries, output) -> None:
     """A KubeRay RayJob (and the ConfigMap carrying JOB_FILE) running JOB_FILE: `... | kubectl apply -f -`."""
     from laren.render import K8sOptions, render_k8s_file, to_yaml
 
     opts = K8sOptions(
         **({"image": image} if image else {}), namespace=namespace, env_configmap=env_configmap,
         env_secret=env_secret, service_account=service_account, worker_memory=worker_memory, head_cpus=head_cpus,
-        head_memory=head_memory, gpu_label_key=gpu_label_key, backoff_limit=retries,
+        head_memory=head_memory, gpu_label_key=gpu_label_key,
+        gpu_label_value=gpu_label_value, backoff_limit=retries,
     )
     text = to_yaml(render_k8s_file(job_file, opts))
     if output:
