@@ -1,0 +1,204 @@
+"""Evaluation: PSNR / SSIM / LPIPS over a test shard set, sample grids, and the standalone `laren eval` job.
+
+Metrics follow model-spec section 7: PSNR on uint8-rounded RGB with no border crop and no Y channel; SSIM (Gaussian
+11x11, sigma 1.5) on the same images; LPIPS with an AlexNet trunk and the v0.1 linear layers, when
+``eval.alexnet_path`` is given (or ``eval.random_backbone_for_tests``). Every per-image value is kept, so
+``laren eval`` can write one CSV row per image; periodic evaluation during training sums over ranks instead.
+
+Legend: B batch, l LR size, R HR size; images are float tensors in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+
+from laren import metrics as M
+from laren.imresize import imresize
+
+# Metric names: split / what they average (architecture rule 10).
+PER_IMAGE = ("psnr", "ssim", "lpips_alex", "loss_pix", "psnr_bicubic")
+
+
+def make_lpips(alexnet_path: Optional[str], random_backbone_for_tests: bool, device="cpu") -> Optional[torch.nn.Module]:
+    """LPIPS (AlexNet, v0.1) or None when no AlexNet weights are configured (LPIPS is then skipped)."""
+    if random_backbone_for_tests:
+        return M.LPIPS(random_backbone_for_tests=True).to(device)
+    if alexnet_path is None:
+        return None
+    return M.LPIPS(alexnet_path).to(device)
+
+
+def upscale_bicubic(lr_b3ll: torch.Tensor, out_size: int) -> torch.Tensor:
+    """MATLAB-compatible bicubic upsampling of the LR image to the HR size (the baseline and the grid's left column)."""
+    scale = out_size / lr_b3ll.shape[-1]
+    return imresize(lr_b3ll.float(), scale).clamp(-1.0, 1.0)
+
+
+def to_uint8_hwc(x_3hw: torch.Tensor) -> np.ndarray:
+    """[-1, 1] (3, H, W) -> uint8 (H, W, 3), rounded as the metrics do."""
+    return M.to_uint8_range(x_3hw[None])[0].to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def sample_grid(lr_b3ll: torch.Tensor, sr_b3RR: torch.Tensor, hr_b3RR: torch.Tensor, n: int) -> np.ndarray:
+    """One row per image: LR bicubic-upscaled | SR | HR, as uint8 (n·R, 3·R, 3)."""
+    n = min(n, sr_b3RR.shape[0])
+    up = upscale_bicubic(lr_b3ll[:n].cpu(), sr_b3RR.shape[-1])
+    rows = [torch.cat([up[i], sr_b3RR[i].float().cpu(), hr_b3RR[i].float().cpu()], dim=-1) for i in range(n)]
+    return to_uint8_hwc(torch.cat(rows, dim=-2))
+
+
+@dataclass
+class EvalResult:
+    """Per-image metric values (lists aligned with ``keys``) and the first sample grid."""
+
+    keys: list[str] = field(default_factory=list)
+    values: dict[str, list[float]] = field(default_factory=dict)
+    grid: Optional[np.ndarray] = None
+
+    def sums(self) -> dict[str, float]:
+        return {k: float(np.sum(v)) for k, v in self.values.items()}
+
+    @property
+    def count(self) -> int:
+        return len(self.keys)
+
+    def means(self) -> dict[str, float]:
+        return {k: float(np.mean(v)) for k, v in self.values.items()} if self.keys else {}
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, Any]],
+    device: torch.device | str = "cpu",
+    lpips: Optional[torch.nn.Module] = None,
+    max_images: Optional[int] = None,
+    grid_images: int = 0,
+    autocast_bf16: bool = False,
+) -> EvalResult:
+    """Run ``model`` over ``batches`` ({"lr", "hr", "key"}) in eval mode; per-image PSNR, SSIM, LPIPS, pixel MSE, and
+    the PSNR of plain bicubic upsampling (the baseline every SR model must beat)."""
+    was_training = model.training
+    model.eval()
+    res = EvalResult(values={k: [] for k in PER_IMAGE if k != "lpips_alex" or lpips is not None})
+    dev = torch.device(device)
+    try:
+        for batch in batches:
+            lr, hr = batch["lr"].to(dev), batch["hr"].to(dev)
+            keys = list(batch.get("key", [str(len(res.keys) + i) for i in range(lr.shape[0])]))
+            if max_images is not None:
+                room = max_images - res.count
+                if room <= 0:
+                    break
+                lr, hr, keys = lr[:room], hr[:room], keys[:room]
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast_bf16 and dev.type == "cuda"):
+                sr = model(lr)
+            sr = sr.float()
+            res.values["psnr"] += M.psnr(sr, hr).tolist()
+            res.values["ssim"] += M.ssim(sr, hr).tolist()
+            res.values["loss_pix"] += (sr - hr).pow(2).flatten(1).mean(1).double().tolist()
+            res.values["psnr_bicubic"] += M.psnr(upscale_bicubic(lr, hr.shape[-1]), hr.float()).tolist()
+            if lpips is not None:
+                res.values["lpips_alex"] += lpips(sr, hr.float()).tolist()
+            if res.grid is None and grid_images > 0:
+                res.grid = sample_grid(lr, sr, hr, grid_images)
+            res.keys += [str(k) for k in keys]
+    finally:
+        model.train(was_training)
+    return res
+
+
+def finite_mean(total: float, count: float) -> float:
+    """Mean of summed per-image values (+inf PSNR of identical images stays +inf)."""
+    return total / count if count else math.nan
+
+
+# ----------------------------------------------------------------------------------------------- standalone job
+
+
+def load_model_from_checkpoint(checkpoint_url: str, device="cpu", workdir: Optional[str] = None):
+    """(model in eval mode, resolved RunConfig, state doc) from a checkpoint directory (local path or s3://)."""
+    from laren.config import RunConfig
+    from laren.models.build import build_model
+    from laren.train import state as S
+
+    local = S.fetch_checkpoint(checkpoint_url, workdir or tempfile.mkdtemp(prefix="laren-ckpt-"))
+    doc = S.read_state(local)
+    if not doc.get("config"):
+        raise S.CheckpointError(f"{checkpoint_url}: the checkpoint does not record its run config")
+    cfg = RunConfig.model_validate(doc["config"])
+    # The checkpoint holds the full model state (frozen generator included): no prior file is needed.
+    model_cfg = cfg.model.model_copy(update={"prior": cfg.model.prior.model_copy(update={"path": None})})
+    model = build_model(model_cfg, device="cpu")
+    S.load_weights(local, model)
+    return model.to(device).eval(), cfg, doc
+
+
+def run_eval(
+    checkpoint_url: str,
+    data_url: str,
+    out_dir: str,
+    *,
+    limit: Optional[int] = None,
+    batch_size: int = 4,
+    device: Optional[str] = None,
+    alexnet_path: Optional[str] = None,
+    random_backbone_for_tests: bool = False,
+    tracking_uri: Optional[str] = None,
+    experiment: Optional[str] = None,
+    run_name: Optional[str] = None,
+) -> dict[str, Any]:
+    """`laren eval`: evaluate a checkpoint on a shard set; writes ``per_image.csv`` and ``summary.json`` into
+    ``out_dir`` and, when a tracking URI is given, logs the summary (test/...) and both files to an MLflow run."""
+    from laren.data.pipeline import make_eval_loader
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, cfg, doc = load_model_from_checkpoint(checkpoint_url, dev)
+    lp = make_lpips(alexnet_path or cfg.eval.alexnet_path, random_backbone_for_tests or cfg.eval.random_backbone_for_tests, dev)
+    loader = make_eval_loader(data_url, cfg.model.prior.resolution, cfg.model.lr_size, batch_size, limit=limit)
+    res = evaluate_model(model, loader, dev, lpips=lp, max_images=limit, grid_images=cfg.train.sample_grid_images)
+    if res.count == 0:
+        raise ValueError(f"{data_url}: no images to evaluate")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cols = list(res.values)
+    with open(out / "per_image.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["key", *cols])
+        for i, key in enumerate(res.keys):
+            w.writerow([key, *[f"{res.values[c][i]:.6f}" for c in cols]])
+    summary = {
+        "checkpoint": checkpoint_url,
+        "data": data_url,
+        "images": res.count,
+        "step": doc.get("step"),
+        "kimg": doc.get("kimg"),
+        **{f"test/{k}": v for k, v in res.means().items()},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if res.grid is not None:
+        from PIL import Image
+
+        Image.fromarray(res.grid).save(out / "samples.png")
+    if tracking_uri:
+        from laren.tracking import make_tracker
+
+        tr = make_tracker(0, tracking_uri, experiment or cfg.tracking.experiment or cfg.name,
+                          run_name or f"eval-{cfg.run_id}", tags={"laren.kind": "eval"}, system_metrics=False)
+        tr.log_params({"checkpoint": checkpoint_url, "data": data_url, "images": res.count})
+        tr.log_metrics({k: v for k, v in summary.items() if k.startswith("test/") and math.isfinite(v)}, step=int(doc.get("step") or 0))
+        if res.grid is not None:
+            tr.log_image(res.grid, "test/samples", int(doc.get("step") or 0))
+        tr.log_artifact(str(out / "per_image.csv"), "eval")
+        tr.log_artifact(str(out / "summary.json"), "eval")
+        tr.finish("FINISHED")
+    return summary

@@ -1,0 +1,419 @@
+"""One worker's training loop (paper Eq. 5, section IV-A; model-spec section 6). No Ray here (architecture rule 3).
+
+    generator step      sr = F(lr);  L_G = w_pix·mean((sr−hr)²) + w_per·mean((φ(sr)−φ(hr))²) + w_adv·softplus(−D(sr))
+    discriminator step  L_D = softplus(−D(hr)) + softplus(D(sr.detach()))           (no R1, as GLEAN)
+
+Adam (lr 1e-4, β 0.9/0.999, ε 1e-8) for the trainable modules (encoder, latent head, CGM) and, separately, for the
+StyleGAN2 discriminator D, which starts from the prior's D and is trained. The learning rate is a pure function of
+the step (cosine to ``optim.cosine_min_lr`` over the run), so a resumed run continues the same schedule.
+
+Distribution: the caller gives a :class:`WorkerContext` (rank, world size, device, a ``report`` barrier and the
+checkpoint to resume from). With world size > 1, ``torch.distributed`` is already initialised (by Ray Train); the loop
+averages gradients with one coalesced all-reduce per module after each backward (as StyleGAN2-ADA does), so that D
+can be used frozen in the generator step without DDP's unused-parameter bookkeeping. Every rank makes the same
+collective calls in the same order; MLflow and sample grids happen on rank 0 only (architecture rule 4).
+
+Time is counted in images: ``images_seen = step · batch_size_global``; kimg = images_seen / 1000 (rule 9). Metric
+names: ``train/loss_*``, ``train/lr``, ``perf/images_per_s``, ``data/skipped``, ``val/psnr`` … (rule 10).
+
+Legend: B per-rank batch, l LR size, R HR size; images in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from laren import losses as L
+from laren.config import ConfigError, RunConfig
+from laren.train import state as S
+
+# Test-only fault injection: at step LAREN_TEST_KILL_AT_STEP the rank LAREN_TEST_KILL_RANK (default 1) SIGKILLs its
+# own process, once: LAREN_TEST_KILL_MARKER names a file created just before, so a restarted attempt does not fire.
+KILL_STEP_ENV, KILL_RANK_ENV, KILL_MARKER_ENV = "LAREN_TEST_KILL_AT_STEP", "LAREN_TEST_KILL_RANK", "LAREN_TEST_KILL_MARKER"
+
+ReportFn = Callable[[dict[str, float], Optional[str], Optional[str]], None]  # (metrics, checkpoint dir, dir name)
+
+
+@dataclass
+class WorkerContext:
+    """What the loop needs to know about where it runs. Defaults: one process on the CPU, nothing to report to."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    report: Optional[ReportFn] = None  # a barrier in Ray Train: every rank calls it equally often
+    resume_dir: Optional[str] = None  # local checkpoint directory to resume from
+    checkpoint_root: Optional[str] = None  # without a report function: rank 0 writes checkpoints here (plain Python)
+    run_id: str = ""
+    parent_run_id: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Run length and intervals in optimizer steps, derived from the kimg settings and the global batch."""
+
+    total_steps: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+
+    @staticmethod
+    def from_kimg(batch_size_global: int, total_kimg: float, log_kimg: float, eval_kimg: float, ckpt_kimg: float) -> "Schedule":
+        def steps(kimg: float) -> int:
+            return max(1, int(round(kimg * 1000.0 / batch_size_global)))
+
+        return Schedule(max(1, math.ceil(total_kimg * 1000.0 / batch_size_global)), steps(log_kimg), steps(eval_kimg), steps(ckpt_kimg))
+
+
+def cosine_lr(step: int, total_steps: int, lr: float, min_lr: Optional[float]) -> float:
+    """Cosine annealing from ``lr`` to ``min_lr`` over ``total_steps`` (GLEAN's CosineAnnealingLR shape); constant
+    when ``min_lr`` is None."""
+    if min_lr is None:
+        return lr
+    t = min(step, total_steps) / max(1, total_steps)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def check_run_inputs(cfg: RunConfig) -> None:
+    """User errors found before any worker starts: missing weights files, data URLs, batch split."""
+    if cfg.loss.perceptual_weight > 0 and not cfg.loss.random_backbone_for_tests:
+        if not cfg.loss.vgg16_path:
+            raise ConfigError(
+                "loss.vgg16_path is not set but loss.perceptual_weight > 0: the perceptual loss needs torchvision's "
+                f"ImageNet VGG16 state dict; download {L.VGG16_URL} and set loss.vgg16_path to the file "
+                "(or set loss.perceptual_weight: 0)."
+            )
+        if not Path(cfg.loss.vgg16_path).expanduser().is_file():
+            L.load_vgg16(cfg.loss.vgg16_path)  # raises FileNotFoundError naming the file and how to obtain it
+    if cfg.eval.alexnet_path and not Path(cfg.eval.alexnet_path).expanduser().is_file():
+        from laren.metrics import _load_alexnet_state
+
+        _load_alexnet_state(cfg.eval.alexnet_path)  # raises FileNotFoundError naming the file and how to obtain it
+    if not cfg.data.train_url:
+        raise ConfigError("data.train_url is empty: set it to a dataset written by `laren data pack`")
+    n = cfg.resources.num_workers
+    if cfg.train.batch_size_global % n:
+        raise ConfigError(f"train.batch_size_global ({cfg.train.batch_size_global}) must be a multiple of resources.num_workers ({n})")
+    b = cfg.train.batch_size_global // n
+    if cfg.loss.adversarial_weight > 0 and b > 4 and b % 4:
+        raise ConfigError(f"per-worker batch {b} must be <= 4 or a multiple of 4 (StyleGAN2 D minibatch stddev)")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {"model.gdm.num_nodes": 64, ...} (MLflow params are flat strings)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- collectives
+
+
+def _allreduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """Average gradients over ranks with one flat all-reduce (params without a grad contribute zeros)."""
+    if world_size <= 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset: offset + n].view_as(p).clone()
+        offset += n
+
+
+def _broadcast_module(module: torch.nn.Module, world_size: int) -> None:
+    if world_size > 1:
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def _sum_across(values: list[float], world_size: int) -> list[float]:
+    if world_size <= 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _gather_rng(world_size: int) -> list[dict[str, Any]]:
+    mine = S.capture_rng()
+    if world_size <= 1:
+        return [mine]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def _maybe_kill_for_test(step: int, rank: int) -> None:
+    at = os.environ.get(KILL_STEP_ENV)
+    if not at or step != int(at) or rank != int(os.environ.get(KILL_RANK_ENV, "1")):
+        return
+    marker = os.environ.get(KILL_MARKER_ENV)
+    if not marker or Path(marker).exists():
+        return
+    Path(marker).write_text(f"killed rank {rank} (pid {os.getpid()}) at step {step}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class DataStream:
+    """Endless training batches from a saved data position (``st.data_epoch``, ``st.data_batch``).
+
+    A pass ("data epoch") is ``ceil(samples / batch_size_global)`` batches per rank; the loader's random streams are
+    seeded by (seed, pass, loader worker), so the batches of a pass are the same on every run. On resume the current
+    pass is re-created and the batches consumed before the checkpoint are skipped (decoded and dropped: at most one
+    pass of reading). Updates the position in ``st`` as it yields; ``skipped()`` counts the bad samples dropped.
+    """
+
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, st: S.TrainState):
+        from laren.data import pack
+        from laren.data.pipeline import make_train_loader
+
+        manifest = pack.read_manifest(cfg.data.train_url)
+        samples = sum(int(s["count"]) for s in manifest["shards"])
+        self.per_pass = max(1, math.ceil(samples / cfg.train.batch_size_global))
+        self.loader = make_train_loader(
+            cfg.data.train_url, cfg.model.prior.resolution, cfg.model.lr_size,
+            cfg.train.batch_size_global // world_size, rank=rank, world_size=world_size,
+            num_workers=cfg.data.loader_workers, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+            hflip=cfg.data.hflip, max_bad_fraction=cfg.data.max_bad_fraction, batches_per_epoch=self.per_pass,
+        )
+        self.st = st
+        self._it = self._gen()
+
+    def _gen(self) -> Iterator[dict[str, Any]]:
+        st = self.st
+        while True:
+            self.loader.epoch = st.data_epoch
+            for i, batch in enumerate(self.loader):
+                if i < st.data_batch:
+                    continue  # resume: consumed before the checkpoint
+                st.data_batch = i + 1
+                yield batch
+            st.data_epoch += 1
+            st.data_batch = 0
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self._it)
+
+    def skipped(self) -> float:
+        return float(self.loader.stats()["bad"])
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
+    """Train ``cfg`` on this worker until ``train.total_kimg``; returns the final metrics (the same on every rank).
+
+    Resumes from ``ctx.resume_dir`` when given: weights, optimizer states, step, data position and this rank's RNG.
+    """
+    from laren.evaluate import make_lpips
+    from laren.models.build import build_discriminator, build_model
+    from laren.tracking import make_tracker
+
+    t_cfg, rank, world, dev = cfg.train, ctx.rank, ctx.world_size, ctx.device
+    check_run_inputs(cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"num_workers": world, "min_workers": None})}))
+    sched = Schedule.from_kimg(t_cfg.batch_size_global, t_cfg.total_kimg, t_cfg.log_every_kimg,
+                               t_cfg.eval_every_kimg, t_cfg.checkpoint_every_kimg)
+
+    # ---- modules (same seed on every rank -> same init; broadcast anyway)
+    torch.manual_seed(t_cfg.seed)
+    model = build_model(cfg.model, device="cpu").to(dev)
+    use_adv = cfg.loss.adversarial_weight > 0
+    disc = build_discriminator(cfg.model).to(dev)
+    _broadcast_module(model, world)
+    _broadcast_module(disc, world)
+    vgg = None
+    if cfg.loss.perceptual_weight > 0:
+        vgg = (L.random_vgg16(t_cfg.seed) if cfg.loss.random_backbone_for_tests else L.load_vgg16(cfg.loss.vgg16_path)).to(dev)
+    g_params = [p for p in model.parameters() if p.requires_grad]
+    d_params = list(disc.parameters())
+    o = cfg.optim
+    opt_g = torch.optim.Adam(g_params, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    opt_d = torch.optim.Adam(d_params, lr=o.lr_d, betas=tuple(o.betas), eps=o.eps)
+    optimizers = {"g": opt_g, "d": opt_d}
+
+    # ---- resume
+    st = S.TrainState()
+    if ctx.resume_dir:
+        st = S.load_checkpoint(ctx.resume_dir, model, disc, optimizers)
+        if len(st.rng) == world:
+            S.restore_rng(st.rng[rank])
+        else:  # a resized worker group: fresh, but reproducible, per-rank streams
+            _seed_all(t_cfg.seed + 7919 * rank + st.step)
+    else:
+        _seed_all(t_cfg.seed + 7919 * rank)
+    start_step = st.step
+
+    # ---- tracking (rank 0; a NullTracker elsewhere). Start-or-resume by run name: a restart continues the run.
+    tracker = make_tracker(
+        rank, cfg.tracking.tracking_uri, cfg.tracking.experiment or cfg.name, ctx.run_id or cfg.run_id,
+        parent_run_id=ctx.parent_run_id, tags={"laren.job": cfg.name, "laren.kind": "train"},
+        system_metrics=cfg.tracking.system_metrics,
+    )
+    if rank == 0 and start_step == 0:
+        tracker.log_params({**flatten(cfg.to_dict()), "run_id": ctx.run_id or cfg.run_id, "world_size": world})
+        tracker.log_config(cfg.to_dict())
+    st.mlflow_run_id = getattr(tracker, "run_id", None) or st.mlflow_run_id
+
+    lpips = make_lpips(cfg.eval.alexnet_path, cfg.eval.random_backbone_for_tests, dev)
+    autocast = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=t_cfg.bf16 and dev.type == "cuda")
+    model.train()
+    disc.train()
+    batches = DataStream(cfg, rank, world, st)
+    acc = {k: 0.0 for k in ("loss_g", "loss_pix", "loss_per", "loss_adv", "loss_d", "d_real", "d_fake")}
+    acc_n, skipped, t_log, img_log = 0, 0.0, time.perf_counter(), 0
+    last: dict[str, float] = {}
+    last_ckpt_step = start_step if ctx.resume_dir else -1
+    status = "FAILED"
+    try:
+        while st.step < sched.total_steps:
+            batch = next(batches)
+            lr_img, hr_img = batch["lr"].to(dev, non_blocking=True), batch["hr"].to(dev, non_blocking=True)
+            skipped = batches.skipped()
+            cur_lr = cosine_lr(st.step, sched.total_steps, o.lr, o.cosine_min_lr)
+            cur_lr_d = cosine_lr(st.step, sched.total_steps, o.lr_d, o.cosine_min_lr)
+            for g in opt_g.param_groups:
+                g["lr"] = cur_lr
+            for g in opt_d.param_groups:
+                g["lr"] = cur_lr_d
+
+            # -- generator step (D frozen: its parameters get no gradient here)
+            disc.requires_grad_(False)
+            with torch.autocast(**autocast):
+                sr = model(lr_img)
+                l_pix = L.pixel_loss(sr.float(), hr_img)
+                l_per = L.perceptual_loss(vgg, sr, hr_img) if vgg is not None else sr.new_zeros(())
+                l_adv = L.g_adversarial_loss(disc(sr), cfg.loss.adversarial) if use_adv else sr.new_zeros(())
+                loss_g = (cfg.loss.pixel_weight * l_pix + cfg.loss.perceptual_weight * l_per.float()
+                          + cfg.loss.adversarial_weight * l_adv.float())
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            _allreduce_grads(g_params, world)
+            opt_g.step()
+
+            # -- discriminator step
+            l_d = d_real = d_fake = torch.zeros(())
+            if use_adv:
+                disc.requires_grad_(True)
+                with torch.autocast(**autocast):
+                    logit_real, logit_fake = disc(hr_img), disc(sr.detach())
+                    l_d = L.d_loss(logit_real.float(), logit_fake.float())
+                opt_d.zero_grad(set_to_none=True)
+                l_d.backward()
+                _allreduce_grads(d_params, world)
+                opt_d.step()
+                d_real, d_fake = logit_real.detach().float().mean(), logit_fake.detach().float().mean()
+
+            st.step += 1
+            st.images_seen = st.step * t_cfg.batch_size_global
+            for k, v in (("loss_g", loss_g), ("loss_pix", l_pix), ("loss_per", l_per), ("loss_adv", l_adv),
+                         ("loss_d", l_d), ("d_real", d_real), ("d_fake", d_fake)):
+                acc[k] += float(v.detach())
+            acc_n += 1
+            img_log += lr_img.shape[0]
+            _maybe_kill_for_test(st.step, rank)
+
+            done = st.step >= sched.total_steps
+            metrics: dict[str, float] = {}
+            if st.step % sched.log_every == 0 or done:
+                sums = _sum_across([acc[k] for k in acc] + [float(acc_n), float(img_log), skipped], world)
+                n = max(sums[len(acc)], 1.0)
+                dt = time.perf_counter() - t_log
+                metrics.update({f"train/{k}": sums[i] / n for i, k in enumerate(acc)})
+                metrics.update({
+                    "train/lr": cur_lr, "train/lr_d": cur_lr_d, "train/kimg": st.kimg,
+                    "perf/images_per_s": sums[len(acc) + 1] / max(dt, 1e-9), "data/skipped": sums[len(acc) + 2],
+                })
+                acc = {k: 0.0 for k in acc}
+                acc_n, img_log, t_log = 0, 0, time.perf_counter()
+            if st.step % sched.eval_every == 0 or done:
+                metrics.update(_evaluate(cfg, model, lpips, rank, world, dev, tracker, st.step, t_cfg.bf16))
+            if metrics:
+                tracker.log_metrics(metrics, step=st.step)
+                last.update(metrics)
+            if st.step % sched.checkpoint_every == 0 or done:
+                _checkpoint(cfg, ctx, model, disc, optimizers, st, {**last, "step": st.step, "kimg": st.kimg})
+                last_ckpt_step = st.step
+            elif "val/psnr" in metrics and ctx.report is not None:
+                ctx.report({**last, "step": st.step, "kimg": st.kimg}, None, None)
+        if last_ckpt_step != st.step:  # resumed at the end: still hand back a final checkpoint
+            _checkpoint(cfg, ctx, model, disc, optimizers, st, {**last, "step": st.step, "kimg": st.kimg})
+        if rank == 0:
+            with tempfile.TemporaryDirectory(prefix="laren-final-") as d:
+                final = S.save_checkpoint(Path(d) / "final", model, disc, optimizers, st, cfg.to_dict())
+                tracker.log_artifact(str(final), "final_checkpoint")
+        status = "FINISHED"
+        return {**last, "step": st.step, "kimg": st.kimg, "mlflow_run_id": st.mlflow_run_id}
+    finally:
+        # A failed attempt leaves the MLflow run open: the restarted attempt resumes it (no duplicate run).
+        if status == "FINISHED":
+            tracker.finish(status)
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    random.seed(seed)
+
+
+def _evaluate(cfg: RunConfig, model, lpips, rank: int, world: int, dev, tracker, step: int, bf16: bool) -> dict[str, float]:
+    """Periodic validation over ``data.num_val_images`` (split over ranks, summed); rank 0 logs the sample grid."""
+    from laren.data.pipeline import make_eval_loader
+    from laren.evaluate import evaluate_model
+
+    url = cfg.data.val_url or cfg.data.train_url
+    per_rank = math.ceil(cfg.data.num_val_images / world)
+    loader = make_eval_loader(url, cfg.model.prior.resolution, cfg.model.lr_size,
+                              max(1, cfg.train.batch_size_global // world), rank=rank, world_size=world, limit=per_rank)
+    res = evaluate_model(model, loader, dev, lpips=lpips, max_images=per_rank,
+                         grid_images=cfg.train.sample_grid_images if rank == 0 else 0, autocast_bf16=bf16)
+    names = ["psnr", "ssim", "loss_pix", "psnr_bicubic"] + (["lpips_alex"] if lpips is not None else [])
+    sums = res.sums()
+    tot = _sum_across([sums.get(k, 0.0) for k in names] + [float(res.count)], world)
+    n = tot[-1]
+    if rank == 0 and res.grid is not None:
+        tracker.log_image(res.grid, "val/samples", step)
+    return {f"val/{k}": (tot[i] / n if n else math.nan) for i, k in enumerate(names)} | {"val/images": n}
+
+
+def _checkpoint(cfg, ctx: WorkerContext, model, disc, optimizers, st: S.TrainState, metrics: dict[str, float]) -> None:
+    """Every rank contributes its RNG state; rank 0 writes the checkpoint; every rank calls ``report`` (a barrier)."""
+    st.rng = _gather_rng(ctx.world_size)
+    d = None
+    name = f"checkpoint_{st.step:09d}"
+    if ctx.rank == 0 and ctx.report is None and ctx.checkpoint_root:
+        S.write_checkpoint_dir(Path(ctx.checkpoint_root) / name, model, disc, optimizers, st, cfg.to_dict())
+    elif ctx.rank == 0:
+        d = tempfile.mkdtemp(prefix="laren-ckpt-")
+        S.save_checkpoint(d, model, disc, optimizers, st, cfg.to_dict())
+    try:
+        if ctx.report is not None:
+            ctx.report(metrics, d, name if d else None)
+    finally:
+        if d is not None:
+            shutil.rmtree(d, ignore_errors=True)
