@@ -402,6 +402,16 @@ register_webdataset_s3()
 
 
 def ensure_local_dir(path: str | os.PathLike) -> None:
-    """Create a local folder (no-op for S3, which has no folders)."""
+    """Create a local folder; for S3 (no folders) check that the bucket exists, with an error saying what to do."""
     if not is_s3(path):
         Path(_local(path)).mkdir(parents=True, exist_ok=True)
+        return
+    bucket, _ = split_s3(str(path))
+    try:
+        s3_client().head_bucket(Bucket=bucket)
+    except Exception as err:
+        if _is_missing(err):
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
+            raise FileNotFoundError(f"s3://{bucket}: no such bucket at {endpoint}; create it first "
+                                    f"(e.g. `aws s3 mb s3://{bucket}`)") from None
+        raise

@@ -1,0 +1,57 @@
+"""laren.data.storage on local paths (the S3 half runs against a real server in tests/integration/test_data_s3.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from laren.data import storage
+
+
+def test_join_and_is_s3():
+    assert storage.join("s3://b/pre/", "ds", "/manifest.json") == "s3://b/pre/ds/manifest.json"
+    assert storage.join("s3://b", "k") == "s3://b/k"
+    assert storage.join("/tmp/x", "a", "b") == os.path.join("/tmp/x", "a", "b")
+    assert storage.is_s3("s3://b/k") and not storage.is_s3("/tmp/s3://")
+    assert storage.split_s3("s3://bucket/a/b.tar") == ("bucket", "a/b.tar")
+    with pytest.raises(ValueError):
+        storage.split_s3("s3:///key")
+
+
+def test_write_read_list_delete(tmp_path):
+    root = str(tmp_path / "root")
+    storage.write_bytes(storage.join(root, "b", "two.bin"), b"2" * 10)
+    storage.write_bytes(storage.join(root, "a.bin"), b"one")
+    storage.write_bytes(storage.join(root, "a.bin"), b"one!")  # overwrite in place
+    assert storage.read_bytes(storage.join(root, "a.bin")) == b"one!"
+    with storage.open_read(storage.join(root, "b", "two.bin")) as f:
+        assert f.read(4) == b"2222" and f.read() == b"2" * 6
+    assert storage.list_files(root) == [storage.join(root, "a.bin"), storage.join(root, "b", "two.bin")]
+    assert not [f for f in os.listdir(root) if f.startswith(".tmp-")]  # atomic writes leave no temp files
+    assert storage.size(storage.join(root, "a.bin")) == 4
+    assert storage.exists(storage.join(root, "a.bin"))
+    storage.delete(storage.join(root, "a.bin"))
+    storage.delete(storage.join(root, "a.bin"))  # absent is fine
+    assert not storage.exists(storage.join(root, "a.bin"))
+    assert storage.list_files(str(tmp_path / "nothing")) == []
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(storage.join(root, "missing"))
+
+
+def test_upload_download_local(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(1000))
+    storage.upload_file(src, str(tmp_path / "up" / "x.bin"))
+    storage.download_file(str(tmp_path / "up" / "x.bin"), tmp_path / "down" / "y.bin")
+    assert (tmp_path / "down" / "y.bin").read_bytes() == src.read_bytes()
+    with pytest.raises(FileNotFoundError):
+        storage.upload_file(tmp_path / "nope", str(tmp_path / "z"))
+
+
+def test_webdataset_s3_scheme_registered():
+    import sys
+
+    import webdataset  # noqa: F401
+
+    assert sys.modules["webdataset.gopen"].gopen_schemes["s3"] is storage._gopen_s3
