@@ -204,6 +204,64 @@ def torch_cat_rows(lr, hr):
 
 # ==== section: train / eval / upscale ====
 
+
+@main.command("train")
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--storage", "storage_path", default=None, help="Ray Train storage for checkpoints (default <storage.root>/runs).")
+@click.option("--run-id", default=None, help="Run name (default: the job's deterministic <name>-<config hash>).")
+def train_cmd(job: str, storage_path, run_id) -> None:
+    """Train JOB.yaml with Ray Train on a local Ray instance, or on the cluster at RAY_ADDRESS when set.
+
+    Re-running the same job resumes it from its latest checkpoint and continues the same MLflow run.
+    """
+    import json
+
+    from laren.specs import load_job
+    from laren.train.distributed import run_training
+
+    spec = load_job(job)
+    if spec.kind != "train":
+        raise click.UsageError(f"{job}: kind is {spec.kind!r}; `laren train` runs kind: train jobs")
+    out = run_training(spec.run_config(), run_id=run_id, storage_path=storage_path)
+    click.echo(json.dumps(out, indent=1, default=str))
+
+
+@main.command("eval")
+@click.option("--checkpoint", "checkpoint_url", required=True, help="Checkpoint directory (local path or s3://).")
+@click.option("--data", "data_url", required=True, help="Test shard set written by `laren data pack` (local or s3://).")
+@click.option("--out", "out_dir", default="eval-out", show_default=True, help="Where per_image.csv and summary.json go.")
+@click.option("--limit", type=int, default=None, help="Evaluate only the first N images.")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--alexnet", "alexnet_path", default=None, help="torchvision AlexNet weights for LPIPS (else the checkpoint config's).")
+@click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI", help="Log the results to MLflow (env MLFLOW_TRACKING_URI).")
+@click.option("--experiment", default=None, help="MLflow experiment (default: the job name).")
+def eval_cmd(checkpoint_url, data_url, out_dir, limit, batch_size, alexnet_path, tracking_uri, experiment) -> None:
+    """Evaluate a checkpoint: PSNR (RGB, uint8, no crop), SSIM, LPIPS (AlexNet v0.1) per image and on average."""
+    import json
+
+    from laren.evaluate import run_eval
+
+    summary = run_eval(checkpoint_url, data_url, out_dir, limit=limit, batch_size=batch_size, alexnet_path=alexnet_path,
+                       tracking_uri=tracking_uri, experiment=experiment)
+    click.echo(json.dumps(summary, indent=1))
+
+
+@main.command("upscale")
+@click.option("--checkpoint", "checkpoint_url", required=True, help="Checkpoint directory (local path or s3://).")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, help="Output folder (<stem>_sr.png per image).")
+@click.option("--resize", is_flag=True, help="Centre-crop and bicubic-resize inputs to the model's input size.")
+def upscale_cmd(checkpoint_url, images, out_dir, resize) -> None:
+    """Super-resolve IMAGE... with a trained checkpoint (inputs must be the model's LR size, or pass --resize)."""
+    from laren.upscale import ImageSizeError, upscale_files
+
+    try:
+        for p in upscale_files(checkpoint_url, images, out_dir, resize=resize):
+            click.echo(str(p))
+    except ImageSizeError as err:
+        raise click.UsageError(str(err)) from None
+
+
 # ==== section: jobs (validate / submit / status / logs / stop / list / sweep) ====
 
 # ==== section: infra (render ...) ====

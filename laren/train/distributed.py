@@ -175,6 +175,10 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
+        from laren.services import RayHead
+
+        for k, v in RayHead.env().items():  # a loopback-only instance: no token auth, no usage stats
+            os.environ.setdefault(k, v)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 

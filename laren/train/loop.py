@@ -387,10 +387,11 @@ def _evaluate(cfg: RunConfig, model, lpips, rank: int, world: int, dev, tracker,
     from laren.evaluate import evaluate_model
 
     url = cfg.data.val_url or cfg.data.train_url
-    per_rank = math.ceil(cfg.data.num_val_images / world)
+    # ``limit`` is global: the eval loader gives each rank its contiguous share of the first num_val_images samples.
     loader = make_eval_loader(url, cfg.model.prior.resolution, cfg.model.lr_size,
-                              max(1, cfg.train.batch_size_global // world), rank=rank, world_size=world, limit=per_rank)
-    res = evaluate_model(model, loader, dev, lpips=lpips, max_images=per_rank,
+                              max(1, cfg.train.batch_size_global // world), rank=rank, world_size=world,
+                              limit=cfg.data.num_val_images)
+    res = evaluate_model(model, loader, dev, lpips=lpips,
                          grid_images=cfg.train.sample_grid_images if rank == 0 else 0, autocast_bf16=bf16)
     names = ["psnr", "ssim", "loss_pix", "psnr_bicubic"] + (["lpips_alex"] if lpips is not None else [])
     sums = res.sums()
