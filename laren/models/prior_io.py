@@ -194,7 +194,10 @@ def _safe_globals() -> dict[tuple[str, str], object]:
     try:  # numpy arrays / scalars (data only; object arrays unpickle their items through this same find_class)
         import numpy as np
 
-        from numpy.core.multiarray import _reconstruct, scalar  # noqa: F401  (numpy 1.x and 2.x alias)
+        try:
+            from numpy._core.multiarray import _reconstruct, scalar  # numpy >= 2
+        except ImportError:  # pragma: no cover - numpy 1.x
+            from numpy.core.multiarray import _reconstruct, scalar
 
         for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
             table[(mod, "_reconstruct")] = _reconstruct
