@@ -3,16 +3,18 @@
 ``laren render k8s jobs/face64x.yaml | kubectl apply -f -`` runs the same job file on Kubernetes that ``laren train`` runs
 on a laptop. Everything cluster-specific comes from the job's ``resources`` section; nothing secret is ever written:
 
-- identity: ``metadata.name`` is the run id (``<job name>-<config hash>``, deterministic) made a DNS-1123 name, and
-  ``spec.jobId`` (the Ray submission id) is the run id itself. ``backoffLimit`` retries start a fresh cluster that runs the
+- identity: ``metadata.name`` is the job's run id (``<job name>-<config hash>``, deterministic; the id ``laren submit``
+  uses) made a DNS-1123 name, and ``spec.jobId`` (the Ray submission id) is the run id itself. ``backoffLimit`` retries start a fresh cluster that runs the
   same entrypoint with the same run id, so training resumes from the last checkpoint under ``<storage>/runs/<run id>``.
 - the job file travels in a ConfigMap (its text as written, so ``storage.root`` / ``tracking.tracking_uri`` defaults resolve
-  from the pod's environment, not the machine that rendered it) mounted at :data:`JOBS_DIR` in every Ray pod.
-- entrypoint: ``laren train <job file>`` (train and grid jobs; a dedicated ``grid`` / ``eval`` command is used once the CLI
-  has one).
+  from the pod's environment, not the machine that rendered it) mounted at :data:`JOBS_DIR` in every Ray pod; an eval
+  job's ``checkpoint: jobs/<train job>.yaml`` travels with it.
+- entrypoint: ``cd /home/ray/laren && laren <command> jobs/<file>``, the command per kind as ``laren submit`` runs it
+  (``laren.submit.ENTRY``: train -> train, eval -> eval, grid -> the grid runner).
 - resources: one worker pod per training worker (``num_workers`` -> replicas / maxReplicas, ``min_workers`` -> minReplicas
   with the in-tree autoscaler on, ``use_gpu`` -> one ``nvidia.com/gpu`` per pod, ``cpus_per_worker`` -> CPU request and
-  Ray's ``num-cpus``, ``gpu_type`` -> a nodeSelector).
+  Ray's ``num-cpus``, ``gpu_type`` -> a nodeSelector on ``gpu_label_key``; Ray itself sees the accelerator type of the
+  node's GPU, which Ray Train matches against ``gpu_type``).
 - environment: ``LAREN_STORAGE``, ``MLFLOW_TRACKING_URI``, ``AWS_ENDPOINT_URL`` … from the ConfigMap ``laren-env`` and the
   credentials from the Secret ``laren-credentials`` (``envFrom``), which the operator creates once per namespace
   (see infra/k8s/laren-env.example.yaml).
@@ -37,8 +39,14 @@ try:
     _LAREN_VERSION = version("laren")
 except PackageNotFoundError:  # running from a source tree that is not installed
     _LAREN_VERSION = "latest"
-#: Where the job file's ConfigMap is mounted in every Ray pod.
-JOBS_DIR = "/home/ray/laren-jobs"
+#: The project directory in the image (infra/docker/Dockerfile WORKDIR); job drivers start here.
+PROJECT_DIR = "/home/ray/laren"
+#: Where the job file's ConfigMap is mounted in every Ray pod (it shadows the image's own jobs/).
+JOBS_DIR = f"{PROJECT_DIR}/jobs"
+#: Local-path fields that a pod only has when a shared volume provides them (warned about, not refused).
+LOCAL_PATH_FIELDS = ("data.train_url", "data.val_url", "model.prior.path", "loss.vgg16_path", "eval.alexnet_path")
+#: laren command per job kind when the jobs section (laren.submit.ENTRY) is not available.
+_FALLBACK_ENTRY = {"train": "train", "eval": "eval", "grid": "train"}
 #: Label keys laren puts on what it renders (select with ``kubectl get rayjobs -l laren.io/job=face64x``).
 LABEL_JOB = "laren.io/job"
 LABEL_RUN = "laren.io/run-id"
@@ -57,6 +65,7 @@ class K8sOptions:
     head_memory: str = "16Gi"
     worker_memory: str = "32Gi"
     gpu_label_key: str = "nvidia.com/gpu.product"
+    gpu_label_value: Optional[str] = None  # None: resources.gpu_type as written in the job
     backoff_limit: int = 2
     ttl_seconds_after_finished: int = 600
     active_deadline_seconds: Optional[int] = None
@@ -81,27 +90,18 @@ def dns1123(name: str, max_len: int = 63) -> str:
     return s
 
 
-def _cli_commands() -> set[str]:
+def command_for(kind: str) -> str:
+    """The laren command that runs a job of ``kind`` (the same one ``laren submit`` uses)."""
     try:
-        from laren.cli import main
+        from laren.submit import ENTRY
+    except ImportError:
+        ENTRY = _FALLBACK_ENTRY
+    return ENTRY.get(kind) or _FALLBACK_ENTRY[kind]
 
-        return set(main.commands)
-    except Exception:  # the CLI must never be needed to render
-        return set()
 
-
-def entrypoint(job: JobSpec, job_path_in_pod: str) -> str:
-    """The shell command the Ray job runs on the head pod."""
-    cmds = _cli_commands()
-    if job.kind == "eval":
-        if "eval" not in cmds:
-            raise ConfigError(f"{job_path_in_pod}: kind 'eval' has no `laren eval` command to run on a cluster yet")
-        cmd = "eval"
-    elif job.kind == "grid" and "grid" in cmds:
-        cmd = "grid"
-    else:
-        cmd = "train"
-    return f"laren {cmd} {job_path_in_pod}"
+def entrypoint(job: JobSpec, file_name: str) -> str:
+    """The shell command the Ray job runs on the head pod; relative paths in job files resolve in the project dir."""
+    return f"cd {PROJECT_DIR} && laren {command_for(job.kind)} jobs/{file_name}"
 
 
 def _cpu_quantity(cpus: float) -> str:
@@ -143,12 +143,14 @@ def _pod_spec(container: dict, configmap: str, opts: K8sOptions, node_selector: 
     return spec
 
 
-def render_k8s(job: JobSpec, job_file: str | Path, job_text: str, opts: K8sOptions = K8sOptions()) -> list[dict[str, Any]]:
+def render_k8s(job: JobSpec, job_file: str | Path, job_text: str, opts: K8sOptions = K8sOptions(),
+               extra_files: Optional[dict[str, str]] = None) -> list[dict[str, Any]]:
     """The manifests that run ``job`` on KubeRay: ``[ConfigMap (the job file), RayJob]``.
 
-    ``job_file`` names the file (its basename is kept in the pod); ``job_text`` is its content, carried verbatim.
+    ``job_file`` names the file (its basename is kept in the pod); ``job_text`` is its content, carried verbatim;
+    ``extra_files`` (basename -> text) travel beside it (an eval job's train job file).
     """
-    run_id = job.run_config().run_id
+    run_id = job.run_id
     name = dns1123(run_id)
     r = job.resources
     file_name = Path(job_file).name
@@ -160,7 +162,8 @@ def render_k8s(job: JobSpec, job_file: str | Path, job_text: str, opts: K8sOptio
 
     gpus = 1 if r.use_gpu else 0
     worker_cpus = max(1, math.ceil(r.cpus_per_worker))
-    node_selector = {opts.gpu_label_key: r.gpu_type} if (r.use_gpu and r.gpu_type) else {}
+    gpu_label = opts.gpu_label_value or r.gpu_type
+    node_selector = {opts.gpu_label_key: gpu_label} if (r.use_gpu and gpu_label) else {}
     elastic = r.min_workers is not None and r.min_workers < r.num_workers
     group = "gpu-workers" if r.use_gpu else "cpu-workers"
 
@@ -194,7 +197,7 @@ def render_k8s(job: JobSpec, job_file: str | Path, job_text: str, opts: K8sOptio
         cluster_spec["autoscalerOptions"] = {"upscalingMode": "Default", "idleTimeoutSeconds": 300}
 
     spec: dict[str, Any] = {
-        "entrypoint": entrypoint(job, f"{JOBS_DIR}/{file_name}"),
+        "entrypoint": entrypoint(job, file_name),
         "jobId": run_id,
         "metadata": {"laren_run_id": run_id, "laren_job": job.name, "laren_kind": job.kind},
         "entrypointNumCpus": 1,
@@ -211,7 +214,7 @@ def render_k8s(job: JobSpec, job_file: str | Path, job_text: str, opts: K8sOptio
     if opts.namespace:
         cm_meta["namespace"] = opts.namespace
     return [
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": cm_meta, "data": {file_name: job_text}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": cm_meta, "data": {**(extra_files or {}), file_name: job_text}},
         {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": meta, "spec": spec},
     ]
 
@@ -229,12 +232,49 @@ def check_cluster_storage(raw: Any, source: str) -> None:
         )
 
 
-def render_k8s_file(path: str | Path, opts: K8sOptions = K8sOptions()) -> list[dict[str, Any]]:
-    """Load and validate a job file, check it can run on a cluster, then :func:`render_k8s` it."""
+def local_paths(raw: Any) -> list[tuple[str, str]]:
+    """``(field path, value)`` of the job file's explicit local paths among :data:`LOCAL_PATH_FIELDS`."""
+    out = []
+    for dotted in LOCAL_PATH_FIELDS:
+        v: Any = raw
+        for k in dotted.split("."):
+            v = v.get(k) if isinstance(v, dict) else None
+        if isinstance(v, str) and v and not v.startswith("s3://"):
+            out.append((dotted, v))
+    return out
+
+
+def _checkpoint_job_file(job: JobSpec, path: Path) -> dict[str, str]:
+    """An eval job's ``checkpoint: jobs/<train>.yaml``, read so it travels in the ConfigMap (else nothing)."""
+    ck = job.checkpoint if job.kind == "eval" else ""
+    if not ck.endswith((".yaml", ".yml")):
+        return {}
+    rel = Path(ck)
+    if rel.is_absolute() or rel.parent != Path("jobs"):
+        raise ConfigError(f"{path}: checkpoint: {ck} must be a job file under jobs/ (jobs/<name>.yaml) to run on a "
+                          "cluster, or a run id / s3:// checkpoint URL")
+    for base in (path.resolve().parent.parent, Path.cwd()):
+        if (base / rel).is_file():
+            return {rel.name: (base / rel).read_text()}
+    raise ConfigError(f"{path}: checkpoint: {ck} not found (looked beside the job file's jobs/ folder and in the "
+                      "working directory)")
+
+
+def render_k8s_file(path: str | Path, opts: K8sOptions = K8sOptions(), warn=None) -> list[dict[str, Any]]:
+    """Load and validate a job file, check it can run on a cluster, then :func:`render_k8s` it.
+
+    ``warn(message)`` is told about local paths the pods will only have on a shared volume.
+    """
+    path = Path(path)
     job = load_job(path)
-    text = Path(path).read_text()
-    check_cluster_storage(yaml.safe_load(text), str(path))
-    return render_k8s(job, path, text, opts)
+    text = path.read_text()
+    raw = yaml.safe_load(text)
+    check_cluster_storage(raw, str(path))
+    if warn is not None:
+        for dotted, v in local_paths(raw):
+            warn(f"{path}: {dotted} is a local path ({v}); the pods see it relative to {PROJECT_DIR} only if a shared "
+                 "volume provides it: prefer an s3:// URL")
+    return render_k8s(job, path, text, opts, extra_files=_checkpoint_job_file(job, path))
 
 
 class _Dumper(yaml.SafeDumper):
