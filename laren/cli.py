@@ -304,7 +304,7 @@ def render_k8s_cmd(job_file, image, namespace, env_configmap, env_secret, servic
         head_memory=head_memory, gpu_label_key=gpu_label_key,
         gpu_label_value=gpu_label_value, backoff_limit=retries,
     )
-    text = to_yaml(render_k8s_file(job_file, opts))
+    text = to_yaml(render_k8s_file(job_file, opts, warn=lambda m: click.echo(f"warning: {m}", err=True)))
     if output:
         with open(output, "w") as f:
             f.write(text)
