@@ -120,6 +120,10 @@ def _param_str(value: Any) -> str:
     return s if len(s) <= _MAX_PARAM_VALUE else s[: _MAX_PARAM_VALUE - 14] + "...(truncated)"
 
 
+class TrackingConfigError(ValueError):
+    """A user error in the tracking settings (raised, unlike server trouble, which is buffered)."""
+
+
 def _is_permanent(err: BaseException) -> bool:
     from mlflow.exceptions import MlflowException
 
@@ -236,7 +240,7 @@ class Tracker(NullTracker):
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
-                raise RuntimeError(
+                raise TrackingConfigError(
                     f"MLflow experiment {self.experiment!r} is deleted: restore it in the MLflow UI or choose another "
                     "tracking.experiment"
                 )
@@ -335,6 +339,8 @@ class Tracker(NullTracker):
                 return False
             try:
                 self._flush_once()
+            except TrackingConfigError:
+                raise
             except Exception as err:
                 self._outage(err)
                 return False
@@ -432,10 +438,11 @@ class Tracker(NullTracker):
         from mlflow.entities import Metric
 
         ts = _now_ms()
+        for k in metrics:
+            if not _METRIC_KEY.match(k):
+                raise ValueError(f"metric name {k!r}: use letters, digits and _ - . / space only")
         with self._lock:
             for k, v in metrics.items():
-                if not _METRIC_KEY.match(k):
-                    raise ValueError(f"metric name {k!r}: use letters, digits and _ - . / space only")
                 if len(self._metrics) == self._metrics.maxlen:
                     self.dropped_metrics += 1
                 self._metrics.append(Metric(k, float(v), ts, int(step)))
