@@ -76,11 +76,16 @@ def _load_vgg_state(vgg: VGG16Features, state: dict[str, torch.Tensor], source: 
     return vgg
 
 
-def load_vgg16(path: str | Path) -> VGG16Features:
+def load_vgg16(path: str | Path | None) -> VGG16Features:
     """The frozen conv4_3 feature stack from a torchvision VGG16 state dict (``loss.vgg16_path``).
 
     Read with ``torch.load(weights_only=True)``: no pickled code runs. Nothing is downloaded.
     """
+    if path is None:
+        raise ValueError(
+            f"loss.vgg16_path is not set but loss.perceptual_weight > 0: download torchvision's VGG16 weights "
+            f"({VGG16_URL}) and set loss.vgg16_path to the file, or set loss.perceptual_weight: 0."
+        )
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(

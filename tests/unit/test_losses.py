@@ -67,6 +67,8 @@ def test_missing_vgg16_file_names_file_and_source(tmp_path):
         load_vgg16(missing)
     msg = str(e.value)
     assert str(missing) in msg and losses.VGG16_URL in msg and "loss.vgg16_path" in msg
+    with pytest.raises(ValueError, match="loss.vgg16_path is not set"):
+        load_vgg16(None)
 
 
 def test_wrong_state_dict_is_rejected(tmp_path):
