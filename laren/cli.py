@@ -264,6 +264,214 @@ def upscale_cmd(checkpoint_url, images, out_dir, resize) -> None:
 
 # ==== section: jobs (validate / submit / status / logs / stop / list / sweep) ====
 
+
+def _address_opt(f):
+    return click.option("--address", default=None, envvar="RAY_ADDRESS",
+                        help="Ray dashboard / Jobs API URL (env RAY_ADDRESS; default: the local head in .laren/services.json).")(f)
+
+
+@main.command("validate")
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--no-summary", is_flag=True, help="Skip the model parameter table.")
+def validate_cmd(job: str, no_summary: bool) -> None:
+    """Check JOB (a job or sweep YAML): print the resolved config, run id, resources asked for and model summary."""
+    from laren.submit import validate
+
+    _, text = validate(job, summary=not no_summary)
+    click.echo(text)
+
+
+def _print_submission(sub, address) -> None:
+    what = {"submitted": "submitted", "resumed": f"resubmitted (previous attempt {sub.previous_status}; training resumes "
+            "from its last checkpoint)", "running": "already running: nothing submitted",
+            "finished": "already SUCCEEDED: nothing submitted (change the config for a new run)"}[sub.action]
+    click.echo(f"{sub.kind} job {sub.run_id}: {what}")
+    click.echo(f"  cluster:  {sub.address}")
+    click.echo(f"  MLflow:   {sub.mlflow_url or '(tracking server not reachable from here)'}")
+    click.echo("  follow:   " + "\n            ".join(sub.commands))
+
+
+def _wait_and_report(run_id: str, address) -> None:
+    from laren import submit as S
+
+    for line in S.follow_logs(run_id, address):
+        click.echo(line, nl=False)
+    st = S.wait(run_id, address, timeout_s=24 * 3600)
+    click.echo(f"job {run_id}: {st}")
+    if st != "SUCCEEDED":
+        sys.exit(1)
+
+
+@main.command("submit")
+@click.argument("job", type=click.Path(dir_okay=False))
+@_address_opt
+@click.option("--wait", is_flag=True, help="Stream the job's logs until it ends; exit 1 unless it SUCCEEDED.")
+def submit_cmd(job: str, address, wait: bool) -> None:
+    """Validate JOB and submit it to the Ray cluster (Ray Jobs API, the project as working_dir, run id as submission id).
+
+    With no --address / RAY_ADDRESS and no local services, a local Ray head (with its dashboard) is started.
+    Submitting a job whose last attempt FAILED or was STOPPED resumes it from its checkpoints.
+    """
+    from laren import submit as S
+
+    sub = S.submit(job, address=address, log=click.echo)
+    _print_submission(sub, address)
+    if wait and sub.action in ("submitted", "resumed", "running"):
+        _wait_and_report(sub.run_id, sub.address)
+
+
+@main.command("sweep")
+@click.argument("sweep", type=click.Path(dir_okay=False))
+@_address_opt
+@click.option("--wait", is_flag=True, help="Stream the sweep's logs until it ends; exit 1 unless it SUCCEEDED.")
+def sweep_cmd(sweep: str, address, wait: bool) -> None:
+    """Submit a sweep file (sweeps/*.yaml): Ray Tune on the cluster, one Ray Train run and MLflow child run per trial."""
+    from laren import submit as S
+    from laren.specs import LoadedSweep, load_any
+
+    if not isinstance(load_any(sweep), LoadedSweep):
+        raise click.UsageError(f"{sweep}: not a sweep file (no search_space); use `laren submit` for jobs")
+    sub = S.submit(sweep, address=address, log=click.echo)
+    _print_submission(sub, address)
+    if wait and sub.action in ("submitted", "resumed", "running"):
+        _wait_and_report(sub.run_id, sub.address)
+
+
+@main.command("status")
+@click.argument("run", required=False)
+@_address_opt
+def status_cmd(run, address) -> None:
+    """Status of RUN (run id, job file or job name); without RUN, every laren job on the cluster."""
+    from laren import submit as S
+
+    if not run:
+        click.echo(S.format_table(S.list_jobs(address)))
+        return
+    info = S.job_info(run, address)
+    click.echo(f"{info.submission_id}: {info.status.value}")
+    if info.message:
+        click.echo(f"  {info.message}")
+    md = info.metadata or {}
+    if md.get("laren.file"):
+        click.echo(f"  job file: {md['laren.file']} (kind {md.get('laren.kind', '?')})")
+    click.echo(f"  entrypoint: {info.entrypoint}")
+
+
+@main.command("logs")
+@click.argument("run")
+@click.option("-f", "--follow", is_flag=True, help="Keep streaming until the job ends.")
+@_address_opt
+def logs_cmd(run, follow, address) -> None:
+    """Logs of RUN (run id, job file or job name)."""
+    from laren import submit as S
+
+    if follow:
+        for line in S.follow_logs(run, address):
+            click.echo(line, nl=False)
+    else:
+        click.echo(S.logs(run, address), nl=False)
+
+
+@main.command("stop")
+@click.argument("run")
+@_address_opt
+def stop_cmd(run, address) -> None:
+    """Stop RUN; submitting its job again later resumes it from its last checkpoint."""
+    from laren import submit as S
+
+    run_id, stopped = S.stop(run, address)
+    click.echo(f"{run_id}: {'stop requested' if stopped else 'not running'}")
+
+
+@main.command("list")
+@click.option("--all", "all_jobs", is_flag=True, help="Include Ray jobs not submitted by laren.")
+@_address_opt
+def list_cmd(all_jobs, address) -> None:
+    """Every laren job on the cluster, newest first."""
+    from laren import submit as S
+
+    click.echo(S.format_table(S.list_jobs(address, all_jobs=all_jobs)))
+
+
+@main.command("run-grid", hidden=True)
+@click.argument("job", type=click.Path(dir_okay=False))
+def run_grid_cmd(job: str) -> None:
+    """(On the cluster) run a grid job's rows under one MLflow parent run and log the results table."""
+    from laren.grid import run_grid
+    from laren.specs import load_job
+
+    run_grid(load_job(job), log=click.echo)
+
+
+@main.command("run-sweep", hidden=True)
+@click.argument("sweep", type=click.Path(dir_okay=False))
+def run_sweep_cmd(sweep: str) -> None:
+    """(On the cluster) run a sweep with Ray Tune."""
+    from laren.specs import load_sweep
+    from laren.sweep import run_sweep
+
+    run_sweep(load_sweep(sweep), log=click.echo)
+
+
+@main.command("run-eval", hidden=True)
+@click.argument("job", type=click.Path(dir_okay=False))
+def run_eval_cmd(job: str) -> None:
+    """(On the cluster) evaluate the checkpoint an eval job names."""
+    import json
+
+    from laren.grid import run_eval_job
+    from laren.specs import load_job
+
+    click.echo(json.dumps(run_eval_job(load_job(job)), indent=1, default=str))
+
+
+@main.group("services")
+def services_grp() -> None:
+    """The local services (Ray head, MLflow on SQLite, SeaweedFS S3) on 127.0.0.1, state under .laren/."""
+
+
+@services_grp.command("up")
+@click.option("--num-cpus", type=int, default=None, help="CPUs the local Ray head offers (default: all).")
+def services_up_cmd(num_cpus) -> None:
+    """Start the local services that are not running; they keep running after this command."""
+    from laren import submit as S
+
+    svc = S.start_services(num_cpus=num_cpus, log=click.echo)
+    click.echo(f"running: Ray {svc['ray']['dashboard_url']}  MLflow {svc['mlflow']['uri']}  S3 {svc['s3']['endpoint_url']}"
+               f"  (addresses in {S.state_dir() / S.SERVICES_FILE})")
+
+
+@services_grp.command("down")
+def services_down_cmd() -> None:
+    """Stop the local services started by `laren services up` (their data stays under .laren/)."""
+    from laren import submit as S
+
+    if not S.stop_services(log=click.echo):
+        click.echo("no local services recorded")
+
+
+@services_grp.command("url")
+@click.argument("service", type=click.Choice(["mlflow", "ray", "s3"]))
+def services_url_cmd(service) -> None:
+    """Print a running local service's address."""
+    from laren import submit as S
+
+    svc = S.read_services()
+    if service not in svc:
+        raise click.ClickException(f"{service} is not running: `make services`")
+    click.echo({"mlflow": lambda s: s["uri"], "ray": lambda s: s["dashboard_url"], "s3": lambda s: s["endpoint_url"]}[service](svc[service]))
+
+
+@main.command("demo")
+@click.option("--num-cpus", type=int, default=None, help="CPUs the local Ray head offers (default: all).")
+def demo_cmd(num_cpus) -> None:
+    """The embedded default: local services, a small real-image data set, the demo job trained and evaluated on CPU."""
+    from laren.demo import run_demo
+
+    if not run_demo(num_cpus=num_cpus, log=click.echo):
+        sys.exit(1)
+
+
 # ==== section: infra (render ...) ====
 
 

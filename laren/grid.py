@@ -1,0 +1,179 @@
+"""What grid and eval jobs run on the cluster (`laren run-grid JOB`, `laren run-eval JOB`; `laren submit` starts them).
+
+Grid (paper Table IV): one MLflow parent run named after the grid's run id, one Ray Train run per row
+(``run_training(row, parent_run_id=parent)``, a child run in the same experiment), rows side by side as far as the
+cluster's CPUs/GPUs hold them. When every row is done the parent gets ``table.md`` and ``table.csv`` (PSNR, SSIM,
+LPIPS per row, from each row's last evaluation). Re-running a grid re-runs every row under its own run id, so finished
+rows return at once (their training resumes at the end) and unfinished ones continue from their checkpoints.
+
+Eval: the checkpoint a job names (a train job file -> its run id -> the newest ``checkpoint_*`` under
+``<storage>/runs/<run id>/``; or a run id; or a checkpoint URL) evaluated with :func:`laren.evaluate.run_eval` on
+``data.val_url``, logged as the MLflow run ``<eval job run id>``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from laren.config import ConfigError, RunConfig
+from laren.specs import JobSpec, load_job
+
+TABLE_METRICS = (("PSNR", "val/psnr"), ("SSIM", "val/ssim"), ("LPIPS", "val/lpips_alex"))
+
+
+def per_run_resources(cfg: RunConfig) -> dict[str, float]:
+    r = cfg.resources
+    out = {"CPU": r.num_workers * r.cpus_per_worker}
+    if r.use_gpu:
+        out["GPU"] = float(r.num_workers)
+    return out
+
+
+def max_parallel(cfgs: list[RunConfig], cluster: dict[str, float]) -> int:
+    """How many of these runs the cluster holds at once (by CPUs and GPUs; at least 1)."""
+    need = per_run_resources(cfgs[0])
+    fits = [int(cluster.get(k, 0.0) // v) for k, v in need.items() if v > 0]
+    return max(1, min([len(cfgs), *fits]))
+
+
+def results_table(rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """(markdown, csv) of the rows: label, run id, PSNR, SSIM, LPIPS, status."""
+    def fmt(v: Any, digits: int) -> str:
+        return f"{v:.{digits}f}" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
+
+    head = ["Model", *(m for m, _ in TABLE_METRICS), "kimg", "run id", "status"]
+    body = [[r["label"], fmt(r.get("val/psnr"), 2), fmt(r.get("val/ssim"), 4), fmt(r.get("val/lpips_alex"), 4),
+             fmt(r.get("kimg"), 2), r["run_id"], r["status"]] for r in rows]
+    md = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    md += ["| " + " | ".join(b) + " |" for b in body]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["model", "psnr", "ssim", "lpips_alex", "kimg", "run_id", "status"])
+    for r in rows:
+        w.writerow([r["label"], *(r.get(k, "") for _, k in TABLE_METRICS), r.get("kimg", ""), r["run_id"], r["status"]])
+    return "\n".join(md) + "\n", buf.getvalue()
+
+
+def _row_task(cfg_dict: dict[str, Any], parent_run_id: str, storage_path: Optional[str]) -> dict[str, Any]:
+    """One grid row (runs as a Ray task holding no CPU: its TorchTrainer's workers hold the resources)."""
+    from laren.train.distributed import run_training
+
+    cfg = RunConfig.model_validate(cfg_dict)
+    try:
+        return {"status": "FINISHED", **run_training(cfg, parent_run_id=parent_run_id, storage_path=storage_path)}
+    except Exception as err:  # one failed row must not lose the others' results
+        return {"status": "FAILED", "error": f"{type(err).__name__}: {err}"}
+
+
+def run_grid(spec: JobSpec, storage_path: Optional[str] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every row of a grid job under one MLflow parent run; log the results table to the parent."""
+    import ray
+
+    from laren.submit import experiment_name
+    from laren.tracking import Tracker
+    from laren.train.distributed import ensure_ray, resolve_paths
+
+    if spec.kind != "grid":
+        raise ConfigError(f"{spec.name}: kind is {spec.kind!r}; `laren run-grid` runs kind: grid jobs")
+    exp = experiment_name(spec)
+    base = resolve_paths(spec.run_config())
+    parent = Tracker(base.tracking.tracking_uri, exp, spec.run_id, tags={"laren.kind": "grid", "laren.job": spec.name},
+                     system_metrics=False)
+    parent.log_params({"rows": len(spec.variants), "run_id": spec.run_id,
+                       **{f"row.{v.name}": str(v.overrides) for v in spec.variants}})
+    parent.log_config(spec.to_dict())
+    parent.flush()
+    rows = [(v, cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"experiment": exp})}))
+            for v, cfg in spec.rows()]
+    ensure_ray()
+    width = max_parallel([c for _, c in rows], ray.cluster_resources())
+    log(f"grid {spec.run_id}: {len(rows)} rows, {width} at a time; MLflow parent run {parent.run_id} in {exp!r}")
+    task = ray.remote(num_cpus=0, max_retries=0)(_row_task)
+    pending, results = {}, {}
+    queue = list(range(len(rows)))
+    while queue or pending:
+        while queue and len(pending) < width:
+            i = queue.pop(0)
+            pending[task.remote(rows[i][1].to_dict(), parent.run_id, storage_path)] = i
+        done, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(done[0])
+        results[i] = ray.get(done[0])
+        log(f"  row {rows[i][0].name}: {results[i]['status']} {results[i].get('error', '')}")
+    table_rows = [{"label": v.title, "run_id": cfg.run_id, **results[i]} for i, (v, cfg) in enumerate(rows)]
+    md, csv_text = results_table(table_rows)
+    title = f"# {spec.name}: {spec.description or 'ablation grid'}\n\n"
+    with tempfile.TemporaryDirectory(prefix="laren-grid-") as d:
+        (Path(d) / "table.md").write_text(title + md)
+        (Path(d) / "table.csv").write_text(csv_text)
+        parent.log_artifact(str(Path(d) / "table.md"), "results")
+        parent.log_artifact(str(Path(d) / "table.csv"), "results")
+        parent.flush()
+    failed = [r["run_id"] for r in table_rows if r["status"] != "FINISHED"]
+    parent.finish("FAILED" if failed else "FINISHED")
+    log(title + md)
+    out = {"run_id": spec.run_id, "mlflow_run_id": parent.run_id, "rows": table_rows, "table_md": md, "table_csv": csv_text}
+    if failed:
+        raise RuntimeError(f"grid {spec.run_id}: rows failed: {failed} (submit the grid again to resume them)")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- eval jobs
+
+
+def latest_checkpoint(runs_url: str, run_id: str) -> str:
+    """The newest ``checkpoint_*`` directory of a run under ``runs_url`` (local path or s3://)."""
+    from laren.data import storage
+
+    base = storage.join(runs_url, run_id)
+    names: set[str] = set()
+    if storage.is_s3(base):
+        for url in storage.list_files(base.rstrip("/") + "/"):
+            rest = url[len(base.rstrip("/")) + 1:]
+            if rest.startswith("checkpoint_") and "/" in rest:
+                names.add(rest.split("/", 1)[0])
+    elif os.path.isdir(base):
+        names = {n for n in os.listdir(base) if n.startswith("checkpoint_") and os.path.isdir(os.path.join(base, n))}
+    if not names:
+        raise FileNotFoundError(f"no checkpoint_* under {base}: train that run first (`laren submit` its job) or "
+                                "point checkpoint: at a checkpoint directory")
+    return storage.join(base, max(names))
+
+
+def resolve_checkpoint(spec: JobSpec, root: Optional[Path] = None) -> str:
+    """The checkpoint URL an eval job names (see the module docstring)."""
+    from laren.train.distributed import resolve_paths, runs_root
+
+    ck = spec.checkpoint
+    runs = runs_root(resolve_paths(spec.run_config()))
+    if ck.endswith((".yaml", ".yml")):
+        p = Path(ck)
+        if not p.is_absolute():
+            p = (root or Path.cwd()) / p
+        return latest_checkpoint(runs, load_job(p).run_id)
+    if "/" in ck or "://" in ck:
+        return ck
+    return latest_checkpoint(runs, ck)
+
+
+def run_eval_job(spec: JobSpec, out_dir: Optional[str] = None, root: Optional[Path] = None) -> dict[str, Any]:
+    """Evaluate an eval job's checkpoint on its data.val_url; the MLflow run is named after the eval job's run id."""
+    from laren.evaluate import run_eval
+    from laren.submit import experiment_name
+    from laren.train.distributed import resolve_paths
+
+    if spec.kind != "eval":
+        raise ConfigError(f"{spec.name}: kind is {spec.kind!r}; `laren run-eval` runs kind: eval jobs")
+    cfg = resolve_paths(spec.run_config())
+    if not cfg.data.val_url:
+        raise ConfigError(f"{spec.name}: data.val_url is empty: set it to the packed test set")
+    ck = resolve_checkpoint(spec, root)
+    out = out_dir or tempfile.mkdtemp(prefix=f"laren-eval-{spec.name}-")
+    return run_eval(ck, cfg.data.val_url, out, alexnet_path=cfg.eval.alexnet_path,
+                    random_backbone_for_tests=cfg.eval.random_backbone_for_tests, tracking_uri=cfg.tracking.tracking_uri,
+                    experiment=experiment_name(spec), run_name=spec.run_id)

@@ -1,0 +1,587 @@
+"""Ray Jobs: submit / status / logs / stop / list, and the local services a fresh machine runs them on.
+
+Identity (architecture, "Identity and storage conventions"): a job's run id is ``<job name>-<hash of its resolved config>``
+(:mod:`laren.specs`). The same id is the Ray Jobs submission id, the Ray Train run name and the MLflow run name, so
+submitting a job whose previous attempt FAILED or was STOPPED deletes that attempt's record (its logs are kept under
+``.laren/logs/``) and submits it again under the same id: training finds its checkpoints under ``runs/<run id>/`` and
+resumes. A RUNNING job is left alone, a SUCCEEDED one is not re-run.
+
+What runs on the cluster is ``python -m laren.cli <train|eval|run-grid|run-sweep> <job file>`` with the project as the
+Ray ``working_dir`` (code snapshot; .gitignore'd paths such as .venv/ and .laren/ stay behind). Submit stays independent
+of training internals: it only validates, names and ships the job.
+
+Local services (``make services``): a Ray head with its dashboard, an MLflow server on SQLite and a SeaweedFS S3 server,
+all on 127.0.0.1 with their state under ``.laren/`` and their addresses in ``.laren/services.json``, which submit, the
+demo and the follow-up commands read. Paths: relative local paths in a job (``./.laren/storage/...``) are resolved
+against the project: a job on a local Ray head gets a ``.laren`` link to the project's ``.laren/`` in its working dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import shutil
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+from laren.config import ConfigError, RunConfig
+from laren.specs import JobSpec, LoadedSweep, load_any
+
+STATE_DIR = ".laren"
+SERVICES_FILE = "services.json"
+S3_BUCKET = "laren"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+RESUMABLE = ("FAILED", "STOPPED")
+# Environment a job needs to find storage, tracking and S3 (passed to the job's runtime env, never printed).
+JOB_ENV_KEYS = ("LAREN_STORAGE", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL")
+
+
+# ----------------------------------------------------------------------------------------------- project and services
+
+
+def project_root(start: Optional[Union[str, Path]] = None) -> Path:
+    """The laren checkout containing ``start`` (default: the working directory): the nearest folder with pyproject.toml."""
+    p = Path(start or os.getcwd()).resolve()
+    for d in [p, *p.parents]:
+        if (d / "pyproject.toml").is_file() and (d / "laren").is_dir():
+            return d
+    return Path(os.getcwd()).resolve()
+
+
+def state_dir(root: Optional[Path] = None) -> Path:
+    return (root or project_root()) / STATE_DIR
+
+
+def read_services(root: Optional[Path] = None) -> dict[str, Any]:
+    """The running local services recorded in ``.laren/services.json`` ({} if none); dead entries are dropped."""
+    f = state_dir(root) / SERVICES_FILE
+    if not f.is_file():
+        return {}
+    try:
+        svc = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: v for k, v in svc.items() if not isinstance(v, dict) or "pid" not in v or _alive(v["pid"])}
+
+
+def _write_services(root: Path, svc: dict[str, Any]) -> Path:
+    f = state_dir(root) / SERVICES_FILE
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps(svc, indent=2))
+    os.chmod(tmp, 0o600)  # holds the local S3 server's key
+    tmp.replace(f)
+    return f
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (ProcessLookupError, PermissionError, ValueError, TypeError):
+        return False
+
+
+def _preferred_port(port: int) -> int:
+    from laren.services import free_port, port_open
+
+    return port if not port_open(port) else free_port()
+
+
+def services_env(svc: dict[str, Any]) -> dict[str, str]:
+    """Environment variables that point laren, boto3 and MLflow at the recorded local services."""
+    env: dict[str, str] = {}
+    if "mlflow" in svc:
+        env["MLFLOW_TRACKING_URI"] = svc["mlflow"]["uri"]
+    if "s3" in svc:
+        s3 = svc["s3"]
+        env.update({"AWS_ENDPOINT_URL": s3["endpoint_url"], "AWS_ACCESS_KEY_ID": s3["access_key"],
+                    "AWS_SECRET_ACCESS_KEY": s3["secret_key"], "AWS_DEFAULT_REGION": "us-east-1",
+                    "MLFLOW_S3_ENDPOINT_URL": s3["endpoint_url"]})
+        env["LAREN_STORAGE"] = f"s3://{s3['bucket']}"
+    return env
+
+
+def start_services(root: Optional[Path] = None, ray: bool = True, mlflow: bool = True, s3: bool = True,
+                   num_cpus: Optional[int] = None, log=print) -> dict[str, Any]:
+    """Start the missing local services, detached (they outlive this process), and record them in services.json.
+
+    Preferred ports: Ray dashboard 8265 (GCS 6379), MLflow 5000, S3 8333; any that is taken is replaced by a free one.
+    """
+    from laren.services import MLflowServer, RayHead, S3Server
+
+    root = root or project_root()
+    sd = state_dir(root)
+    svc = read_services(root)
+    if s3 and "s3" not in svc:
+        srv = S3Server(sd / "s3", port=_preferred_port(8333)).start()
+        srv.create_bucket(S3_BUCKET)
+        svc["s3"] = {"pid": srv.proc.pid, "endpoint_url": srv.endpoint_url, "access_key": srv.access_key,
+                     "secret_key": srv.secret_key, "bucket": S3_BUCKET, "log": str(srv.log_path)}
+        log(f"S3 (SeaweedFS)  {srv.endpoint_url}  bucket s3://{S3_BUCKET}  (state {sd / 's3'})")
+        _write_services(root, svc)
+    if mlflow and "mlflow" not in svc:
+        srv = MLflowServer(sd / "mlflow", port=_preferred_port(5000)).start()
+        svc["mlflow"] = {"pid": srv.proc.pid, "uri": srv.uri, "log": str(srv.log_path)}
+        log(f"MLflow          {srv.uri}  (SQLite + artifacts under {sd / 'mlflow'})")
+        _write_services(root, svc)
+    if ray and "ray" not in svc:
+        os.environ.update(RayHead.env())
+        head = RayHead(sd / "ray", num_cpus=num_cpus, port=_preferred_port(6379),
+                       dashboard_port=_preferred_port(8265)).start()
+        svc["ray"] = {"pid": head.proc.pid, "address": head.address, "dashboard_url": head.dashboard_url,
+                      "temp_dir": head._temp_dir(), "log": str(head.log_path)}
+        log(f"Ray head        {head.dashboard_url}  (dashboard and Jobs API; GCS {head.address})")
+        _write_services(root, svc)
+    # The Popen objects are dropped on purpose: each service runs in its own session and keeps running.
+    return svc
+
+
+def stop_services(root: Optional[Path] = None, log=print) -> list[str]:
+    """Stop the services recorded in services.json (each by its process group id) and forget them."""
+    root = root or project_root()
+    f = state_dir(root) / SERVICES_FILE
+    if not f.is_file():
+        return []
+    svc = json.loads(f.read_text())
+    stopped = []
+    for name in ("ray", "mlflow", "s3"):
+        ent = svc.get(name)
+        if not isinstance(ent, dict) or "pid" not in ent:
+            continue
+        _kill_group(int(ent["pid"]))
+        if name == "ray" and ent.get("temp_dir", "").startswith("/tmp/ray-"):
+            shutil.rmtree(ent["temp_dir"], ignore_errors=True)
+        stopped.append(name)
+        log(f"stopped {name} (pid {ent['pid']})")
+    f.unlink()
+    return stopped
+
+
+def _kill_group(pid: int, timeout_s: float = 15.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            if not _alive(pid):
+                return
+            time.sleep(0.2)
+
+
+# ----------------------------------------------------------------------------------------------- Ray address
+
+
+def resolve_address(address: Optional[str] = None, root: Optional[Path] = None) -> Optional[str]:
+    """--address, else RAY_ADDRESS, else the local head in services.json, else None."""
+    if address:
+        return address
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    ray = read_services(root).get("ray")
+    return ray["dashboard_url"] if ray else None
+
+
+def client(address: Optional[str] = None, root: Optional[Path] = None, start_local: bool = False, log=print):
+    """A JobSubmissionClient for the resolved address; with ``start_local``, a local head is started when none is known."""
+    from ray.job_submission import JobSubmissionClient
+
+    from laren.services import RayHead
+
+    os.environ.update({k: v for k, v in RayHead.env().items() if k not in os.environ})
+    addr = resolve_address(address, root)
+    if addr is None:
+        if not start_local:
+            raise ConfigError("no Ray cluster: pass --address URL, set RAY_ADDRESS, or start the local services "
+                              "(`make services`)")
+        log("no Ray cluster given (--address / RAY_ADDRESS) and none running here: starting a local Ray head")
+        addr = start_services(root, mlflow=False, s3=False, log=log)["ray"]["dashboard_url"]
+    try:
+        return JobSubmissionClient(addr), addr
+    except Exception as err:  # connection refused, wrong URL
+        raise ConfigError(f"cannot reach the Ray cluster at {addr}: {err}. Check --address / RAY_ADDRESS "
+                          "(the dashboard URL, e.g. http://127.0.0.1:8265)") from None
+
+
+def _is_local(addr: str) -> bool:
+    host = urllib.parse.urlparse(addr if "://" in addr else f"x://{addr}").hostname or ""
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+# ----------------------------------------------------------------------------------------------- describing a job
+
+
+Spec = Union[JobSpec, LoadedSweep]
+
+
+def spec_kind(spec: Spec) -> str:
+    return "sweep" if isinstance(spec, LoadedSweep) else spec.kind
+
+
+def spec_name(spec: Spec) -> str:
+    return spec.spec.name if isinstance(spec, LoadedSweep) else spec.name
+
+
+def experiment_name(spec: Spec) -> str:
+    """One MLflow experiment per job family: tracking.experiment, else the job (or sweep) name."""
+    if isinstance(spec, LoadedSweep):
+        return spec.base.tracking.experiment or spec.spec.name
+    return spec.tracking.experiment or spec.name
+
+
+def run_configs(spec: Spec) -> list[tuple[str, RunConfig]]:
+    """Every training run a job starts, labelled: one for train/eval, one per row or grid point otherwise."""
+    if isinstance(spec, LoadedSweep):
+        pts = spec.spec.grid_points(spec.base)
+        return [(f"trial {i}", spec.trial_config(p, f"{spec.spec.name}-t{i}")) for i, p in enumerate(pts)]
+    if spec.kind == "grid":
+        return [(v.title, cfg) for v, cfg in spec.rows()]
+    return [(spec.kind, spec.run_config())]
+
+
+def resources_text(spec: Spec) -> str:
+    """What the job asks the cluster for, per run and at most at once."""
+    lines = []
+    cfgs = run_configs(spec)
+    for label, cfg in cfgs[:1]:
+        r = cfg.resources
+        gpu = f", {r.num_workers} GPU{'s' if r.num_workers > 1 else ''}" + (f" ({r.gpu_type})" if r.gpu_type else "") if r.use_gpu else ""
+        workers = f"{r.min_workers}..{r.num_workers}" if r.min_workers else f"{r.num_workers}"
+        lines.append(f"per run: {workers} worker(s) x {r.cpus_per_worker:g} CPU{' + 1 GPU' if r.use_gpu else ''} "
+                     f"= {r.num_workers * r.cpus_per_worker:g} CPUs{gpu}; batch {cfg.train.batch_size_global} global, "
+                     f"{cfg.train.total_kimg:g} kimg")
+    n = len(cfgs)
+    if n > 1:
+        what = "trials (grid points; x num_samples)" if isinstance(spec, LoadedSweep) else "rows"
+        lines.append(f"{n} {what}, run side by side as far as the cluster's resources allow")
+    return "\n".join(lines)
+
+
+def model_summary_text(cfg: RunConfig) -> str:
+    """Parameter table of the model (built on the meta device by laren.models.build; no weights are read)."""
+    try:
+        from laren.models.build import parameter_summary
+    except ImportError as err:  # pragma: no cover - the model package is part of laren
+        return f"(model summary unavailable: {err})"
+    rows = parameter_summary(cfg.model)
+    w = max(len(r[0]) for r in rows)
+    out = [f"{'module':<{w}}  {'parameters':>14}  trainable"]
+    for name, n, trainable in rows:
+        out.append(f"{name:<{w}}  {n:>14,}  {'yes' if trainable else 'no'}")
+    return "\n".join(out)
+
+
+def _check_eval_target(spec: JobSpec, path: Path) -> None:
+    """An eval job naming a train job file must build the same model (else its checkpoint cannot load)."""
+    if spec.kind != "eval" or not spec.checkpoint.endswith((".yaml", ".yml")):
+        return
+    target = Path(spec.checkpoint)
+    if not target.is_absolute():
+        target = project_root(path.parent) / target
+    if not target.is_file():
+        raise ConfigError(f"invalid config in {path}:\n  checkpoint: job file not found: {spec.checkpoint} (looked at {target})")
+    from laren.specs import load_job
+
+    tj = load_job(target)
+    a = spec.model.model_dump(mode="json")
+    b = tj.model.model_dump(mode="json")
+    a["prior"].pop("source")
+    b["prior"].pop("source")
+    diffs = [k for k in sorted(set(_flat(a)) | set(_flat(b))) if _flat(a).get(k) != _flat(b).get(k)]
+    if diffs:
+        raise ConfigError(f"invalid config in {path}:\n  model: differs from {spec.checkpoint} at "
+                          + ", ".join(f"model.{k}" for k in diffs) + "; copy the train job's model section")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def validate(path: Union[str, Path], summary: bool = True) -> tuple[Spec, str]:
+    """Load and check a job or sweep file; return it with the text `laren validate` prints."""
+    path = Path(path)
+    spec = load_any(path)
+    if isinstance(spec, JobSpec):
+        _check_eval_target(spec, path)
+    import yaml
+
+    parts = [f"# {path}: kind {spec_kind(spec)}", f"run id: {spec.run_id}"]
+    if isinstance(spec, LoadedSweep):
+        parts.append("# resolved sweep\n" + yaml.safe_dump(spec.spec.model_dump(mode="json"), sort_keys=False).rstrip())
+        parts.append(f"# base job {spec.job_path} (run config of trial 0)\n" + spec.base.to_yaml().rstrip())
+        pts = spec.spec.grid_points(spec.base)
+        parts.append(f"# {len(pts)} grid point(s) x num_samples {spec.spec.num_samples}:\n"
+                     + "\n".join(f"  t{i}: {p or '(base)'}" for i, p in enumerate(pts)))
+    else:
+        parts.append("# resolved config\n" + yaml.safe_dump(spec.to_dict(), sort_keys=False).rstrip())
+        if spec.kind == "grid":
+            parts.append("# rows (run id: overrides)\n" + "\n".join(
+                f"  {cfg.run_id}: {v.overrides or '(base)'}" for v, cfg in spec.rows()))
+    parts.append("# resources asked for\n" + resources_text(spec))
+    if summary:
+        cfgs = run_configs(spec)
+        parts.append(f"# model summary ({cfgs[0][0]})\n" + model_summary_text(cfgs[0][1]))
+    return spec, "\n\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------- submit
+
+
+ENTRY = {"train": "train", "eval": "eval", "grid": "run-grid", "sweep": "run-sweep"}
+
+
+@dataclass
+class Submission:
+    """What `laren submit` did."""
+
+    run_id: str
+    kind: str
+    address: str
+    action: str  # submitted | resumed | running | finished
+    entrypoint: str = ""
+    mlflow_url: str = ""
+    previous_status: str = ""
+    commands: list[str] = field(default_factory=list)
+
+
+def _job_env(root: Path, extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """The job's environment: local services first, then this shell's values, then ``extra``; local paths made absolute."""
+    env = services_env(read_services(root))
+    env.update({k: os.environ[k] for k in JOB_ENV_KEYS if os.environ.get(k)})
+    env.update(extra or {})
+    env.setdefault("LAREN_STORAGE", str(root / STATE_DIR / "storage"))
+    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / STATE_DIR / 'mlflow.db'}")
+    st = env["LAREN_STORAGE"]
+    if "://" not in st and not os.path.isabs(st):
+        env["LAREN_STORAGE"] = str((root / st).resolve())
+    uri = env["MLFLOW_TRACKING_URI"]
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{(root / uri[len('sqlite:///'):]).resolve()}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def mlflow_url(tracking_uri: str, experiment: str, run_name: str, create: bool = True) -> str:
+    """Address of the run in the MLflow UI (the run itself when it exists, else the experiment filtered by run name).
+
+    With ``create`` the experiment is created when missing, so the address is valid before the job starts.
+    Returns "" when the tracking server cannot be reached (the job still runs; its tracker buffers).
+    """
+    if not tracking_uri.startswith("http"):
+        return f"(run `mlflow ui --backend-store-uri {tracking_uri}`; run name {run_name})"
+    try:
+        from mlflow.tracking import MlflowClient
+
+        from laren.tracking import RUN_ID_TAG, set_http_env_defaults
+
+        set_http_env_defaults()
+        c = MlflowClient(tracking_uri)
+        exp = c.get_experiment_by_name(experiment)
+        if exp is None:
+            if not create:
+                return ""
+            exp_id = c.create_experiment(experiment)
+        else:
+            exp_id = exp.experiment_id
+        runs = c.search_runs([exp_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{run_name}'", max_results=1)
+    except Exception:
+        return ""
+    base = tracking_uri.rstrip("/")
+    if runs:
+        return f"{base}/#/experiments/{exp_id}/runs/{runs[0].info.run_id}"
+    q = urllib.parse.quote(f"attributes.run_name = '{run_name}'")
+    return f"{base}/#/experiments/{exp_id}?searchFilter={q}"
+
+
+def _save_logs(c, run_id: str, root: Path) -> Optional[Path]:
+    try:
+        text = c.get_job_logs(run_id)
+    except Exception:
+        return None
+    d = root / STATE_DIR / "logs"
+    d.mkdir(parents=True, exist_ok=True)
+    n = 1 + len(list(d.glob(f"{run_id}.attempt-*.log")))
+    p = d / f"{run_id}.attempt-{n}.log"
+    p.write_text(text)
+    return p
+
+
+def job_file_in_project(path: Path, working_dir: Path) -> str:
+    """The job file's path inside the working dir (it travels with it), or a clear error."""
+    try:
+        return str(path.resolve().relative_to(working_dir.resolve()))
+    except ValueError:
+        raise ConfigError(f"{path}: a submitted job file must lie inside the project ({working_dir}), which is shipped "
+                          "to the cluster as the job's working_dir; copy it to jobs/") from None
+
+
+def submit(path: Union[str, Path], address: Optional[str] = None, working_dir: Optional[Union[str, Path]] = None,
+           env: Optional[dict[str, str]] = None, entrypoint: Optional[str] = None, log=print) -> Submission:
+    """Validate, name and submit a job or sweep file (see the module docstring). Returns what was done.
+
+    ``working_dir``: the project shipped to the cluster (default: the checkout holding the file). ``env``: extra job
+    environment (tests). ``entrypoint``: replaces the laren command (tests of the submission machinery).
+    """
+    path = Path(path)
+    spec, _ = validate(path, summary=False)
+    root = project_root(path.parent)
+    wd = Path(working_dir).resolve() if working_dir else root
+    rel = job_file_in_project(path, wd)
+    run_id, kind = spec.run_id, spec_kind(spec)
+    c, addr = client(address, root, start_local=True, log=log)
+    job_env = _job_env(root, env)
+    url = mlflow_url(job_env["MLFLOW_TRACKING_URI"], experiment_name(spec), run_id)
+
+    prev = _job_status(c, run_id)
+    sub = Submission(run_id=run_id, kind=kind, address=addr, action="submitted", mlflow_url=url, previous_status=prev or "")
+    sub.commands = follow_up_commands(run_id, address)
+    if prev in ("PENDING", "RUNNING"):
+        sub.action = "running"
+        return sub
+    if prev == "SUCCEEDED":
+        sub.action = "finished"
+        return sub
+    if prev in RESUMABLE:
+        saved = _save_logs(c, run_id, root)
+        c.delete_job(run_id)
+        sub.action = "resumed"
+        if saved:
+            log(f"previous attempt {prev}; its logs: {saved}")
+
+    cmd = entrypoint or f"python -m laren.cli {ENTRY[kind]} {rel}"
+    if _is_local(addr) and not entrypoint:
+        # Relative local paths (./.laren/storage/...) must mean the project's, not the working-dir copy's.
+        cmd = f"ln -sfn {root / STATE_DIR} {STATE_DIR} && {cmd}"
+        (root / STATE_DIR).mkdir(exist_ok=True)
+    sub.entrypoint = cmd
+    runtime_env = {"working_dir": str(wd), "excludes": [".git", ".venv", STATE_DIR], "env_vars": job_env}
+    c.submit_job(entrypoint=cmd, submission_id=run_id, runtime_env=runtime_env,
+                 metadata={"laren.name": spec_name(spec), "laren.kind": kind, "laren.file": rel})
+    return sub
+
+
+def follow_up_commands(run_id: str, address: Optional[str] = None) -> list[str]:
+    a = f" --address {address}" if address else ""
+    return [f"laren status {run_id}{a}", f"laren logs {run_id} -f{a}", f"laren stop {run_id}{a}"]
+
+
+def _job_status(c, run_id: str) -> Optional[str]:
+    try:
+        return str(c.get_job_status(run_id).value)
+    except Exception as err:  # "Job ... does not exist"
+        if "does not exist" in str(err) or "404" in str(err) or "not found" in str(err).lower():
+            return None
+        raise
+
+
+# ----------------------------------------------------------------------------------------------- status / logs / stop / list
+
+
+def resolve_run(c, run: str) -> str:
+    """A run id from: a submission id, a job/sweep file (its computed run id), or a job name (its latest submission)."""
+    if run.endswith((".yaml", ".yml")) and Path(run).is_file():
+        return load_any(run).run_id
+    if _job_status(c, run) is not None:
+        return run
+    mine = [j for j in c.list_jobs() if (j.metadata or {}).get("laren.name") == run and j.submission_id]
+    if mine:
+        return max(mine, key=lambda j: j.start_time or 0).submission_id
+    raise ConfigError(f"no job {run!r} on this cluster: give a run id from `laren list`, a job file, or a job name")
+
+
+def job_info(run: str, address: Optional[str] = None):
+    c, _ = client(address)
+    return c.get_job_info(resolve_run(c, run))
+
+
+def status(run: str, address: Optional[str] = None) -> str:
+    return str(job_info(run, address).status.value)
+
+
+def wait(run_id: str, address: Optional[str] = None, timeout_s: float = 600.0, poll_s: float = 1.0) -> str:
+    """Block until the job is terminal; return its status (TimeoutError after ``timeout_s``)."""
+    c, _ = client(address)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = _job_status(c, run_id)
+        if st in TERMINAL:
+            return st
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {run_id} still {st} after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def logs(run: str, address: Optional[str] = None) -> str:
+    c, _ = client(address)
+    return c.get_job_logs(resolve_run(c, run))
+
+
+def follow_logs(run: str, address: Optional[str] = None) -> Iterator[str]:
+    """Stream the job's log lines until it ends."""
+    import asyncio
+
+    c, _ = client(address)
+    run_id = resolve_run(c, run)
+    agen = c.tail_job_logs(run_id)
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(agen.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.close()
+
+
+def stop(run: str, address: Optional[str] = None) -> tuple[str, bool]:
+    c, _ = client(address)
+    run_id = resolve_run(c, run)
+    return run_id, bool(c.stop_job(run_id))
+
+
+def list_jobs(address: Optional[str] = None, all_jobs: bool = False) -> list[dict[str, Any]]:
+    """The cluster's laren jobs (all Ray jobs with ``all_jobs``), newest first."""
+    c, _ = client(address)
+    out = []
+    for j in c.list_jobs():
+        md = j.metadata or {}
+        if not all_jobs and "laren.name" not in md:
+            continue
+        out.append({"run_id": j.submission_id or j.job_id, "status": str(j.status.value), "kind": md.get("laren.kind", "-"),
+                    "file": md.get("laren.file", "-"), "start_time": j.start_time or 0, "end_time": j.end_time or 0,
+                    "message": j.message or ""})
+    return sorted(out, key=lambda r: r["start_time"], reverse=True)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no laren jobs on this cluster"
+
+    def t(ms):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+    cols = [("run id", lambda r: r["run_id"]), ("status", lambda r: r["status"]), ("kind", lambda r: r["kind"]),
+            ("started", lambda r: t(r["start_time"])), ("ended", lambda r: t(r["end_time"])), ("file", lambda r: r["file"])]
+    cells = [[f(r) for _, f in cols] for r in rows]
+    w = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _) in enumerate(cols)]
+    lines = ["  ".join(h.ljust(w[i]) for i, (h, _) in enumerate(cols))]
+    lines += ["  ".join(c[i].ljust(w[i]) for i in range(len(cols))) for c in cells]
+    return "\n".join(lines)

@@ -1,0 +1,257 @@
+"""Ray Tune over a sweep file (`laren sweep SWEEP` submits it; `laren run-sweep SWEEP` is what runs on the cluster).
+
+Under Ray Train V2 a Tune trial is a *driver function* that builds and fits one TorchTrainer, with
+``ray.tune.integration.ray_train.TuneReportCallback`` forwarding every ``ray.train.report`` to Tune (ecosystem notes,
+section 2). Hence: each trial = one Ray Train run (``laren.train.distributed.make_trainer``) = one MLflow child run of
+the sweep's parent run (same experiment). ASHA compares trials on ``spec.metric`` at ``scheduler.time_attr`` rungs
+(``training_iteration`` = the trial's count of reports, one per evaluation / checkpoint).
+
+Concurrency is bounded by the cluster: ``max_concurrent_trials`` (or, when unset, the cluster's CPUs / GPUs divided by
+one trial's workers) trials at once; the driver function itself holds no CPU.
+
+Identity: the Tune experiment is named after the sweep's run id under ``<storage>/runs/``; a re-submitted sweep
+restores it (unfinished and errored trials continue). Trial ``k`` of the sweep trains the run ``<sweep>-t<k>-<hash>``.
+
+Results: ``trials.md`` / ``trials.csv`` (every trial's point, best metric, iterations) and ``fig8.png`` (Fig. 8 style: the
+metric against each searched field; with design ``axes`` the other fields sit at the base value, with ``cross`` each
+point is the best trial having that value) are logged to the parent run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from laren.specs import LoadedSweep
+
+# Tiny share of a CPU for the trial's driver function: its TorchTrainer's workers hold the real resources.
+DRIVER_RESOURCES = {"CPU": 0.01}
+
+
+def _domain(d):
+    from ray import tune
+
+    if d.choice is not None:
+        return tune.choice(d.choice)
+    if d.uniform is not None:
+        return tune.uniform(*d.uniform)
+    return tune.loguniform(*d.loguniform)
+
+
+def param_space(sw: LoadedSweep) -> dict[str, Any]:
+    """Tune's search space: an index into the grid points (grid_search) and one entry per sampled field."""
+    from ray import tune
+
+    pts = sw.spec.grid_points(sw.base)
+    sampled = [k for k, d in sw.spec.search_space.items() if d.grid is None]
+    space: dict[str, Any] = {"point": tune.grid_search(list(range(len(pts))))}
+    if sampled:
+        space["sampled"] = {str(i): _domain(sw.spec.search_space[k]) for i, k in enumerate(sampled)}
+    return space
+
+
+def trial_overrides(sw: LoadedSweep, config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's dotted-path overrides from its Tune config."""
+    pts = sw.spec.grid_points(sw.base)
+    sampled = [k for k, d in sw.spec.search_space.items() if d.grid is None]
+    out = dict(pts[config["point"]])
+    for i, v in (config.get("sampled") or {}).items():
+        out[sampled[int(i)]] = v
+    return out
+
+
+def _trial_index(trial_id: str) -> str:
+    """Tune trial ids end in a zero-padded creation index (``abc12_00003``): stable across restores."""
+    return str(int(trial_id.rsplit("_", 1)[-1])) if "_" in trial_id else trial_id
+
+
+def _make_driver(sw: LoadedSweep, experiment: str, parent_run_id: str, storage_path: Optional[str]):
+    def driver(config: dict[str, Any]) -> None:
+        from ray import tune
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from laren.train.distributed import make_trainer
+
+        k = _trial_index(tune.get_context().get_trial_id())
+        cfg = sw.trial_config(trial_overrides(sw, config), f"{sw.spec.name}-t{k}")
+        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"experiment": experiment})})
+        result = make_trainer(cfg, parent_run_id=parent_run_id, extra_callbacks=[TuneReportCallback()],
+                              storage_path=storage_path).fit()
+        if result.error is not None:
+            raise result.error
+
+    return driver
+
+
+def default_concurrency(sw: LoadedSweep, cluster: dict[str, float]) -> int:
+    from laren.grid import max_parallel
+
+    n = len(sw.spec.grid_points(sw.base)) * sw.spec.num_samples
+    return min(n, max_parallel([sw.base] * n, cluster))
+
+
+def _scheduler(sw: LoadedSweep):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = sw.spec.scheduler
+    if s.kind == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr=s.time_attr, max_t=s.max_t, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor)
+
+
+def _best(series: list[float], mode: str) -> float:
+    vals = [v for v in series if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not vals:
+        return math.nan
+    return min(vals) if mode == "min" else max(vals)
+
+
+def collect(sw: LoadedSweep, grid) -> list[dict[str, Any]]:
+    """One row per trial: its overrides, run id, best metric, last metric, iterations, status."""
+    rows = []
+    metric = sw.spec.metric
+    for r in grid:
+        cfg_overrides = trial_overrides(sw, r.config)
+        df = r.metrics_dataframe
+        series = list(df[metric]) if df is not None and metric in df else []
+        m = r.metrics or {}
+        trial_id = m.get("trial_id", "") or (r.path.rsplit("_", 1)[-1] if r.path else "")
+        rows.append({
+            "trial": _trial_index(str(trial_id)) if trial_id else "?",
+            "overrides": cfg_overrides,
+            "best": _best(series, sw.spec.mode),
+            "last": m.get(metric, math.nan),
+            "iterations": m.get("training_iteration", 0),
+            "status": "ERROR" if r.error else "OK",
+        })
+    return sorted(rows, key=lambda x: int(x["trial"]) if str(x["trial"]).isdigit() else 0)
+
+
+def trials_table(sw: LoadedSweep, rows: list[dict[str, Any]]) -> tuple[str, str]:
+    keys = list(sw.spec.search_space)
+    base = sw.base.to_dict()
+
+    def val(row, k):
+        if k in row["overrides"]:
+            return row["overrides"][k]
+        node: Any = base
+        for p in k.split("."):
+            node = node[p]
+        return node
+
+    def f(v):
+        return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else ("n/a" if isinstance(v, float) else str(v))
+
+    head = ["trial", *keys, f"best {sw.spec.metric}", f"last {sw.spec.metric}", "iterations", "status"]
+    md = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(head)
+    for r in rows:
+        cells = [r["trial"], *(val(r, k) for k in keys), r["best"], r["last"], r["iterations"], r["status"]]
+        md.append("| " + " | ".join(f(c) for c in cells) + " |")
+        w.writerow(cells)
+    return "\n".join(md) + "\n", buf.getvalue()
+
+
+def plot_fig8(sw: LoadedSweep, rows: list[dict[str, Any]], path: str) -> None:
+    """Fig. 8 style: one panel per searched field, the metric (best per trial) against the field's values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(sw.spec.search_space)
+    base = sw.base.to_dict()
+    names = {"model.gdm.num_nodes": "J (GDM nodes)", "model.gdm.node_dim": "C (node width)",
+             "model.cgm.code_dim": "F (code width)"}
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        bv: Any = base
+        for p in k.split("."):
+            bv = bv[p]
+        pts: dict[Any, float] = {}
+        for r in rows:
+            others_at_base = all(r["overrides"].get(o, None) in (None,) for o in keys if o != k)
+            if sw.spec.design == "axes" and not others_at_base:
+                continue
+            x = r["overrides"].get(k, bv)
+            y = r["best"]
+            if not (isinstance(y, float) and math.isfinite(y)):
+                continue
+            better = (min if sw.spec.mode == "min" else max)
+            pts[x] = better(pts[x], y) if x in pts else y
+        xs = sorted(pts, key=lambda v: (isinstance(v, str), v))
+        ax.plot([str(x) for x in xs], [pts[x] for x in xs], "o-")
+        ax.set_xlabel(names.get(k, k))
+        ax.set_ylabel(sw.spec.metric)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{sw.spec.name}: {sw.spec.metric} ({sw.spec.mode}) against " + ", ".join(names.get(k, k) for k in keys))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_sweep(sw: LoadedSweep, storage_path: Optional[str] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the sweep with Ray Tune on the current cluster (RAY_ADDRESS or local); see the module docstring."""
+    import ray
+    from ray import tune
+
+    from laren.submit import experiment_name
+    from laren.tracking import Tracker
+    from laren.train.distributed import _storage, ensure_ray, resolve_paths, runs_root
+
+    exp = experiment_name(sw)
+    base = resolve_paths(sw.base)
+    parent = Tracker(base.tracking.tracking_uri, exp, sw.run_id, tags={"laren.kind": "sweep", "laren.job": sw.spec.name},
+                     system_metrics=False)
+    parent.log_params({"metric": sw.spec.metric, "mode": sw.spec.mode, "design": sw.spec.design,
+                       "num_samples": sw.spec.num_samples, "scheduler": sw.spec.scheduler.kind, "base_job": sw.job.name,
+                       **{f"search.{k}": str(d.model_dump(exclude_none=True)) for k, d in sw.spec.search_space.items()}})
+    parent.log_config({"sweep": sw.spec.model_dump(mode="json"), "base": sw.base.to_dict()})
+    parent.flush()
+    ensure_ray()
+    conc = sw.spec.max_concurrent_trials or default_concurrency(sw, ray.cluster_resources())
+    root = runs_root(base, storage_path)
+    path, fs = _storage(root)
+    log(f"sweep {sw.run_id}: {len(sw.spec.grid_points(sw.base))} grid point(s) x {sw.spec.num_samples}, "
+        f"{conc} trial(s) at a time; MLflow parent run {parent.run_id} in {exp!r}")
+    trainable = tune.with_resources(_make_driver(sw, exp, parent.run_id, storage_path), DRIVER_RESOURCES)
+    exp_path = f"{root.rstrip('/')}/{sw.run_id}"
+    if tune.Tuner.can_restore(exp_path if fs is None else f"{path.rstrip('/')}/{sw.run_id}", storage_filesystem=fs):
+        log(f"restoring the sweep from {exp_path}")
+        tuner = tune.Tuner.restore(exp_path if fs is None else f"{path.rstrip('/')}/{sw.run_id}", trainable=trainable,
+                                   resume_errored=True, param_space=param_space(sw), storage_filesystem=fs)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(sw),
+            tune_config=tune.TuneConfig(metric=sw.spec.metric, mode=sw.spec.mode, num_samples=sw.spec.num_samples,
+                                        max_concurrent_trials=conc, scheduler=_scheduler(sw)),
+            run_config=tune.RunConfig(name=sw.run_id, storage_path=path, storage_filesystem=fs,
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    grid = tuner.fit()
+    rows = collect(sw, grid)
+    md, csv_text = trials_table(sw, rows)
+    with tempfile.TemporaryDirectory(prefix="laren-sweep-") as d:
+        (Path(d) / "trials.md").write_text(f"# {sw.spec.name}: {sw.spec.description}\n\n" + md)
+        (Path(d) / "trials.csv").write_text(csv_text)
+        plot_fig8(sw, rows, str(Path(d) / "fig8.png"))
+        for f in ("trials.md", "trials.csv", "fig8.png"):
+            parent.log_artifact(str(Path(d) / f), "results")
+        parent.flush()
+    best = [r for r in rows if isinstance(r["best"], float) and math.isfinite(r["best"])]
+    if best:
+        b = (min if sw.spec.mode == "min" else max)(best, key=lambda r: r["best"])
+        parent.log_metrics({f"best/{sw.spec.metric}": b["best"]}, step=0)
+        log(f"best trial t{b['trial']}: {sw.spec.metric} = {b['best']:.4f} with {b['overrides'] or '(base)'}")
+    errors = [r for r in rows if r["status"] != "OK"]
+    parent.finish("FAILED" if errors or not best else "FINISHED")
+    log(md)
+    return {"run_id": sw.run_id, "mlflow_run_id": parent.run_id, "trials": rows, "table_md": md}
