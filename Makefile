@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: setup test test-unit demo
+.PHONY: setup test test-unit demo services services-stop mlflow-ui submit sweep
 
 setup: $(STAMP)
 
@@ -25,3 +25,28 @@ test: setup
 
 test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit
+
+# ---- jobs: JOB / SWEEP are a name under jobs/ / sweeps/ (face64x) or a path; ADDRESS (or RAY_ADDRESS) picks the cluster.
+job_file = $(if $(filter %.yaml %.yml,$(1)),$(1),$(2)/$(1).yaml)
+
+demo: setup
+	$(BIN)/laren demo
+
+services: setup
+	$(BIN)/laren services up
+
+services-stop: setup
+	$(BIN)/laren services down
+
+mlflow-ui: setup
+	@$(BIN)/laren services url mlflow >/dev/null 2>&1 || $(BIN)/laren services up
+	@url=$$($(BIN)/laren services url mlflow); echo "MLflow UI: $$url"; \
+	  (command -v xdg-open >/dev/null && xdg-open "$$url" >/dev/null 2>&1 &) || true
+
+submit: setup
+	@test -n "$(JOB)" || (echo "usage: make submit JOB=face64x [ADDRESS=http://head:8265]" && exit 2)
+	$(BIN)/laren submit $(call job_file,$(JOB),jobs) $(if $(ADDRESS),--address $(ADDRESS))
+
+sweep: setup
+	@test -n "$(SWEEP)" || (echo "usage: make sweep SWEEP=jcf-face64x [ADDRESS=http://head:8265]" && exit 2)
+	$(BIN)/laren sweep $(call job_file,$(SWEEP),sweeps) $(if $(ADDRESS),--address $(ADDRESS))

@@ -441,8 +441,8 @@ def submit(path: Union[str, Path], address: Optional[str] = None, working_dir: O
     """
     path = Path(path)
     spec, _ = validate(path, summary=False)
-    root = project_root(path.parent)
-    wd = Path(working_dir).resolve() if working_dir else root
+    root = Path(working_dir).resolve() if working_dir else project_root(path.parent)
+    wd = root
     rel = job_file_in_project(path, wd)
     run_id, kind = spec.run_id, spec_kind(spec)
     c, addr = client(address, root, start_local=True, log=log)
