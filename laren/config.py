@@ -74,7 +74,7 @@ class GDMConfig(Section):
     convkb_filters: int = Field(8, description="Omega: ConvKB 1x3 filters.")
     relation_scale: Union[Literal["dim"], float] = Field(
         "dim",
-        description="kappa in rho = kappa * r (choice C5): 'dim' multiplies by the attribute count D (default); "
+        description="kappa in rho = kappa * r (choice C5): 'dim' multiplies by the size of the softmax support: D for HMRR (default), J-1 for VRR; "
         "1.0 is the paper-literal reading, which leaves g nearly constant.",
     )
     chunk_size: int = Field(256, description="Attributes processed per chunk; bounds peak memory (never the full (B,P,D,Omega,C) tensor).")
