@@ -352,28 +352,21 @@ def test_unrecognised_layout(tmp_path):
         import_prior(str(tmp_path / "x.pt"), str(tmp_path / "o"))
 
 
-def test_s3_dest_uses_storage(monkeypatch, tmp_path):
-    """s3:// URLs go through laren.data.storage.write_bytes / read_bytes (replaced here by an in-memory store)."""
-    store: dict[str, bytes] = {}
-    fake = types.ModuleType("laren.data.storage")
-    fake.write_bytes = lambda url, data: store.__setitem__(url, bytes(data))
-
-    def read_bytes(url):
-        if url not in store:
-            raise FileNotFoundError(url)
-        return store[url]
-
-    fake.read_bytes = read_bytes
-    import laren.data
-
-    monkeypatch.setitem(sys.modules, "laren.data.storage", fake)
-    monkeypatch.setattr(laren.data, "storage", fake, raising=False)
-    meta = import_prior(str(CKPT), "s3://bucket/priors/fx")
-    assert set(store) == {"s3://bucket/priors/fx.safetensors", "s3://bucket/priors/fx.json"}
-    g, _, meta2 = load_prior("s3://bucket/priors/fx")
+@pytest.mark.integration
+def test_s3_round_trip_on_real_server(s3_env):
+    """s3:// destinations go through laren.data.storage to a real S3 server; the prior loads back bit for bit."""
+    s3_env.create_bucket("priors-test")
+    meta = import_prior(str(CKPT), "s3://priors-test/priors/fx")
+    keys = {o["Key"] for o in s3_env.client().list_objects_v2(Bucket="priors-test")["Contents"]}
+    assert keys == {"priors/fx.safetensors", "priors/fx.json"}
+    g, _, meta2 = load_prior("s3://priors-test/priors/fx")
     assert meta2 == meta and g.resolution == 32
+    ref = torch.load(CKPT, map_location="cpu", weights_only=True)["g_ema"]
+    for k, v in g.state_dict().items():
+        if k in ref:
+            assert torch.equal(v, ref[k]), k
     with pytest.raises(FileNotFoundError, match="laren prior import"):
-        load_prior("s3://bucket/priors/other")
+        load_prior("s3://priors-test/priors/other")
 
 
 def test_fit_channel_table():
