@@ -218,6 +218,7 @@ class TrackingConfig(Section):
     )
     experiment: str = Field("", description="MLflow experiment; empty uses the job family (the job name).")
     system_metrics: bool = Field(True, description="Log CPU / memory / GPU system metrics.")
+    system_metrics_interval_s: float = Field(10.0, description="Seconds between system metric samples.")
 
 
 class ResourcesConfig(Section):

@@ -273,7 +273,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     tracker = make_tracker(
         rank, cfg.tracking.tracking_uri, cfg.tracking.experiment or cfg.name, ctx.run_id or cfg.run_id,
         parent_run_id=ctx.parent_run_id, tags={"laren.job": cfg.name, "laren.kind": "train"},
-        system_metrics=cfg.tracking.system_metrics,
+        system_metrics=cfg.tracking.system_metrics, system_metrics_interval_s=cfg.tracking.system_metrics_interval_s,
     )
     if rank == 0 and start_step == 0:
         tracker.log_params({**flatten(cfg.to_dict()), "run_id": ctx.run_id or cfg.run_id, "world_size": world})

@@ -1,0 +1,166 @@
+"""Ray Train end to end on real services: shards on the local S3 server, checkpoints to s3://, metrics to an MLflow
+server, 2 CPU workers (gloo). The fault test SIGKILLs one worker mid-run and checks the resume."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.unit.test_train_loop import loss_curve, make_tiny_dataset, tiny_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+BUCKET = "laren-train-it"
+EXPERIMENT = "tiny-ray"
+
+
+@pytest.fixture(scope="module")
+def env(s3_server, mlflow_server, tmp_path_factory):
+    """AWS_* pointing at the S3 server for the whole module (set before Ray starts, so its workers inherit it), a
+    tiny dataset on S3, and a local Ray instance with 4 logical CPUs."""
+    import ray
+
+    saved = {k: os.environ.get(k) for k in s3_server.env()}
+    os.environ.update(s3_server.env())
+    s3_server.create_bucket(BUCKET)
+    work = tmp_path_factory.mktemp("train-ray")
+    data = make_tiny_dataset(f"s3://{BUCKET}/datasets/tiny", work)
+    from laren.train.distributed import ensure_ray
+
+    ensure_ray(num_cpus=4)
+    yield {"data": data, "uri": mlflow_server.uri, "work": work}
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _cfg(env):
+    return tiny_config(
+        env["data"], env["uri"],
+        resources=dict(num_workers=2, cpus_per_worker=1),
+        storage=dict(root=f"s3://{BUCKET}/storage"),
+        tracking=dict(experiment=EXPERIMENT, system_metrics=True, system_metrics_interval_s=1.0),
+        train=dict(max_failures=2, keep_checkpoints=2),
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(env):
+    """One uninterrupted 10-step run (checkpoints at steps 5 and 10)."""
+    from laren.train.distributed import run_training
+
+    return run_training(_cfg(env), run_id="tiny-ref")
+
+
+def test_trains_on_two_workers_and_logs_everything(env, reference):
+    from mlflow.tracking import MlflowClient
+
+    from laren.data import storage
+
+    assert reference["step"] == 10 and reference["run_id"] == "tiny-ref"
+    ck = reference["checkpoint"]
+    assert ck.startswith(f"s3://{BUCKET}/storage/runs/tiny-ref/") and ck.endswith("checkpoint_000000010")
+    state = json.loads(storage.read_bytes(storage.join(ck, "state.json")))
+    assert state["step"] == 10 and state["kimg"] == pytest.approx(0.04) and len(state["rng"]) == 2
+    assert state["data_batch"] > 0 and state["mlflow_run_id"]
+
+    c = MlflowClient(env["uri"])
+    exp = c.get_experiment_by_name(EXPERIMENT)
+    runs = c.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'tiny-ref'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_id == state["mlflow_run_id"]
+    assert run.data.params["model.gdm.num_nodes"] == "4" and run.data.params["world_size"] == "2"
+    # metrics by step
+    steps = [s for s, _ in loss_curve(env["uri"], EXPERIMENT, "tiny-ref")]
+    assert steps == list(range(1, 11))
+    for key in ("val/psnr", "val/ssim", "val/lpips_alex", "train/lr", "perf/images_per_s", "data/skipped"):
+        assert key in run.data.metrics, key
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "val/psnr")] == [5, 10]
+    assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
+    # artifacts: resolved config, sample grids (one per evaluation), final weights
+    arts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"resolved_config.yaml", "final_checkpoint", "images"} <= arts
+    resolved = yaml.safe_load(Path(c.download_artifacts(run.info.run_id, "resolved_config.yaml")).read_text())
+    assert resolved["name"] == "tiny" and resolved["model"]["gdm"]["num_nodes"] == 4 and resolved["resources"]["num_workers"] == 2
+    grids = [a.path for a in c.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png") and "val" in a.path]
+    assert len(grids) >= 2, grids
+    final = {a.path.split("/")[-1] for a in c.list_artifacts(run.info.run_id, "final_checkpoint")}
+    assert {"weights.safetensors", "optim.safetensors", "state.json"} <= final
+
+
+def test_eval_and_upscale_from_s3_checkpoint(env, reference, tmp_path):
+    import numpy as np
+    from click.testing import CliRunner
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from laren.cli import main
+
+    out = tmp_path / "eval"
+    r = CliRunner().invoke(main, ["eval", "--checkpoint", reference["checkpoint"], "--data", env["data"], "--out", str(out),
+                                  "--limit", "6", "--tracking-uri", env["uri"], "--experiment", EXPERIMENT])
+    assert r.exit_code == 0, r.output
+    rows = (out / "per_image.csv").read_text().splitlines()
+    assert rows[0].startswith("key,psnr,ssim") and len(rows) == 7
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 6 and summary["step"] == 10
+    psnrs = [float(x.split(",")[1]) for x in rows[1:]]
+    assert summary["test/psnr"] == pytest.approx(np.mean(psnrs), abs=1e-5)
+    c = MlflowClient(env["uri"])
+    exp = c.get_experiment_by_name(EXPERIMENT)
+    ev = c.search_runs([exp.experiment_id], filter_string="tags.`laren.kind` = 'eval'")
+    assert len(ev) == 1 and ev[0].data.metrics["test/psnr"] == pytest.approx(summary["test/psnr"])
+
+    # upscale: 8x8 input -> 32x32; a wrong size is a clear error unless --resize
+    lr = tmp_path / "lr.png"
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(lr)
+    big = tmp_path / "big.png"
+    Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(big)
+    r = CliRunner().invoke(main, ["upscale", "--checkpoint", reference["checkpoint"], str(lr), "--out", str(tmp_path / "sr")])
+    assert r.exit_code == 0, r.output
+    assert np.asarray(Image.open(tmp_path / "sr" / "lr_sr.png")).shape == (32, 32, 3)
+    r = CliRunner().invoke(main, ["upscale", "--checkpoint", reference["checkpoint"], str(big), "--out", str(tmp_path / "sr")])
+    assert r.exit_code != 0 and "30x20" in r.output and "8x8" in r.output and "--resize" in r.output
+    r = CliRunner().invoke(main, ["upscale", "--checkpoint", reference["checkpoint"], str(big), "--out", str(tmp_path / "sr"),
+                                  "--resize"])
+    assert r.exit_code == 0, r.output
+    assert np.asarray(Image.open(tmp_path / "sr" / "big_sr.png")).shape == (32, 32, 3)
+
+
+def test_killed_worker_resumes_from_last_checkpoint(env, reference, monkeypatch, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from laren.train.distributed import run_training
+    from laren.train.loop import KILL_MARKER_ENV, KILL_RANK_ENV, KILL_STEP_ENV
+
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_STEP_ENV, "7")  # checkpoints at 5 and 10: steps 6-7 are redone
+    monkeypatch.setenv(KILL_RANK_ENV, "1")
+    monkeypatch.setenv(KILL_MARKER_ENV, str(marker))
+    out = run_training(_cfg(env), run_id="tiny-fault")
+    assert marker.is_file() and "step 7" in marker.read_text()  # the worker process really was killed
+    assert out["step"] == reference["step"] == 10
+
+    c = MlflowClient(env["uri"])
+    exp = c.get_experiment_by_name(EXPERIMENT)
+    runs = c.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'tiny-fault'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one MLflow run, continued after the restart
+    curve = loss_curve(env["uri"], EXPERIMENT, "tiny-fault")
+    steps = [s for s, _ in curve]
+    rewind = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    first, second = steps[:rewind], steps[rewind:]
+    assert first == list(range(1, first[-1] + 1)) and 5 <= first[-1] <= 7
+    assert second == list(range(6, 11))  # continues from the step-5 checkpoint, not from step 1
+    assert first[-1] - 5 <= 5  # at most one checkpoint interval redone
+    # The resumed run reproduces the uninterrupted one (weights, optimizer, data position and RNG restored).
+    ref = dict(loss_curve(env["uri"], EXPERIMENT, "tiny-ref"))
+    for s, v in curve:
+        assert v == pytest.approx(ref[s], rel=1e-5), (s, v, ref[s])
