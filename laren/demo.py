@@ -20,9 +20,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-# Colour photographs shipped inside scikit-image (no download): (loader name, label).
-DEMO_IMAGES = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "rocket", "retina",
-               "colorwheel")
+# Colour photographs shipped inside scikit-image (no download).
+DEMO_IMAGES = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "rocket", "retina")
+MIN_CROP_STD = 12.0  # uint8 units: flat crops (sky, black space) would make PSNR infinite and teach nothing
 TRAIN_URL = "s3://laren/datasets/skimage-32-train"
 VAL_URL = "s3://laren/datasets/skimage-32-val"
 
@@ -31,7 +31,7 @@ def write_demo_images(out_dir: str | Path, split: str, per_image: int, min_side:
     """Write ``per_image`` random square crops of each scikit-image photograph as PNGs; returns how many.
 
     split: "train" crops lie in the left 80 % of each photograph's width, "val" crops in the right 20 %.
-    Crop sides are drawn in [min_side, 3 * min_side] (capped by the region), so `laren data pack` resizes most of them
+    Flat crops (std < MIN_CROP_STD) are redrawn. Crop sides are drawn in [min_side, 3 * min_side] (capped by the region), so `laren data pack` resizes most of them
     down (Lanczos) to the packed resolution.
     """
     import skimage.data
@@ -46,11 +46,15 @@ def write_demo_images(out_dir: str | Path, split: str, per_image: int, min_side:
         h, w = img.shape[:2]
         x0, x1 = (0, int(0.8 * w)) if split == "train" else (int(0.8 * w), w)
         for i in range(per_image):
-            side = int(rng.integers(min_side, 3 * min_side + 1))
-            side = min(side, h, x1 - x0)
-            y = int(rng.integers(0, h - side + 1))
-            x = int(rng.integers(x0, x1 - side + 1))
-            Image.fromarray(np.ascontiguousarray(img[y:y + side, x:x + side])).save(out / f"{name}-{i:03d}.png")
+            for _ in range(100):  # redraw flat crops
+                side = int(rng.integers(min_side, 3 * min_side + 1))
+                side = min(side, h, x1 - x0)
+                y = int(rng.integers(0, h - side + 1))
+                x = int(rng.integers(x0, x1 - side + 1))
+                crop = img[y:y + side, x:x + side]
+                if crop.std() >= MIN_CROP_STD:
+                    break
+            Image.fromarray(np.ascontiguousarray(crop)).save(out / f"{name}-{i:03d}.png")
             n += 1
     return n
 

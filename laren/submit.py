@@ -344,7 +344,7 @@ def validate(path: Union[str, Path], summary: bool = True) -> tuple[Spec, str]:
 # ----------------------------------------------------------------------------------------------- submit
 
 
-ENTRY = {"train": "train", "eval": "eval", "grid": "run-grid", "sweep": "run-sweep"}
+ENTRY = {"train": "train", "eval": "run-eval", "grid": "run-grid", "sweep": "run-sweep"}
 
 
 @dataclass
@@ -471,10 +471,20 @@ def submit(path: Union[str, Path], address: Optional[str] = None, working_dir: O
         cmd = f"ln -sfn {root / STATE_DIR} {STATE_DIR} && {cmd}"
         (root / STATE_DIR).mkdir(exist_ok=True)
     sub.entrypoint = cmd
-    runtime_env = {"working_dir": str(wd), "excludes": [".git", ".venv", STATE_DIR], "env_vars": job_env}
+    runtime_env = {"working_dir": str(wd), "excludes": [STATE_DIR], "env_vars": job_env}
+    _quiet_packaging()
     c.submit_job(entrypoint=cmd, submission_id=run_id, runtime_env=runtime_env,
                  metadata={"laren.name": spec_name(spec), "laren.kind": kind, "laren.file": rel})
     return sub
+
+
+def _quiet_packaging() -> None:
+    """Ray logs every ignored file of the working_dir upload at INFO; keep the submit output to what matters."""
+    import logging
+
+    for name in ("ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir",
+                 "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def follow_up_commands(run_id: str, address: Optional[str] = None) -> list[str]:

@@ -1,0 +1,92 @@
+"""`laren submit` against a real local Ray head (Jobs API) and MLflow server: submit -> status -> logs -> finished,
+the CLI follow-up commands, and a failed job that resumes from its checkpoint when submitted again."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from laren import submit as S
+from laren.cli import main
+from laren.specs import load_job
+from tests.integration._tiny_jobs import job_env, make_data, mlflow_runs, tiny_job
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+def test_submit_status_logs_finished(ray_head, mlflow_server, tmp_path, data):
+    job = tiny_job(tmp_path, "hello", data)
+    addr = ray_head.dashboard_url
+    sub = S.submit(job, address=addr, working_dir=tmp_path, env=job_env(tmp_path, mlflow_server.uri),
+                   entrypoint="python -c \"import os; print('hello from', os.path.basename(os.getcwd()) != '', 'laren')\"")
+    assert sub.action == "submitted" and sub.run_id == load_job(job).run_id
+    assert sub.commands == [f"laren status {sub.run_id} --address {addr}", f"laren logs {sub.run_id} -f --address {addr}",
+                            f"laren stop {sub.run_id} --address {addr}"]
+    assert sub.mlflow_url.startswith(mlflow_server.uri) and "experiments/" in sub.mlflow_url
+    assert S.status(sub.run_id, addr) in ("PENDING", "RUNNING", "SUCCEEDED")
+    assert S.wait(sub.run_id, addr, timeout_s=120) == "SUCCEEDED"
+    assert "hello from True laren" in S.logs(sub.run_id, addr)
+
+    r = CliRunner()
+    out = r.invoke(main, ["status", sub.run_id, "--address", addr])
+    assert out.exit_code == 0 and f"{sub.run_id}: SUCCEEDED" in out.output
+    out = r.invoke(main, ["status", str(job), "--address", addr])  # a job file names its run
+    assert f"{sub.run_id}: SUCCEEDED" in out.output
+    out = r.invoke(main, ["logs", "hello", "--address", addr])  # a job name: its latest submission
+    assert "hello from True laren" in out.output
+    out = r.invoke(main, ["list", "--address", addr])
+    assert sub.run_id in out.output and "SUCCEEDED" in out.output and "jobs/hello.yaml" in out.output
+
+    # A finished job is not run again under the same id.
+    again = S.submit(job, address=addr, working_dir=tmp_path, env=job_env(tmp_path, mlflow_server.uri), entrypoint="false")
+    assert again.action == "finished" and S.status(sub.run_id, addr) == "SUCCEEDED"
+
+
+def test_stop_and_unknown_run(ray_head, mlflow_server, tmp_path, data):
+    job = tiny_job(tmp_path, "sleeper", data)
+    addr = ray_head.dashboard_url
+    sub = S.submit(job, address=addr, working_dir=tmp_path, env=job_env(tmp_path, mlflow_server.uri),
+                   entrypoint="python -c \"import time; time.sleep(120)\"")
+    running = S.submit(job, address=addr, working_dir=tmp_path, env=job_env(tmp_path, mlflow_server.uri), entrypoint="false")
+    assert running.action == "running"
+    out = CliRunner().invoke(main, ["stop", sub.run_id, "--address", addr])
+    assert out.exit_code == 0 and "stop requested" in out.output
+    assert S.wait(sub.run_id, addr, timeout_s=60) == "STOPPED"
+    out = CliRunner().invoke(main, ["status", "no-such-job", "--address", addr])
+    assert out.exit_code == 2 and "no job 'no-such-job'" in out.output
+
+
+@pytest.mark.slow
+def test_failed_job_resumes_when_submitted_again(ray_head, mlflow_server, tmp_path, data):
+    """Attempt 1 is killed at step 6 (after its step-4 checkpoint) and FAILS; resubmitting continues from step 4."""
+    job = tiny_job(tmp_path, "resume", data, steps=8, eval_every=4, ckpt_every=4)
+    run_id = load_job(job).run_id
+    addr = ray_head.dashboard_url
+    env = {**job_env(tmp_path, mlflow_server.uri), "LAREN_TEST_KILL_AT_STEP": "6", "LAREN_TEST_KILL_RANK": "0",
+           "LAREN_TEST_KILL_MARKER": str(tmp_path / "killed-once")}
+
+    first = S.submit(job, address=addr, working_dir=tmp_path, env=env)
+    assert first.action == "submitted" and "laren.cli train jobs/resume.yaml" in first.entrypoint
+    assert S.wait(run_id, addr, timeout_s=180) == "FAILED"
+    assert (tmp_path / "killed-once").exists()
+    ckpts = sorted(p.name for p in (tmp_path / "storage" / "runs" / run_id).glob("checkpoint_*"))
+    assert ckpts == ["checkpoint_000000004"]
+
+    second = S.submit(job, address=addr, working_dir=tmp_path, env=env)
+    assert second.action == "resumed" and second.previous_status == "FAILED" and second.run_id == run_id
+    assert S.wait(run_id, addr, timeout_s=180) == "SUCCEEDED", S.logs(run_id, addr)[-3000:]
+    assert list((tmp_path / ".laren" / "logs").glob(f"{run_id}.attempt-1.log"))  # attempt 1's logs are kept
+
+    # One MLflow run; steps 1..4 were trained once (the resumed attempt started at the checkpoint, not at step 0).
+    c, runs = mlflow_runs(mlflow_server.uri, "resume")
+    assert list(runs) == [run_id]
+    hist = c.get_metric_history(runs[run_id].info.run_id, "train/loss_g")
+    steps = [m.step for m in hist]
+    assert sorted(set(steps)) == list(range(1, 9))
+    assert all(steps.count(s) == 1 for s in range(1, 5)), steps
+    assert runs[run_id].info.status == "FINISHED"
