@@ -460,7 +460,7 @@ def submit(path: Union[str, Path], address: Optional[str] = None, working_dir: O
         return sub
     if prev in RESUMABLE:
         saved = _save_logs(c, run_id, root)
-        c.delete_job(run_id)
+        _delete_finished_job(c, addr, run_id)
         sub.action = "resumed"
         if saved:
             log(f"previous attempt {prev}; its logs: {saved}")
@@ -476,6 +476,41 @@ def submit(path: Union[str, Path], address: Optional[str] = None, working_dir: O
     c.submit_job(entrypoint=cmd, submission_id=run_id, runtime_env=runtime_env,
                  metadata={"laren.name": spec_name(spec), "laren.kind": kind, "laren.file": rel})
     return sub
+
+
+def _delete_finished_job(c, addr: str, run_id: str) -> None:
+    """Forget a terminal job's record so its submission id can be used again.
+
+    Ray's job monitor keeps polling a job until it sees its supervisor actor (``_ray_internal_job_actor_<id>``) dead,
+    and re-writes the record (FAILED, "supervisor actor died") if it is gone by then; a new submission under the same
+    id would then be overwritten and fail. So: wait for the supervisor to be dead, give the monitor a poll interval,
+    delete, and check that the record stays deleted.
+    """
+    _wait_supervisor_gone(addr, run_id)
+    time.sleep(1.5)
+    for _ in range(10):
+        c.delete_job(run_id)
+        time.sleep(1.0)
+        if _job_status(c, run_id) is None:
+            return
+    raise RuntimeError(f"could not delete the finished job record {run_id} on {addr}; try again in a minute")
+
+
+def _wait_supervisor_gone(addr: str, run_id: str, timeout_s: float = 30.0) -> None:
+    """Wait until the job's supervisor actor has exited (see _delete_finished_job)."""
+    from ray.util.state import list_actors
+
+    name = f"_ray_internal_job_actor_{run_id}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            alive = list_actors(address=addr, filters=[("name", "=", name), ("state", "!=", "DEAD")], raise_on_missing_output=False)
+        except Exception:
+            time.sleep(2.0)  # state API unavailable: a short grace period instead
+            return
+        if not alive:
+            return
+        time.sleep(0.5)
 
 
 def _quiet_packaging() -> None:
