@@ -367,6 +367,9 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
             with tempfile.TemporaryDirectory(prefix="laren-final-") as d:
                 final = S.save_checkpoint(Path(d) / "final", model, disc, optimizers, st, cfg.to_dict())
                 tracker.log_artifact(str(final), "final_checkpoint")
+                # Queued during an MLflow outage, the upload would find the temporary directory gone: one last
+                # attempt now, while it exists (the checkpoint also stays in the run's storage).
+                tracker.flush(force=True)
         status = "FINISHED"
         return {**last, "step": st.step, "kimg": st.kimg, "mlflow_run_id": st.mlflow_run_id}
     finally:
