@@ -192,8 +192,11 @@ def save_checkpoint(
 def write_checkpoint_dir(final_dir: str | os.PathLike, *args, **kwargs) -> Path:
     """:func:`save_checkpoint` into a sibling temporary directory, then rename it to ``final_dir`` (replacing it)."""
     final = Path(final_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    except OSError as err:
+        raise _unwritable(final, err) from err
     try:
         save_checkpoint(tmp, *args, **kwargs)
         if final.exists():
@@ -203,10 +206,25 @@ def write_checkpoint_dir(final_dir: str | os.PathLike, *args, **kwargs) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _unwritable(final, err) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (permissions, a full disk); the previous checkpoints are untouched."""
+
+
+def _unwritable(final: Path, err: OSError) -> CheckpointWriteError:
+    return CheckpointWriteError(
+        f"cannot write checkpoint {final}: {err.strerror or err} ({final.parent} is not writable or full). Fix its "
+        "permissions or free space, or point storage.root elsewhere, then re-run the job: it resumes from the last "
+        "complete checkpoint, which is left untouched."
+    )
 
 
 def read_state(directory: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
