@@ -16,6 +16,7 @@ working directory) or ``s3://bucket/prefix`` (a pyarrow S3 filesystem that honou
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +25,8 @@ from typing import Any, Optional, Sequence
 
 from laren.config import RunConfig
 from laren.train.loop import KILL_MARKER_ENV, KILL_RANK_ENV, KILL_STEP_ENV, WorkerContext, check_run_inputs, train_worker
+
+log = logging.getLogger("laren.train")
 
 # Environment forwarded from the driver to the training workers (names only; never secrets: a cluster's workers get
 # their credentials from their own environment or instance role, and a local Ray instance inherits the driver's).
@@ -90,6 +93,56 @@ def _worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
+def _complete_copy(fetch, dest: str) -> bool:
+    """``fetch(dest)`` then verify the checkpoint there (state.json + checksums); False when it is incomplete."""
+    from laren.train import state as S
+
+    try:
+        fetch(dest)
+        S.read_state(dest)
+        return True
+    except (S.CheckpointError, OSError, ValueError) as err:
+        log.warning("checkpoint is incomplete or corrupt: %s", err)
+        return False
+
+
+def _resume_copy(ck, run_dir: Optional[str]) -> str:
+    """A local copy of the newest *complete* checkpoint of the run: Ray's latest, or, when that one is corrupt or
+    incomplete (a truncated upload, a damaged object), the newest older ``checkpoint_*`` under ``run_dir``."""
+    from laren.data import storage
+    from laren.train import state as S
+
+    tmp = tempfile.mkdtemp(prefix="laren-resume-")
+
+    def from_ray(dest: str) -> None:
+        with ck.as_directory() as d:  # may be a transient download: copy what the loop needs
+            shutil.copytree(d, dest, dirs_exist_ok=True)
+
+    if _complete_copy(from_ray, tmp):
+        return tmp
+    latest = Path(ck.path).name
+    older = sorted({Path(f).parent.name for f in storage.list_files(run_dir) if Path(f).name == S.STATE_FILE
+                    and Path(f).parent.name.startswith("checkpoint_") and Path(f).parent.name < latest},
+                   reverse=True) if run_dir else []
+    for name in older:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        url = storage.join(run_dir, name)
+
+        def fetch(dest: str, url: str = url) -> None:
+            for f in (S.WEIGHTS_FILE, S.OPTIM_FILE, S.STATE_FILE):
+                storage.download_file(storage.join(url, f), os.path.join(dest, f))
+
+        if _complete_copy(fetch, tmp):
+            log.warning("latest checkpoint %s of the run is unusable; resuming from the previous one, %s", latest, url)
+            return tmp
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise S.CheckpointError(
+        f"no complete checkpoint to resume from: {latest} is corrupt and {len(older)} older one(s) under {run_dir} too; "
+        "delete the run's directory to start over, or restore a checkpoint from a backup"
+    )
+
+
 def _train_fn(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: builds the WorkerContext and hands over to the plain-torch loop."""
     import ray.train
@@ -104,14 +157,9 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         ray.train.report(clean, checkpoint=ck, checkpoint_dir_name=name if ck else None)
 
-    resume_dir = None
     ck = ray.train.get_checkpoint()
-    tmp = None
-    if ck is not None:
-        tmp = tempfile.mkdtemp(prefix="laren-resume-")
-        with ck.as_directory() as d:  # may be a transient download: copy what the loop needs
-            shutil.copytree(d, tmp, dirs_exist_ok=True)
-        resume_dir = tmp
+    tmp = _resume_copy(ck, loop_config.get("run_dir")) if ck is not None else None
+    resume_dir = tmp
     try:
         ctx = WorkerContext(
             rank=rc.get_world_rank(), world_size=rc.get_world_size(), device=device, report=report,
@@ -158,7 +206,8 @@ def make_trainer(
     )
     return TorchTrainer(
         _train_fn,
-        train_loop_config={"config": rcfg.to_dict(), "run_id": run_id, "parent_run_id": parent_run_id},
+        train_loop_config={"config": rcfg.to_dict(), "run_id": run_id, "parent_run_id": parent_run_id,
+                           "run_dir": runs_root(rcfg, storage_path).rstrip("/") + "/" + run_id},
         scaling_config=scaling,
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
@@ -191,6 +240,7 @@ def run_training(
 ) -> dict[str, Any]:
     """Train ``cfg`` with Ray Train; returns the final metrics, ``checkpoint`` (URL of the latest checkpoint) and
     ``run_id``. Re-running the same config resumes the run from its latest checkpoint."""
+    check_run_inputs(cfg)  # user errors before Ray (or any worker) starts
     ensure_ray()
     trainer = make_trainer(cfg, run_id, parent_run_id, extra_callbacks, storage_path)
     result = trainer.fit()
