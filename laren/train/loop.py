@@ -104,12 +104,55 @@ def check_run_inputs(cfg: RunConfig) -> None:
         _load_alexnet_state(cfg.eval.alexnet_path)  # raises FileNotFoundError naming the file and how to obtain it
     if not cfg.data.train_url:
         raise ConfigError("data.train_url is empty: set it to a dataset written by `laren data pack`")
+    if cfg.model.prior.path:
+        _check_prior(cfg)
+    _check_data(cfg)
     n = cfg.resources.num_workers
     if cfg.train.batch_size_global % n:
         raise ConfigError(f"train.batch_size_global ({cfg.train.batch_size_global}) must be a multiple of resources.num_workers ({n})")
     b = cfg.train.batch_size_global // n
     if cfg.loss.adversarial_weight > 0 and b > 4 and b % 4:
         raise ConfigError(f"per-worker batch {b} must be <= 4 or a multiple of 4 (StyleGAN2 D minibatch stddev)")
+
+
+def _check_prior(cfg: RunConfig) -> None:
+    """The prior's files exist and its architecture is the job's (read from its small .json, not the weights)."""
+    from laren.data import storage
+    from laren.models.prior_io import PriorMeta, prior_paths
+
+    hint = "create it with `laren prior import SRC DEST` (SRC: a rosinality .pt, NVIDIA .pkl or mmagic .pth)"
+    st_url, json_url = prior_paths(cfg.model.prior.path)
+    for url, what in ((json_url, "prior metadata (.json)"), (st_url, "prior weights (.safetensors)")):
+        if not storage.exists(url):
+            raise FileNotFoundError(f"model.prior.path: {url}: {what} not found; {hint}")
+    meta = PriorMeta.from_json(storage.read_bytes(json_url).decode(), json_url)
+    for name in ("resolution", "style_dim"):
+        want, got = getattr(cfg.model.prior, name), getattr(meta, name)
+        if int(want) != int(got):
+            raise ConfigError(
+                f"model.prior.{name}: the job says {want} but the prior at {cfg.model.prior.path} has {got}; "
+                f"set model.prior.{name}: {got} (or point model.prior.path at a matching prior)"
+            )
+
+
+def _check_data(cfg: RunConfig) -> None:
+    """The training (and validation) sets are packed at the job's HR resolution."""
+    from laren.data import pack
+
+    for field_name in ("train_url", "val_url"):
+        url = getattr(cfg.data, field_name)
+        if not url:
+            continue
+        try:
+            m = pack.read_manifest(url)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"data.{field_name}: {err}") from None
+        if int(m["resolution"]) != cfg.model.prior.resolution:
+            raise ConfigError(
+                f"data.{field_name}: {url} is packed at {m['resolution']}x{m['resolution']}, but the job's HR size "
+                f"(model.prior.resolution) is {cfg.model.prior.resolution}; re-pack with --resolution "
+                f"{cfg.model.prior.resolution} or use a matching prior"
+            )
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
