@@ -177,6 +177,10 @@ def save_checkpoint(
         optim_meta[name] = m
     _atomic_write(d / WEIGHTS_FILE, lambda p: save_file(weights, p, metadata={"format": FORMAT}))
     _atomic_write(d / OPTIM_FILE, lambda p: save_file(optim_tensors, p, metadata={"format": FORMAT}))
+    if config is not None:  # a checkpoint travels (MLflow artifact, storage): no passwords in URLs, no keys
+        from laren.tracking import redact
+
+        config = redact(config)
     doc = {
         "format": FORMAT,
         **asdict(state),
