@@ -201,6 +201,10 @@ class Tracker(NullTracker):
         if not experiment:
             raise ValueError("tracking.experiment is empty: name the MLflow experiment (the job family)")
         set_http_env_defaults()
+        if _URL_USERINFO.search(tracking_uri):
+            # MLflow prints "View run ... at: <tracking URI>" when a run ends: with a password in the URI, that line
+            # would put it in every log. (Prefer MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.)
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         if tracking_uri.startswith("sqlite:///"):
             Path(tracking_uri[len("sqlite:///") :]).expanduser().parent.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = tracking_uri
