@@ -39,7 +39,7 @@ def make_patches(folder: Path, photos, n: int, size: int = 32, seed: int = 0) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--minutes", type=float, default=3.0, help="CPU training time budget (approximate).")
+    ap.add_argument("--minutes", type=float, default=5.0, help="CPU training time budget (approximate).")
     ap.add_argument("--images-per-s", type=float, default=60.0, help="Assumed throughput that sizes total_kimg.")
     args = ap.parse_args()
 
@@ -68,7 +68,7 @@ def main() -> None:
         data=dict(train_url=str(work / "train"), val_url=str(work / "val"), num_val_images=64, loader_workers=1,
                   shuffle_buffer=256),
         loss=dict(perceptual_weight=0.0, adversarial_weight=0.0),
-        optim=dict(lr=1e-3, cosine_min_lr=1e-5),
+        optim=dict(lr=2e-3, cosine_min_lr=1e-5),
         train=dict(batch_size_global=16, total_kimg=total_kimg, log_every_kimg=total_kimg / 20,
                    eval_every_kimg=total_kimg / 4, checkpoint_every_kimg=total_kimg * 2, seed=0),
         tracking=dict(tracking_uri=f"sqlite:///{work}/mlflow.db", experiment="learning-check", system_metrics=False),
