@@ -263,6 +263,27 @@ def test_glean_skips_builds_and_trains():
     assert s["GLEAN fusion+decoder"] == 30_665_539  # documented in laren/models/laren.py (mmagic: +55.09M)
 
 
+def test_glean_lr_skip_reads_the_lr_image():
+    torch.manual_seed(0)
+    model = build_tiny(tiny(glean_skips=True, glean_lr_skip=True)).eval()
+    lr = torch.rand(2, 3, 8, 8) * 2 - 1
+    # Only the LR-image channels of the final conv are live: the SR image is a 3x3 conv of the bicubic upsampling.
+    conv = model.decoder.to_rgb
+    with torch.no_grad():
+        conv.weight[:, :-3].zero_()
+        sr = model(lr)
+    up = torch.nn.functional.interpolate(lr, size=(32, 32), mode="bicubic", align_corners=False)
+    assert torch.allclose(sr, torch.nn.functional.conv2d(up, conv.weight[:, -3:], conv.bias, padding=1), atol=1e-5)
+    model.train()
+    sr = model(lr)
+    sr.square().mean().backward()
+    assert all(p.grad is not None for p in model.decoder.parameters())
+    s = summary(ModelConfig(glean_skips=True, glean_lr_skip=True))
+    assert s["GLEAN fusion+decoder"] == 30_665_539 + 81  # documented in laren/models/laren.py
+    with pytest.raises(ValueError, match="glean_skips"):
+        ModelConfig(glean_lr_skip=True)
+
+
 def test_parameter_summary_is_instant_and_allocates_nothing():
     import time
 
