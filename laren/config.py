@@ -107,6 +107,9 @@ class ModelConfig(Section):
     glean_skips: bool = Field(
         False, description="Add GLEAN's multi-scale encoder features and decoder (off by default; choice C17)."
     )
+    glean_lr_skip: bool = Field(
+        False, description="With glean_skips: the decoder's final conv also reads the bicubically upsampled LR image."
+    )
     eval_noise_seed: int = Field(
         0, description="Seed of the fixed generator noise maps used at evaluation when noise_source = random."
     )
@@ -116,6 +119,8 @@ class ModelConfig(Section):
         lr, hr = self.lr_size, self.prior.resolution
         if lr < 4 or lr & (lr - 1) or lr >= hr:
             raise ValueError(f"lr_size must be a power of 2, >= 4 and < prior.resolution ({hr}), got {lr}")
+        if self.glean_lr_skip and not self.glean_skips:
+            raise ValueError("glean_lr_skip is a switch of the GLEAN decoder: set glean_skips: true as well (or drop it)")
         return self
 
     @property

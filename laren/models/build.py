@@ -107,7 +107,9 @@ def _assemble(cfg: ModelConfig, G: Generator) -> LarenSR:
     cgm = None
     if cfg.noise_source == "cgm":
         cgm = CodeGeneration(H, cfg.cgm.code_dim, G.noise_resolutions, cfg.cgm.noise_proj_max_res, cfg.cgm_relation)
-    decoder = GleanDecoder(cfg.lr_size, G.resolution, G.channels, encoder.channels) if cfg.glean_skips else None
+    decoder = None
+    if cfg.glean_skips:
+        decoder = GleanDecoder(cfg.lr_size, G.resolution, G.channels, encoder.channels, lr_skip=cfg.glean_lr_skip)
     return LarenSR(encoder, head, G, cgm=cgm, decoder=decoder, eval_noise_seed=cfg.eval_noise_seed)
 
 
