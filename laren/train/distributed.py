@@ -7,8 +7,11 @@
 
 Identity: the Ray Train run name is the job's deterministic run id (``<name>-<config hash>``), and the storage path is
 fixed by the config, so re-running the same job resumes it from its latest checkpoint (same ``(storage_path, name)``);
-a worker-group restart after a failure resumes from ``ray.train.get_checkpoint()``. The MLflow run (rank 0, in
-:mod:`laren.train.loop`) is found by the same name, so a resumed run continues it rather than duplicating it.
+a worker-group restart after a failure resumes from ``ray.train.get_checkpoint()``. Because Ray records a reported
+checkpoint only at its controller's next poll, a run that failed (or whose driver was killed) may hold newer complete
+checkpoints than Ray hands over, or Ray none at all: the workers resume from the newest complete ``checkpoint_*`` of
+the run's storage folder (rank 0 chooses, every rank follows). The MLflow run (rank 0, in :mod:`laren.train.loop`) is
+found by the same name, so a resumed run continues it rather than duplicating it.
 
 Backends: NCCL on GPUs, gloo on CPUs. Storage: a local directory (made absolute: Ray workers do not share the driver's
 working directory) or ``s3://bucket/prefix`` (a pyarrow S3 filesystem that honours ``AWS_ENDPOINT_URL``).
@@ -16,6 +19,7 @@ working directory) or ``s3://bucket/prefix`` (a pyarrow S3 filesystem that honou
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -106,41 +110,91 @@ def _complete_copy(fetch, dest: str) -> bool:
         return False
 
 
-def _resume_copy(ck, run_dir: Optional[str]) -> str:
-    """A local copy of the newest *complete* checkpoint of the run: Ray's latest, or, when that one is corrupt or
-    incomplete (a truncated upload, a damaged object), the newest older ``checkpoint_*`` under ``run_dir``."""
+def _checkpoint_names(run_dir: Optional[str]) -> list[str]:
+    """Names of the ``checkpoint_*`` folders directly under ``run_dir`` that hold a ``state.json``, newest first
+    (the names are ``checkpoint_<step:09d>``, so name order is step order)."""
     from laren.data import storage
     from laren.train import state as S
 
+    if not run_dir:
+        return []
+    base = run_dir.rstrip("/")
+    rels = [f[len(base):].strip("/").split("/") for f in storage.list_files(base) if f.startswith(base)]
+    names = {r[0] for r in rels if len(r) == 2 and r[1] == S.STATE_FILE and r[0].startswith("checkpoint_")}
+    return sorted(names, reverse=True)
+
+
+def _resume_copy(ck, run_dir: Optional[str], only: Optional[str] = None) -> tuple[Optional[str], Optional[str]]:
+    """(local copy, name) of the newest *complete* checkpoint of the run, or (None, None) when it has none.
+
+    Candidates are Ray's checkpoint ``ck`` (may be None) and every ``checkpoint_*`` under ``run_dir``, tried newest
+    first; a corrupt or incomplete one (a truncated upload, a damaged object) is skipped for the next older one.
+    The folders count, not only Ray's record: Ray Train (2.60) registers a reported checkpoint only when its
+    controller next polls the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s); a worker that dies before that
+    poll (a crash right after a checkpoint, the driver killed) loses the report, so a failed run can have newer
+    complete checkpoints, or all of them, missing from Ray's snapshot, and ``get_checkpoint()`` is then older or None.
+    ``only``: fetch exactly this checkpoint (the one rank 0 chose) and raise if it is not complete here.
+    """
+    from laren.data import storage
+    from laren.train import state as S
+
+    ray_name = Path(ck.path).name if ck is not None else None
+    names = [only] if only else sorted(set(_checkpoint_names(run_dir)) | ({ray_name} if ray_name else set()), reverse=True)
+    if not names:
+        return None, None
     tmp = tempfile.mkdtemp(prefix="laren-resume-")
-
-    def from_ray(dest: str) -> None:
-        with ck.as_directory() as d:  # may be a transient download: copy what the loop needs
-            shutil.copytree(d, dest, dirs_exist_ok=True)
-
-    if _complete_copy(from_ray, tmp):
-        return tmp
-    latest = Path(ck.path).name
-    older = sorted({Path(f).parent.name for f in storage.list_files(run_dir) if Path(f).name == S.STATE_FILE
-                    and Path(f).parent.name.startswith("checkpoint_") and Path(f).parent.name < latest},
-                   reverse=True) if run_dir else []
-    for name in older:
+    for name in names:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        url = storage.join(run_dir, name)
+        if name == ray_name:
+            def fetch(dest: str) -> None:
+                with ck.as_directory() as d:  # may be a transient download: copy what the loop needs
+                    shutil.copytree(d, dest, dirs_exist_ok=True)
+        else:
+            url = storage.join(run_dir.rstrip("/"), name)
 
-        def fetch(dest: str, url: str = url) -> None:
-            for f in (S.WEIGHTS_FILE, S.OPTIM_FILE, S.STATE_FILE):
-                storage.download_file(storage.join(url, f), os.path.join(dest, f))
+            def fetch(dest: str, url: str = url) -> None:
+                for f in (S.WEIGHTS_FILE, S.OPTIM_FILE, S.STATE_FILE):
+                    storage.download_file(storage.join(url, f), os.path.join(dest, f))
 
         if _complete_copy(fetch, tmp):
-            log.warning("latest checkpoint %s of the run is unusable; resuming from the previous one, %s", latest, url)
-            return tmp
+            if name != names[0]:
+                log.warning("checkpoint %s of the run is unusable; resuming from the previous one, %s", names[0], name)
+            if ray_name != name and (ray_name is None or name > ray_name):
+                log.warning("resuming from %s under %s: Ray Train handed over %s (the report of a newer checkpoint was "
+                            "lost when the previous attempt ended)", name, run_dir, ray_name or "no checkpoint")
+            return tmp, name
     shutil.rmtree(tmp, ignore_errors=True)
+    if only:
+        raise S.CheckpointError(f"checkpoint {only} under {run_dir} (chosen to resume from by rank 0) is incomplete "
+                                "or corrupt on this worker; check that every node reads the same storage")
     raise S.CheckpointError(
-        f"no complete checkpoint to resume from: {latest} is corrupt and {len(older)} older one(s) under {run_dir} too; "
-        "delete the run's directory to start over, or restore a checkpoint from a backup"
+        f"no complete checkpoint to resume from: {names[0]} is corrupt and {len(names) - 1} older one(s) under {run_dir} "
+        "too; delete the run's directory to start over, or restore a checkpoint from a backup"
     )
+
+
+def _agreed_resume_copy(ck, run_dir: Optional[str], rank: int, world_size: int, device) -> Optional[str]:
+    """:func:`_resume_copy` on rank 0, whose choice (or error) every other rank follows, so that all ranks resume from
+    the same checkpoint (or all start fresh, or all fail) even if storage changes or a download fails on one."""
+    import torch.distributed as dist
+
+    from laren.train import state as S
+
+    if world_size <= 1 or not dist.is_available() or not dist.is_initialized():
+        return _resume_copy(ck, run_dir)[0]
+    tmp, choice = None, [None, None]  # [checkpoint name, error text]
+    if rank == 0:
+        try:
+            tmp, choice[0] = _resume_copy(ck, run_dir)
+        except S.CheckpointError as err:
+            choice[1] = str(err)
+    dist.broadcast_object_list(choice, src=0, device=device if dist.get_backend() == "nccl" else None)
+    if choice[1]:
+        raise S.CheckpointError(choice[1])
+    if rank != 0 and choice[0]:
+        tmp = _resume_copy(ck, run_dir, only=choice[0])[0]
+    return tmp
 
 
 def _train_fn(loop_config: dict[str, Any]) -> None:
@@ -157,12 +211,12 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         ray.train.report(clean, checkpoint=ck, checkpoint_dir_name=name if ck else None)
 
-    ck = ray.train.get_checkpoint()
-    tmp = _resume_copy(ck, loop_config.get("run_dir")) if ck is not None else None
+    rank, world = rc.get_world_rank(), rc.get_world_size()
+    tmp = _agreed_resume_copy(ray.train.get_checkpoint(), loop_config.get("run_dir"), rank, world, device)
     resume_dir = tmp
     try:
         ctx = WorkerContext(
-            rank=rc.get_world_rank(), world_size=rc.get_world_size(), device=device, report=report,
+            rank=rank, world_size=world, device=device, report=report,
             resume_dir=resume_dir, run_id=loop_config["run_id"], parent_run_id=loop_config.get("parent_run_id"),
         )
         train_worker(cfg, ctx)
@@ -252,5 +306,45 @@ def run_training(
         fs_path = ck.path
         out["checkpoint"] = fs_path if not fs_path or fs_path.startswith("/") or "://" in fs_path else (
             "s3://" + fs_path if runs_root(cfg, storage_path).startswith("s3://") else fs_path)
-    out["run_id"] = run_id or cfg.run_id
+    run_id = run_id or cfg.run_id
+    newest = _newest_state(runs_root(cfg, storage_path).rstrip("/") + "/" + run_id)
+    if newest is not None and newest[1]["step"] > out.get("step", -1):
+        # Resumed at the end from a checkpoint whose report Ray never recorded: nothing was trained or reported by
+        # this attempt, so Ray's result is empty (or older). The final state is the run's newest checkpoint.
+        out = {**_final_metrics(cfg, newest[1]), "checkpoint": newest[0]}
+    out["run_id"] = run_id
     return out
+
+
+def _newest_state(run_dir: str) -> Optional[tuple[str, dict[str, Any]]]:
+    """(URL, parsed state.json) of the newest checkpoint under ``run_dir`` with a readable laren state.json."""
+    from laren.data import storage
+    from laren.train import state as S
+
+    for name in _checkpoint_names(run_dir):
+        url = storage.join(run_dir, name)
+        try:
+            doc = json.loads(storage.read_bytes(storage.join(url, S.STATE_FILE)))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and doc.get("format") == S.FORMAT and isinstance(doc.get("step"), int):
+            return url, doc
+    return None
+
+
+def _final_metrics(cfg: RunConfig, doc: dict[str, Any]) -> dict[str, Any]:
+    """The final metrics of a run from its last checkpoint's state.json (step, kimg) and its MLflow run (the latest
+    value of every metric it logged, system metrics left out)."""
+    out: dict[str, Any] = {"step": doc["step"], "kimg": doc.get("kimg", doc.get("images_seen", 0) / 1000.0)}
+    mlflow_run = doc.get("mlflow_run_id")
+    if not mlflow_run:
+        return out
+    try:
+        from mlflow.tracking import MlflowClient
+
+        metrics = MlflowClient(_absolute(cfg.tracking.tracking_uri) or None).get_run(mlflow_run).data.metrics
+    except Exception as err:  # noqa: BLE001 - the tracking server is optional here; never print its URI (credentials)
+        log.warning("final metrics: MLflow run %s unavailable (%s); returning step and kimg only", mlflow_run,
+                    type(err).__name__)
+        return out
+    return {**{k: v for k, v in metrics.items() if not k.startswith("system/")}, **out}

@@ -62,9 +62,6 @@ def test_stop_and_unknown_run(ray_head, mlflow_server, tmp_path, data):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="Ray Train V2 gives a new fit() no checkpoint after a FAILED run with the same "
-                   "(storage_path, name): laren.train.distributed must fall back to the newest checkpoint_* in "
-                   "<runs>/<run id>/ when ray.train.get_checkpoint() is None")
 def test_failed_job_resumes_when_submitted_again(ray_head, mlflow_server, tmp_path, data):
     """Attempt 1 is killed at step 6 (after its step-4 checkpoint) and FAILS; resubmitting continues from step 4."""
     job = tiny_job(tmp_path, "resume", data, steps=8, eval_every=4, ckpt_every=4)
