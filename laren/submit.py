@@ -447,6 +447,11 @@ def submit(path: Union[str, Path], address: Optional[str] = None, working_dir: O
     run_id, kind = spec.run_id, spec_kind(spec)
     c, addr = client(address, root, start_local=True, log=log)
     job_env = _job_env(root, env)
+    head = read_services(root).get("ray")
+    if head and head.get("dashboard_url") == addr and head.get("address"):
+        # The local head's GCS, for the job's Ray processes: Ray's state API (which Ray Train's placement-group cleaner
+        # uses when a Tune trial is stopped) cannot pick a cluster by itself on a machine running several Ray instances.
+        job_env.setdefault("RAY_ADDRESS", head["address"])
     url = mlflow_url(job_env["MLFLOW_TRACKING_URI"], experiment_name(spec), run_id)
 
     prev = _job_status(c, run_id)

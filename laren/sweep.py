@@ -7,7 +7,13 @@ the sweep's parent run (same experiment). ASHA compares trials on ``spec.metric`
 (``training_iteration`` = the trial's count of reports, one per evaluation / checkpoint).
 
 Concurrency is bounded by the cluster: ``max_concurrent_trials`` (or, when unset, the cluster's CPUs / GPUs divided by
-one trial's workers) trials at once; the driver function itself holds no CPU.
+one trial's workers plus its driver's share) trials at once; the driver function holds only ``DRIVER_RESOURCES``.
+
+Paths: Tune runs each trial in its own working directory, so a trial resolves the job's relative local paths
+(``./.laren/storage/...``) against the sweep driver's working directory, and names its run from the unresolved config
+(the id ``laren validate`` shows). A trial stopped early by the scheduler is killed with its Ray Train run; its MLflow
+child run, left RUNNING by the killed worker, is closed as KILLED (tag ``laren.stopped_by: scheduler``) when the sweep
+ends.
 
 Identity: the Tune experiment is named after the sweep's run id under ``<storage>/runs/``; a re-submitted sweep
 restores it (unfinished and errored trials continue). Trial ``k`` of the sweep trains the run ``<sweep>-t<k>-<hash>``.
@@ -19,9 +25,12 @@ point is the best trial having that value) are logged to the parent run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
+import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -64,23 +73,45 @@ def trial_overrides(sw: LoadedSweep, config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_TRIAL_ID = re.compile(r"_([0-9a-f]{5}_[0-9]{5})(?:_|$)")
+
+
 def _trial_index(trial_id: str) -> str:
     """Tune trial ids end in a zero-padded creation index (``abc12_00003``): stable across restores."""
     return str(int(trial_id.rsplit("_", 1)[-1])) if "_" in trial_id else trial_id
 
 
-def _make_driver(sw: LoadedSweep, experiment: str, parent_run_id: str, storage_path: Optional[str]):
+def trial_run_config(sw: LoadedSweep, overrides: dict[str, Any], k: str):
+    """Trial ``k``'s run config (name ``<sweep>-t<k>``; its run id is the Ray Train run and MLflow child run name)."""
+    return sw.trial_config(overrides, f"{sw.spec.name}-t{k}")
+
+
+@contextlib.contextmanager
+def _cwd(path: str):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def _make_driver(sw: LoadedSweep, experiment: str, parent_run_id: str, storage_path: Optional[str], cwd: str):
     def driver(config: dict[str, Any]) -> None:
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from laren.train.distributed import make_trainer
+        from laren.train.distributed import make_trainer, resolve_paths
 
         k = _trial_index(tune.get_context().get_trial_id())
-        cfg = sw.trial_config(trial_overrides(sw, config), f"{sw.spec.name}-t{k}")
+        cfg = trial_run_config(sw, trial_overrides(sw, config), k)
+        run_id = cfg.run_id  # from the config as written, before its paths are made absolute
+        with _cwd(cwd):  # Tune moved this process into the trial's directory
+            cfg = resolve_paths(cfg)
+            sp = os.path.abspath(storage_path) if storage_path and "://" not in storage_path else storage_path
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"experiment": experiment})})
-        result = make_trainer(cfg, parent_run_id=parent_run_id, extra_callbacks=[TuneReportCallback()],
-                              storage_path=storage_path).fit()
+        result = make_trainer(cfg, run_id=run_id, parent_run_id=parent_run_id, extra_callbacks=[TuneReportCallback()],
+                              storage_path=sp).fit()
         if result.error is not None:
             raise result.error
 
@@ -88,10 +119,14 @@ def _make_driver(sw: LoadedSweep, experiment: str, parent_run_id: str, storage_p
 
 
 def default_concurrency(sw: LoadedSweep, cluster: dict[str, float]) -> int:
-    from laren.grid import max_parallel
+    """Trials the cluster holds at once: its CPUs (GPUs) over one trial's workers plus its driver's share; at least 1."""
+    from laren.grid import per_run_resources
 
     n = len(sw.spec.grid_points(sw.base)) * sw.spec.num_samples
-    return min(n, max_parallel([sw.base] * n, cluster))
+    need = per_run_resources(sw.base)
+    need["CPU"] = need.get("CPU", 0.0) + DRIVER_RESOURCES["CPU"]
+    fits = [int(cluster.get(k, 0.0) // v + 1e-9) for k, v in need.items() if v > 0]
+    return max(1, min([n, *fits]))
 
 
 def _scheduler(sw: LoadedSweep):
@@ -120,12 +155,18 @@ def collect(sw: LoadedSweep, grid) -> list[dict[str, Any]]:
         df = r.metrics_dataframe
         series = list(df[metric]) if df is not None and metric in df else []
         m = r.metrics or {}
-        trial_id = m.get("trial_id", "") or (r.path.rsplit("_", 1)[-1] if r.path else "")
+        trial_id = m.get("trial_id", "")
+        if not trial_id and r.path:  # no result reported: the id is in the trial's directory name
+            found = _TRIAL_ID.search(os.path.basename(str(r.path).rstrip("/")))
+            trial_id = found.group(1) if found else ""
+        k = _trial_index(str(trial_id)) if trial_id else "?"
         rows.append({
-            "trial": _trial_index(str(trial_id)) if trial_id else "?",
+            "trial": k,
+            "run_id": trial_run_config(sw, cfg_overrides, k).run_id if k != "?" else "",
             "overrides": cfg_overrides,
             "best": _best(series, sw.spec.mode),
             "last": m.get(metric, math.nan),
+            "step": m.get("step"),
             "iterations": m.get("training_iteration", 0),
             "status": "ERROR" if r.error else "OK",
         })
@@ -147,13 +188,14 @@ def trials_table(sw: LoadedSweep, rows: list[dict[str, Any]]) -> tuple[str, str]
     def f(v):
         return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else ("n/a" if isinstance(v, float) else str(v))
 
-    head = ["trial", *keys, f"best {sw.spec.metric}", f"last {sw.spec.metric}", "iterations", "status"]
+    head = ["trial", *keys, f"best {sw.spec.metric}", f"last {sw.spec.metric}", "step", "iterations", "status", "run id"]
     md = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(head)
     for r in rows:
-        cells = [r["trial"], *(val(r, k) for k in keys), r["best"], r["last"], r["iterations"], r["status"]]
+        cells = [r["trial"], *(val(r, k) for k in keys), r["best"], r["last"], r["step"], r["iterations"], r["status"],
+                 r["run_id"]]
         md.append("| " + " | ".join(f(c) for c in cells) + " |")
         w.writerow(cells)
     return "\n".join(md) + "\n", buf.getvalue()
@@ -197,6 +239,30 @@ def plot_fig8(sw: LoadedSweep, rows: list[dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
+def close_stopped_children(tracking_uri: str, experiment: str, rows: list[dict[str, Any]],
+                           log: Callable[[str], None] = print) -> None:
+    """Close the MLflow child runs that killed trials left RUNNING: KILLED (stopped by the scheduler) or FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    from laren.tracking import RUN_ID_TAG, set_http_env_defaults
+
+    set_http_env_defaults()
+    try:
+        c = MlflowClient(tracking_uri)
+        exp = c.get_experiment_by_name(experiment)
+        for r in rows:
+            if exp is None or not r["run_id"]:
+                continue
+            for run in c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{r['run_id']}'"):
+                if run.info.status != "RUNNING":
+                    continue
+                if r["status"] == "OK":
+                    c.set_tag(run.info.run_id, "laren.stopped_by", "scheduler")
+                c.set_terminated(run.info.run_id, "KILLED" if r["status"] == "OK" else "FAILED")
+    except Exception as err:  # the results matter more than tidy run states
+        log(f"could not close the stopped trials' MLflow runs: {type(err).__name__}: {err}")
+
+
 def run_sweep(sw: LoadedSweep, storage_path: Optional[str] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the sweep with Ray Tune on the current cluster (RAY_ADDRESS or local); see the module docstring."""
     import ray
@@ -210,18 +276,22 @@ def run_sweep(sw: LoadedSweep, storage_path: Optional[str] = None, log: Callable
     base = resolve_paths(sw.base)
     parent = Tracker(base.tracking.tracking_uri, exp, sw.run_id, tags={"laren.kind": "sweep", "laren.job": sw.spec.name},
                      system_metrics=False)
+    sched = sw.spec.scheduler
     parent.log_params({"metric": sw.spec.metric, "mode": sw.spec.mode, "design": sw.spec.design,
-                       "num_samples": sw.spec.num_samples, "scheduler": sw.spec.scheduler.kind, "base_job": sw.job.name,
+                       "num_samples": sw.spec.num_samples, "scheduler": sched.kind, "base_job": sw.job.name,
+                       **({f"scheduler.{k}": getattr(sched, k) for k in ("time_attr", "max_t", "grace_period",
+                                                                          "reduction_factor")} if sched.kind == "asha" else {}),
                        **{f"search.{k}": str(d.model_dump(exclude_none=True)) for k, d in sw.spec.search_space.items()}})
     parent.log_config({"sweep": sw.spec.model_dump(mode="json"), "base": sw.base.to_dict()})
     parent.flush()
     ensure_ray()
     conc = sw.spec.max_concurrent_trials or default_concurrency(sw, ray.cluster_resources())
+    parent.log_params({"max_concurrent_trials": conc})
     root = runs_root(base, storage_path)
     path, fs = _storage(root)
     log(f"sweep {sw.run_id}: {len(sw.spec.grid_points(sw.base))} grid point(s) x {sw.spec.num_samples}, "
         f"{conc} trial(s) at a time; MLflow parent run {parent.run_id} in {exp!r}")
-    trainable = tune.with_resources(_make_driver(sw, exp, parent.run_id, storage_path), DRIVER_RESOURCES)
+    trainable = tune.with_resources(_make_driver(sw, exp, parent.run_id, storage_path, os.getcwd()), DRIVER_RESOURCES)
     exp_path = f"{root.rstrip('/')}/{sw.run_id}"
     if tune.Tuner.can_restore(exp_path if fs is None else f"{path.rstrip('/')}/{sw.run_id}", storage_filesystem=fs):
         log(f"restoring the sweep from {exp_path}")
@@ -238,6 +308,7 @@ def run_sweep(sw: LoadedSweep, storage_path: Optional[str] = None, log: Callable
         )
     grid = tuner.fit()
     rows = collect(sw, grid)
+    close_stopped_children(base.tracking.tracking_uri, exp, rows, log)
     md, csv_text = trials_table(sw, rows)
     with tempfile.TemporaryDirectory(prefix="laren-sweep-") as d:
         (Path(d) / "trials.md").write_text(f"# {sw.spec.name}: {sw.spec.description}\n\n" + md)
@@ -254,4 +325,7 @@ def run_sweep(sw: LoadedSweep, storage_path: Optional[str] = None, log: Callable
     errors = [r for r in rows if r["status"] != "OK"]
     parent.finish("FAILED" if errors or not best else "FINISHED")
     log(md)
+    if errors or not best:
+        raise RuntimeError(f"sweep {sw.run_id}: " + (f"trials failed: {[r['run_id'] or r['trial'] for r in errors]}"
+                           if errors else f"no trial reported {sw.spec.metric}") + " (submit the sweep again to resume)")
     return {"run_id": sw.run_id, "mlflow_run_id": parent.run_id, "trials": rows, "table_md": md}
