@@ -49,7 +49,7 @@ def results_table(rows: list[dict[str, Any]]) -> tuple[str, str]:
 
     head = ["Model", *(m for m, _ in TABLE_METRICS), "kimg", "run id", "status"]
     body = [[r["label"], fmt(r.get("val/psnr"), 2), fmt(r.get("val/ssim"), 4), fmt(r.get("val/lpips_alex"), 4),
-             fmt(r.get("kimg"), 2), r["run_id"], r["status"]] for r in rows]
+             fmt(r.get("kimg"), 3), r["run_id"], r["status"]] for r in rows]
     md = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     md += ["| " + " | ".join(b) + " |" for b in body]
     buf = io.StringIO()
@@ -58,6 +58,25 @@ def results_table(rows: list[dict[str, Any]]) -> tuple[str, str]:
     for r in rows:
         w.writerow([r["label"], *(r.get(k, "") for _, k in TABLE_METRICS), r.get("kimg", ""), r["run_id"], r["status"]])
     return "\n".join(md) + "\n", buf.getvalue()
+
+
+def logged_metrics(tracking_uri: str, experiment: str, run_id: str) -> dict[str, float]:
+    """The latest value of each table metric the MLflow run ``run_id`` (its ``laren.run_id`` tag) logged; {} if none."""
+    from mlflow.tracking import MlflowClient
+
+    from laren.tracking import RUN_ID_TAG, set_http_env_defaults
+
+    set_http_env_defaults()
+    c = MlflowClient(tracking_uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{run_id}'",
+                         order_by=["attributes.start_time ASC"], max_results=1)
+    if not runs:
+        return {}
+    m = runs[0].data.metrics
+    return {k: m[k] for k in (*(key for _, key in TABLE_METRICS), "train/kimg") if k in m}
 
 
 def _row_task(cfg_dict: dict[str, Any], parent_run_id: str, storage_path: Optional[str]) -> dict[str, Any]:
@@ -106,6 +125,16 @@ def run_grid(spec: JobSpec, storage_path: Optional[str] = None, log: Callable[[s
         results[i] = ray.get(done[0])
         log(f"  row {rows[i][0].name}: {results[i]['status']} {results[i].get('error', '')}")
     table_rows = [{"label": v.title, "run_id": cfg.run_id, **results[i]} for i, (v, cfg) in enumerate(rows)]
+    for r in table_rows:
+        # A row finished by an earlier attempt resumes at its end and evaluates nothing: its numbers are the ones it logged.
+        if r["status"] == "FINISHED" and any(key not in r for _, key in TABLE_METRICS):
+            try:
+                got = logged_metrics(base.tracking.tracking_uri, exp, r["run_id"])
+            except Exception as err:  # tracking server down: the table says n/a for these cells
+                log(f"  row {r['run_id']}: metrics not found in MLflow ({type(err).__name__}: {err})")
+                got = {}
+            r.update({k: v for k, v in got.items() if k not in r})
+            r.setdefault("kimg", got.get("train/kimg"))
     md, csv_text = results_table(table_rows)
     title = f"# {spec.name}: {spec.description or 'ablation grid'}\n\n"
     with tempfile.TemporaryDirectory(prefix="laren-grid-") as d:

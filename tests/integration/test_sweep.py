@@ -63,6 +63,7 @@ def test_sweep_2x2_asha_parent_children_and_fig8(ray_head, mlflow_server, tmp_pa
     st = S.wait(sw.run_id, addr, timeout_s=360)
     logs = S.logs(sw.run_id, addr)
     assert st == "SUCCEEDED", logs[-4000:]
+    assert f"sweep {sw.run_id}: 4 grid point(s) x 1, 3 trial(s) at a time" in logs
 
     c, runs = mlflow_runs(mlflow_server.uri, "sweep-it")
     parent = runs[sw.run_id]
