@@ -24,8 +24,11 @@ down to ch[r]. A final conv3x3 -> RGB gives the SR image. For in16/out1024 this 
 ``glean_lr_skip`` (only with ``glean_skips``; off by default) also feeds the LR image, bicubically upsampled to R, to
 that final conv: to_rgb(cat(decoder feature (B, ch[R], R, R), up(lr) (B, 3, R, R))). The decoder then refines an
 interpolation of the input instead of rebuilding every pixel from the encoder's 4x4..l maps (the residual / input
-skip of VDSR-style SR networks). This matters when the prior is random and carries no image content. It adds
-3 * 3 * 3 * 3 = 81 parameters (30,665,620 for in16/out1024).
+skip of VDSR-style SR networks). This matters when the prior is random and carries no image content. The LR
+channels of that conv start as the identity (centre tap 1 from each colour to itself, the other taps 0), so the
+decoder starts from the bicubic image plus its own (randomly initialised) output and learns the correction; a
+random start would first have to discover the identity. It adds 3 * 3 * 3 * 3 = 81 parameters (30,665,620 for
+in16/out1024).
 """
 
 from __future__ import annotations
@@ -63,6 +66,10 @@ class GleanDecoder(nn.Module):
             self.blocks[str(r)] = nn.Conv2d(cin, cg[r], 3, 1, 1)
             r *= 2
         self.to_rgb = nn.Conv2d(cg[out_size] + (3 if lr_skip else 0), 3, 3, 1, 1)
+        if lr_skip:  # the LR-image channels start as the identity (see the module docstring)
+            with torch.no_grad():
+                self.to_rgb.weight[:, -3:].zero_()
+                self.to_rgb.weight[:, -3:, 1, 1].copy_(torch.eye(3))
 
     def forward(
         self, gen_feats: Mapping[int, Tensor], enc_feats: Mapping[int, Tensor], lr: Optional[Tensor] = None

@@ -267,13 +267,15 @@ def test_glean_lr_skip_reads_the_lr_image():
     torch.manual_seed(0)
     model = build_tiny(tiny(glean_skips=True, glean_lr_skip=True)).eval()
     lr = torch.rand(2, 3, 8, 8) * 2 - 1
-    # Only the LR-image channels of the final conv are live: the SR image is a 3x3 conv of the bicubic upsampling.
+    # With only the LR-image channels of the final conv live, the SR image is that conv of the bicubic upsampling,
+    # and at initialisation those channels are the identity: SR = bicubic + bias.
     conv = model.decoder.to_rgb
     with torch.no_grad():
         conv.weight[:, :-3].zero_()
         sr = model(lr)
     up = torch.nn.functional.interpolate(lr, size=(32, 32), mode="bicubic", align_corners=False)
     assert torch.allclose(sr, torch.nn.functional.conv2d(up, conv.weight[:, -3:], conv.bias, padding=1), atol=1e-5)
+    assert torch.allclose(sr, up + conv.bias.view(1, 3, 1, 1), atol=1e-5)
     model.train()
     sr = model(lr)
     sr.square().mean().backward()
