@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: setup test test-unit demo services services-stop mlflow-ui submit sweep
+.PHONY: setup test test-unit demo services services-stop mlflow-ui submit sweep bench
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ test: setup
 
 test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit
+
+# Every benchmark -> benchmarks/RESULTS.md (machine, command, figures, how each was measured; ~10 min on 2 cores).
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
 
 # ---- jobs: JOB / SWEEP are a name under jobs/ / sweeps/ (face64x) or a path; ADDRESS (or RAY_ADDRESS) picks the cluster.
 job_file = $(if $(filter %.yaml %.yml,$(1)),$(1),$(2)/$(1).yaml)

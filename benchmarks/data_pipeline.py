@@ -93,7 +93,8 @@ def model_demand(side: int, lr_size: int, args) -> tuple[float | None, str]:
     return float(ips), f"benchmarks/model_step.py: {what}, batch {batch}, {args.device}"
 
 
-def main() -> None:
+def main(argv=None) -> list[dict]:
+    """Run the cases; print the table and return its rows (``benchmarks/run_all.py`` writes them to RESULTS.md)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=24, help="images per source")
     ap.add_argument("--batches", type=int, default=6, help="timed batches per case")
@@ -105,7 +106,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="device of the model-step measurement")
     ap.add_argument("--model-batch", type=int, default=None, help="model-step batch [default: 1 on cpu, 8 on cuda]")
     ap.add_argument("--no-s3", action="store_true", help="skip the S3 cases")
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="8 images, 3 timed batches per case (for `make bench`)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.images, args.batches = 8, 3
+    rows: list[dict] = []
     args.demand_model = args.demand_model or ("tiny" if args.device == "cpu" else "full")
 
     tmp = Path(tempfile.mkdtemp(prefix="laren-bench-data-"))
@@ -139,9 +144,12 @@ def main() -> None:
                     need = f"{math.ceil(demand / rate)}" if demand else "-"
                     case = f"{side}^2 {fmt} {where} (LR {args.lr_size}, x1/{side // args.lr_size})"
                     print(f"{case:34s} {rate:16.1f} {mb:10.3f} {ratio:>16s} {need:>15s}", flush=True)
+                    rows.append({"case": case, "samples_per_s": rate, "mb_per_sample": mb, "demand": demand,
+                                 "demand_source": demand_src, "workers_needed": need})
     finally:
         if server is not None:
             server.stop()
+    return rows
 
 
 if __name__ == "__main__":
