@@ -21,7 +21,7 @@ a few hundred), cosine to 1e-5 over the run. None of these settings was chosen f
 
 The run length is ``minutes * images_per_s`` images. The default 60 images/s is a conservative throughput for a
 busy 2-core machine: idle, it trains at about 200 images/s (the 12.6 kimg take about 1 minute; under a load average
-of 10+ they took 15). Measured at load 2: val loss 0.0138 -> 0.0068, val PSNR 31.33 dB vs bicubic 31.00 dB. Prints the validation loss before and after, the validation PSNR and the bicubic PSNR on the same
+of 3-17, 10.8 kimg took 15 minutes). Measured at load 2: val loss 0.0138 -> 0.0068, val PSNR 31.33 dB vs bicubic 31.00 dB. Prints the validation loss before and after, the validation PSNR and the bicubic PSNR on the same
 images, and the elapsed time.
 """
 
