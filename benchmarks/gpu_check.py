@@ -52,19 +52,19 @@ def load_setup(tiny: bool):
 
 
 class Step:
-    """One training step of the worker loop (laren/train/loop.py), on fixed random tensors."""
+    """One training step of the worker loop (``laren.train.loop.train_step``: G step, then D step), on fixed random
+    tensors, on one device (no gradient all-reduce)."""
 
     def __init__(self, mcfg, loss, batch: int, device: torch.device, bf16: bool, compile_: bool):
         from laren import losses as L
         from laren.models.build import build_discriminator, build_model
 
         torch.manual_seed(0)
-        self.L, self.loss = L, loss
+        self.loss = loss
         self.model = build_model(mcfg, device="cpu").to(device).train()
         self.disc = build_discriminator(mcfg).to(device).train()
         self.vgg = L.random_vgg16(0).to(device) if loss.perceptual_weight > 0 else None
-        self.g_params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt_g = torch.optim.Adam(self.g_params, lr=1e-4, betas=(0.9, 0.999))
+        self.opt_g = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.999))
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=1e-4, betas=(0.9, 0.999))
         self.fwd_g, self.fwd_d = self.model, self.disc
         if compile_:
@@ -75,25 +75,11 @@ class Step:
         self.lr = (torch.rand(batch, 3, l, l, generator=g) * 2 - 1).to(device)
         self.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    def __call__(self) -> None:
-        L, loss = self.L, self.loss
-        self.disc.requires_grad_(False)
-        with torch.autocast(**self.autocast):
-            sr = self.fwd_g(self.lr)
-            l_pix = L.pixel_loss(sr.float(), self.hr)
-            l_per = L.perceptual_loss(self.vgg, sr, self.hr) if self.vgg is not None else sr.new_zeros(())
-            l_adv = L.g_adversarial_loss(self.fwd_d(sr), loss.adversarial) if loss.adversarial_weight > 0 else sr.new_zeros(())
-            loss_g = loss.pixel_weight * l_pix + loss.perceptual_weight * l_per.float() + loss.adversarial_weight * l_adv.float()
-        self.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        self.opt_g.step()
-        if loss.adversarial_weight > 0:
-            self.disc.requires_grad_(True)
-            with torch.autocast(**self.autocast):
-                l_d = L.d_loss(self.fwd_d(self.hr).float(), self.fwd_d(sr.detach()).float())
-            self.opt_d.zero_grad(set_to_none=True)
-            l_d.backward()
-            self.opt_d.step()
+    def __call__(self) -> dict[str, torch.Tensor]:
+        from laren.train.loop import train_step
+
+        return train_step(self.fwd_g, self.fwd_d, self.vgg, self.opt_g, self.opt_d, self.lr, self.hr, self.loss,
+                          self.autocast)
 
 
 def _sync(device: torch.device) -> None:

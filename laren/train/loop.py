@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from laren import losses as L
-from laren.config import ConfigError, RunConfig
+from laren.config import ConfigError, LossConfig, RunConfig
 from laren.train import state as S
 
 # Test-only fault injection: at step LAREN_TEST_KILL_AT_STEP the rank LAREN_TEST_KILL_RANK (default 1) SIGKILLs its
@@ -286,18 +286,15 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     # ---- modules (same seed on every rank -> same init; broadcast anyway)
     torch.manual_seed(t_cfg.seed)
     model = build_model(cfg.model, device="cpu").to(dev)
-    use_adv = cfg.loss.adversarial_weight > 0
     disc = build_discriminator(cfg.model).to(dev)
     _broadcast_module(model, world)
     _broadcast_module(disc, world)
     vgg = None
     if cfg.loss.perceptual_weight > 0:
         vgg = (L.random_vgg16(t_cfg.seed) if cfg.loss.random_backbone_for_tests else L.load_vgg16(cfg.loss.vgg16_path)).to(dev)
-    g_params = [p for p in model.parameters() if p.requires_grad]
-    d_params = list(disc.parameters())
     o = cfg.optim
-    opt_g = torch.optim.Adam(g_params, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    opt_d = torch.optim.Adam(d_params, lr=o.lr_d, betas=tuple(o.betas), eps=o.eps)
+    opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=o.lr_d, betas=tuple(o.betas), eps=o.eps)
     optimizers = {"g": opt_g, "d": opt_d}
 
     # ---- resume
@@ -345,38 +342,12 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
             for g in opt_d.param_groups:
                 g["lr"] = cur_lr_d
 
-            # -- generator step (D frozen: its parameters get no gradient here)
-            disc.requires_grad_(False)
-            with torch.autocast(**autocast):
-                sr = model(lr_img)
-                l_pix = L.pixel_loss(sr.float(), hr_img)
-                l_per = L.perceptual_loss(vgg, sr, hr_img) if vgg is not None else sr.new_zeros(())
-                l_adv = L.g_adversarial_loss(disc(sr), cfg.loss.adversarial) if use_adv else sr.new_zeros(())
-                loss_g = (cfg.loss.pixel_weight * l_pix + cfg.loss.perceptual_weight * l_per.float()
-                          + cfg.loss.adversarial_weight * l_adv.float())
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            _allreduce_grads(g_params, world)
-            opt_g.step()
-
-            # -- discriminator step
-            l_d = d_real = d_fake = torch.zeros(())
-            if use_adv:
-                disc.requires_grad_(True)
-                with torch.autocast(**autocast):
-                    logit_real, logit_fake = disc(hr_img), disc(sr.detach())
-                    l_d = L.d_loss(logit_real.float(), logit_fake.float())
-                opt_d.zero_grad(set_to_none=True)
-                l_d.backward()
-                _allreduce_grads(d_params, world)
-                opt_d.step()
-                d_real, d_fake = logit_real.detach().float().mean(), logit_fake.detach().float().mean()
+            out = train_step(model, disc, vgg, opt_g, opt_d, lr_img, hr_img, cfg.loss, autocast, world)
 
             st.step += 1
             st.images_seen = st.step * t_cfg.batch_size_global
-            for k, v in (("loss_g", loss_g), ("loss_pix", l_pix), ("loss_per", l_per), ("loss_adv", l_adv),
-                         ("loss_d", l_d), ("d_real", d_real), ("d_fake", d_fake)):
-                acc[k] += float(v.detach())
+            for k in acc:
+                acc[k] += float(out[k].detach())
             acc_n += 1
             img_log += lr_img.shape[0]
             _maybe_kill_for_test(st.step, rank)
@@ -419,6 +390,52 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
         # A failed attempt leaves the MLflow run open: the restarted attempt resumes it (no duplicate run).
         if status == "FINISHED":
             tracker.finish(status)
+
+
+def train_step(model, disc, vgg, opt_g, opt_d, lr_img: torch.Tensor, hr_img: torch.Tensor, loss_cfg: LossConfig,
+               autocast: dict[str, Any], world_size: int = 1) -> dict[str, torch.Tensor]:
+    """One generator step, then one discriminator step (Eq. 5; see the module docstring), on one batch.
+
+    ``model`` and ``disc`` may be ``torch.compile`` wrappers of the modules the optimizers hold; ``vgg`` is None when
+    ``loss_cfg.perceptual_weight`` is 0; ``autocast`` holds the keyword arguments of ``torch.autocast``. With
+    ``world_size`` > 1 the gradients are averaged over ranks after each backward. Returns the scalar tensors
+    ``loss_g``, ``loss_pix``, ``loss_per``, ``loss_adv``, ``loss_d``, ``d_real``, ``d_fake`` (D terms are 0 when
+    ``loss_cfg.adversarial_weight`` is 0: D is then not trained).
+    """
+    use_adv = loss_cfg.adversarial_weight > 0
+    # -- generator step (D frozen: its parameters get no gradient here)
+    disc.requires_grad_(False)
+    with torch.autocast(**autocast):
+        sr = model(lr_img)
+        l_pix = L.pixel_loss(sr.float(), hr_img)
+        l_per = L.perceptual_loss(vgg, sr, hr_img) if vgg is not None else sr.new_zeros(())
+        l_adv = L.g_adversarial_loss(disc(sr), loss_cfg.adversarial) if use_adv else sr.new_zeros(())
+        loss_g = (loss_cfg.pixel_weight * l_pix + loss_cfg.perceptual_weight * l_per.float()
+                  + loss_cfg.adversarial_weight * l_adv.float())
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    _allreduce_grads(_params(opt_g), world_size)
+    opt_g.step()
+
+    # -- discriminator step
+    l_d = d_real = d_fake = torch.zeros(())
+    if use_adv:
+        disc.requires_grad_(True)
+        with torch.autocast(**autocast):
+            logit_real, logit_fake = disc(hr_img), disc(sr.detach())
+            l_d = L.d_loss(logit_real.float(), logit_fake.float())
+        opt_d.zero_grad(set_to_none=True)
+        l_d.backward()
+        _allreduce_grads(_params(opt_d), world_size)
+        opt_d.step()
+        d_real, d_fake = logit_real.detach().float().mean(), logit_fake.detach().float().mean()
+    return {"loss_g": loss_g, "loss_pix": l_pix, "loss_per": l_per, "loss_adv": l_adv,
+            "loss_d": l_d, "d_real": d_real, "d_fake": d_fake}
+
+
+def _params(opt: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    """The optimizer's parameters, in the order they were given to it."""
+    return [p for group in opt.param_groups for p in group["params"]]
 
 
 def _seed_all(seed: int) -> None:
