@@ -91,7 +91,37 @@ def _chunks(total: int, size: int):
         yield start, min(start + size, total)
 
 
-class GraphDisentangle(nn.Module):
+class _GraphBase(nn.Module):
+    """What HMRR and VRR share: the sizes, the argument checks, the ordered node pairs and U = nodes(z).
+
+    Holds no parameters: each subclass creates its own, ``node_proj`` (W_U) among them, in its own order (which is the
+    order of the random initialisation).
+    """
+
+    def __init__(self, latent_dim: int, num_nodes: int, node_dim: int, num_codes: int, chunk_size: int,
+                 checkpoint_chunks: bool):
+        super().__init__()
+        if num_nodes < 2:
+            raise ValueError(f"num_nodes must be >= 2 (a graph needs node pairs), got {num_nodes}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.latent_dim, self.num_nodes, self.node_dim, self.num_codes = latent_dim, num_nodes, node_dim, num_codes
+        self.num_attributes = num_codes * latent_dim  # D
+        self.chunk_size, self.checkpoint_chunks = chunk_size, checkpoint_chunks
+        i_P, j_P = ordered_pairs(num_nodes)
+        self.register_buffer("pair_i", i_P, persistent=False)
+        self.register_buffer("pair_j", j_P, persistent=False)
+
+    @property
+    def num_pairs(self) -> int:
+        return self.num_nodes * (self.num_nodes - 1)
+
+    def nodes(self, z_BH: Tensor) -> Tensor:
+        """U = (W_U z + b_U).view(B, J, C)."""
+        return self.node_proj(z_BH).view(z_BH.shape[0], self.num_nodes, self.node_dim)
+
+
+class GraphDisentangle(_GraphBase):
     """GDM with hierarchical multi-relation reasoning (HMRR): z (B, H) -> g (B, N, H), with D = N*H.
 
     Args:
@@ -116,29 +146,11 @@ class GraphDisentangle(nn.Module):
         chunk_size: int = 256,
         checkpoint_chunks: bool = True,
     ):
-        super().__init__()
-        if num_nodes < 2:
-            raise ValueError(f"num_nodes must be >= 2 (a graph needs node pairs), got {num_nodes}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        self.latent_dim, self.num_nodes, self.node_dim, self.num_codes = latent_dim, num_nodes, node_dim, num_codes
-        self.num_attributes = num_codes * latent_dim  # D
+        super().__init__(latent_dim, num_nodes, node_dim, num_codes, chunk_size, checkpoint_chunks)
         self.relation_scale = float(self.num_attributes if relation_scale is None else relation_scale)
-        self.chunk_size, self.checkpoint_chunks = chunk_size, checkpoint_chunks
         self.node_proj = nn.Linear(latent_dim, num_nodes * node_dim)  # W_U, b_U  (JC x H)
         self.attr = nn.Linear(2 * node_dim, self.num_attributes)  # W_attr, b_attr  (D x 2C)
         self.convkb = ConvKB(node_dim, convkb_filters)
-        i_P, j_P = ordered_pairs(num_nodes)
-        self.register_buffer("pair_i", i_P, persistent=False)
-        self.register_buffer("pair_j", j_P, persistent=False)
-
-    @property
-    def num_pairs(self) -> int:
-        return self.num_nodes * (self.num_nodes - 1)
-
-    def nodes(self, z_BH: Tensor) -> Tensor:
-        """U = (W_U z + b_U).view(B, J, C)."""
-        return self.node_proj(z_BH).view(z_BH.shape[0], self.num_nodes, self.node_dim)
 
     # -- chunk kernels (pure functions of their tensor inputs so that checkpoint can recompute them) --------------
 
@@ -197,7 +209,7 @@ class GraphDisentangle(nn.Module):
         return torch.cat(g_chunks, dim=1).view(B, self.num_codes, self.latent_dim)
 
 
-class GraphDisentangleVRR(nn.Module):
+class GraphDisentangleVRR(_GraphBase):
     """GDM with vanilla relation reasoning (Table IV "Base+GDM(VRR)"; model-spec section 5): z (B, H) -> g (B, N, H).
 
     One scalar relation a_ij per ordered pair, normalised over the neighbours j of i (Eq. 1 with D = 1). It is shared
@@ -219,24 +231,13 @@ class GraphDisentangleVRR(nn.Module):
         chunk_size: int = 256,
         checkpoint_chunks: bool = True,
     ):
-        super().__init__()
-        if num_nodes < 2:
-            raise ValueError(f"num_nodes must be >= 2 (a graph needs node pairs), got {num_nodes}")
-        self.latent_dim, self.num_nodes, self.node_dim, self.num_codes = latent_dim, num_nodes, node_dim, num_codes
-        self.num_attributes = num_codes * latent_dim
+        super().__init__(latent_dim, num_nodes, node_dim, num_codes, chunk_size, checkpoint_chunks)
         self.relation_scale = float(num_nodes - 1 if relation_scale is None else relation_scale)
-        self.chunk_size, self.checkpoint_chunks = chunk_size, checkpoint_chunks
-        self.node_proj = nn.Linear(latent_dim, num_nodes * node_dim)
+        self.node_proj = nn.Linear(latent_dim, num_nodes * node_dim)  # W_U, b_U  (JC x H)
         self.relation = nn.Linear(2 * node_dim, 1)  # w_r, b_r
         self.convkb = ConvKB(node_dim, convkb_filters)
         self.rel_embed = nn.Parameter(torch.empty(self.num_attributes, node_dim))  # E (D, C)
         nn.init.normal_(self.rel_embed, std=1.0)
-        i_P, j_P = ordered_pairs(num_nodes)
-        self.register_buffer("pair_i", i_P, persistent=False)
-        self.register_buffer("pair_j", j_P, persistent=False)
-
-    def nodes(self, z_BH: Tensor) -> Tensor:
-        return self.node_proj(z_BH).view(z_BH.shape[0], self.num_nodes, self.node_dim)
 
     def adjacency(self, u_BJC: Tensor) -> Tensor:
         """rho (B, P): kappa * Softmax over the neighbours j != i of s_ij / ||s_i.||_2, masked where s_ij == 0."""

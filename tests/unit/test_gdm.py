@@ -197,3 +197,11 @@ def test_vrr_matches_reference_and_trains():
     g.square().sum().backward()
     for name, p in gdm.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("cls", [GraphDisentangle, GraphDisentangleVRR])
+def test_bad_sizes_are_refused(cls):
+    with pytest.raises(ValueError, match="num_nodes must be >= 2"):
+        cls(8, 1, 2, 2)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        cls(8, 3, 2, 2, chunk_size=0)
