@@ -15,6 +15,7 @@ Importing this module registers the ``s3`` scheme with WebDataset's ``gopen``, s
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -25,7 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import BinaryIO, Optional
+from typing import BinaryIO, Iterator, Optional
 
 log = logging.getLogger("laren.data")
 
@@ -266,6 +267,25 @@ def list_files(url_prefix: str | os.PathLike, page_size: int = 1000) -> list[str
 # ------------------------------------------------------------------------------------------------ writes
 
 
+@contextlib.contextmanager
+def _atomic_local_file(dest: str | os.PathLike) -> Iterator[str]:
+    """A temporary file beside the local file ``dest`` (its folder created), for the caller to fill. On success it gets
+    the mode open() would give and replaces ``dest`` in one os.replace, so readers see the old file or the new one,
+    never a part; on any error it is removed and ``dest`` is left as it was."""
+    folder = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def write_bytes(url: str | os.PathLike, data: bytes) -> None:
     """Write atomically (local: temp file + os.replace; S3: one PUT, or multipart above MULTIPART_THRESHOLD)."""
     u = str(url)
@@ -276,21 +296,10 @@ def write_bytes(url: str | os.PathLike, data: bytes) -> None:
         else:
             s3_client().upload_fileobj(io.BytesIO(data), bucket, key, Config=_transfer_config())
         return
-    path = _local(u)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with _atomic_local_file(_local(u)) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def upload_file(local_path: str | os.PathLike, url: str | os.PathLike) -> None:
@@ -302,29 +311,14 @@ def upload_file(local_path: str | os.PathLike, url: str | os.PathLike) -> None:
         bucket, key = split_s3(u)
         s3_client().upload_file(str(local_path), bucket, key, Config=_transfer_config())
         return
-    dest = _local(u)
-    folder = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    os.close(fd)
-    try:
+    with _atomic_local_file(_local(u)) as tmp:
         shutil.copyfile(local_path, tmp)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def download_file(url: str | os.PathLike, local_path: str | os.PathLike) -> None:
     """Copy ``url`` to a local file (atomically)."""
     u = str(url)
-    folder = os.path.dirname(os.path.abspath(local_path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    os.close(fd)
-    try:
+    with _atomic_local_file(local_path) as tmp:
         if is_s3(u):
             bucket, key = split_s3(u)
             try:
@@ -335,12 +329,6 @@ def download_file(url: str | os.PathLike, local_path: str | os.PathLike) -> None
                 raise
         else:
             shutil.copyfile(_local(u), tmp)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, local_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def delete(url: str | os.PathLike) -> None:

@@ -45,8 +45,17 @@ def test_upload_download_local(tmp_path):
     storage.upload_file(src, str(tmp_path / "up" / "x.bin"))
     storage.download_file(str(tmp_path / "up" / "x.bin"), tmp_path / "down" / "y.bin")
     assert (tmp_path / "down" / "y.bin").read_bytes() == src.read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (tmp_path / "up" / "x.bin", tmp_path / "down" / "y.bin"):  # the mode open() gives, not mkstemp's 0600
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask
     with pytest.raises(FileNotFoundError):
         storage.upload_file(tmp_path / "nope", str(tmp_path / "z"))
+    # a failed download leaves the previous file as it was, and no temporary file beside it
+    with pytest.raises(FileNotFoundError):
+        storage.download_file(str(tmp_path / "up" / "missing.bin"), tmp_path / "down" / "y.bin")
+    assert (tmp_path / "down" / "y.bin").read_bytes() == src.read_bytes()
+    assert os.listdir(tmp_path / "down") == ["y.bin"]
 
 
 def test_webdataset_s3_scheme_registered():
