@@ -142,14 +142,17 @@ class JobSpec(RunConfig):
         ]
 
 
-def load_job(path: str | Path) -> JobSpec:
-    """Load and validate a job YAML; errors name the file and the field path (grid rows included)."""
+def _load_named(path: str | Path, what: str) -> dict[str, Any]:
+    """The fields of a job or sweep file (``what``); ``name`` defaults to the file's stem."""
     data = load_yaml(path)
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a job file must be a mapping of fields")
-    if "name" not in data:
-        data = {**data, "name": Path(path).stem}
-    spec = parse_section(JobSpec, data, source=str(path))
+        raise ConfigError(f"{path}: a {what} file must be a mapping of fields")
+    return data if "name" in data else {**data, "name": Path(path).stem}
+
+
+def load_job(path: str | Path) -> JobSpec:
+    """Load and validate a job YAML; errors name the file and the field path (grid rows included)."""
+    spec = parse_section(JobSpec, _load_named(path, "job"), source=str(path))
     if spec.kind == "grid":
         try:
             spec.rows()
@@ -292,12 +295,7 @@ class LoadedSweep:
 
 def load_sweep(path: str | Path) -> LoadedSweep:
     """Load and validate a sweep YAML and its base job; every grid/choice value is validated as a trial config."""
-    data = load_yaml(path)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a sweep file must be a mapping of fields")
-    if "name" not in data:
-        data = {**data, "name": Path(path).stem}
-    spec = parse_section(SweepSpec, data, source=str(path))
+    spec = parse_section(SweepSpec, _load_named(path, "sweep"), source=str(path))
     job_path = resolve_job_path(path, spec.job)
     if not job_path.is_file():
         raise ConfigError(f"invalid config in {path}:\n  job: file not found: {spec.job} (looked at {job_path})")

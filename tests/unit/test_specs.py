@@ -179,3 +179,13 @@ def test_validate_prints_model_summary():
     _, text = validate(REPO / "jobs" / "demo.yaml", summary=True)
     assert "# model summary" in text and "GDM" in text and "generator (frozen)" in text
     assert "per run: 1 worker(s) x 1 CPU" in text
+
+
+def test_name_defaults_to_the_file_stem_and_a_list_is_refused(tmp_path):
+    assert load_job(_write(tmp_path, "stem-name.yaml", {"model": TINY_MODEL})).name == "stem-name"
+    assert load_job(_write(tmp_path, "other.yaml", {"name": "given", "model": TINY_MODEL})).name == "given"
+    for load, what in ((load_job, "job"), (load_sweep, "sweep")):
+        p = tmp_path / f"list-{what}.yaml"
+        p.write_text("- a\n- b\n")
+        with pytest.raises(ConfigError, match=rf"list-{what}\.yaml: a {what} file must be a mapping of fields"):
+            load(p)
