@@ -509,17 +509,9 @@ class Tracker(NullTracker):
                     log.warning("MLflow: could not mark run %s %s: %s", self.run_name, status, err)
 
 
-def make_tracker(
-    rank: int,
-    tracking_uri: str,
-    experiment: str,
-    run_name: str,
-    parent_run_id: Optional[str] = None,
-    tags: Optional[Mapping[str, Any]] = None,
-    system_metrics: bool = True,
-    **kwargs: Any,
-) -> NullTracker:
-    """A :class:`Tracker` on rank 0, a :class:`NullTracker` elsewhere (every rank can call the same methods)."""
+def make_tracker(rank: int, *args: Any, **kwargs: Any) -> NullTracker:
+    """``Tracker(*args, **kwargs)`` on rank 0 (the arguments are :class:`Tracker`'s), a :class:`NullTracker` elsewhere
+    (every rank can call the same methods)."""
     if rank != 0:
         return NullTracker()
-    return Tracker(tracking_uri, experiment, run_name, parent_run_id, tags, system_metrics, **kwargs)
+    return Tracker(*args, **kwargs)
