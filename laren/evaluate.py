@@ -117,11 +117,6 @@ def evaluate_model(
     return res
 
 
-def finite_mean(total: float, count: float) -> float:
-    """Mean of summed per-image values (+inf PSNR of identical images stays +inf)."""
-    return total / count if count else math.nan
-
-
 # ----------------------------------------------------------------------------------------------- standalone job
 
 
