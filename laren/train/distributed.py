@@ -213,11 +213,10 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
 
     rank, world = rc.get_world_rank(), rc.get_world_size()
     tmp = _agreed_resume_copy(ray.train.get_checkpoint(), loop_config.get("run_dir"), rank, world, device)
-    resume_dir = tmp
     try:
         ctx = WorkerContext(
             rank=rank, world_size=world, device=device, report=report,
-            resume_dir=resume_dir, run_id=loop_config["run_id"], parent_run_id=loop_config.get("parent_run_id"),
+            resume_dir=tmp, run_id=loop_config["run_id"], parent_run_id=loop_config.get("parent_run_id"),
         )
         train_worker(cfg, ctx)
     finally:
