@@ -152,12 +152,17 @@ def test_system_metrics_are_logged(mlflow_server):
     t = Tracker(mlflow_server.uri, _name("exp"), _name(), system_metrics=True, system_metrics_interval_s=0.5)
     t.log_metrics({"train/loss_pix": 1.0}, step=0)
     deadline = time.monotonic() + 20
-    keys: set = set()
-    while time.monotonic() < deadline and not any(k.startswith("system/") for k in keys):
+    metrics: dict = {}
+    while time.monotonic() < deadline and not any(k.startswith("system/") for k in metrics):
         time.sleep(0.5)
-        keys = set(_client(mlflow_server.uri).get_run(t.run_id).data.metrics)
+        metrics = _client(mlflow_server.uri).get_run(t.run_id).data.metrics
     t.finish()
+    keys = set(metrics)
     assert any(k.startswith("system/cpu") for k in keys), keys
+    # real readings, not placeholders: utilisation and memory in percent, memory in use above zero
+    assert 0.0 <= metrics["system/cpu_utilization_percentage"] <= 100.0, metrics
+    assert 0.0 < metrics["system/system_memory_usage_percentage"] <= 100.0, metrics
+    assert metrics["system/system_memory_usage_megabytes"] > 0, metrics
 
 
 def test_outage_buffers_and_flushes_after_restart(tmp_path, caplog):

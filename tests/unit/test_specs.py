@@ -125,7 +125,8 @@ def test_grid_override_errors_name_the_row(tmp_path):
 def test_sweep_errors_name_the_field(tmp_path):
     job = _write(tmp_path, "base.yaml", {"name": "base", "model": TINY_MODEL})
     ok = {"name": "s", "job": "base.yaml", "search_space": {"model.gdm.num_nodes": {"grid": [2, 4]}}}
-    assert isinstance(load_any(_write(tmp_path, "s.yaml", ok)), LoadedSweep)
+    sw = load_any(_write(tmp_path, "s.yaml", ok))
+    assert isinstance(sw, LoadedSweep) and sw.base.name == "base" and sw.base.model.gdm.num_nodes == 4
     bad = [
         ({**ok, "metrc": "x"}, r"\n  metrc: unknown field"),
         ({**ok, "search_space": {"model.gdm.num_nodez": {"grid": [2]}}}, r"search_space\.model\.gdm\.num_nodez"),
@@ -138,7 +139,7 @@ def test_sweep_errors_name_the_field(tmp_path):
     for data, pat in bad:
         with pytest.raises(ConfigError, match=pat):
             load_sweep(_write(tmp_path, "bad.yaml", data))
-    assert job.exists()
+    assert job.exists() and load_job(job).name == "base"  # the base job is untouched by the refused sweeps
 
 
 def test_run_ids_are_deterministic(tmp_path):
