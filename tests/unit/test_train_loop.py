@@ -1,5 +1,6 @@
 """The worker loop in plain Python (no Ray): Eq. 5 training lowers the loss, same seed -> same curve, resume from a
-checkpoint continues the uninterrupted run exactly, a missing VGG16 file refuses to start. Tiny sizes: H=32 prior at
+checkpoint continues the uninterrupted run exactly, a missing VGG16 file refuses to start, one ``train_step`` trains D
+only with the adversarial term. Tiny sizes: H=32 prior at
 32x32, LR 8x8, 4 GDM nodes, one RRDB block."""
 
 from __future__ import annotations
@@ -139,3 +140,38 @@ def test_schedule_in_kimg_and_cosine_lr():
     assert cosine_lr(50, 100, 1e-4, 1e-7) == pytest.approx((1e-4 + 1e-7) / 2)
     assert cosine_lr(100, 100, 1e-4, 1e-7) == pytest.approx(1e-7)
     assert cosine_lr(30, 100, 1e-4, None) == 1e-4
+
+
+@pytest.mark.parametrize("adversarial_weight", [0.0, 0.01])
+def test_train_step_updates_g_and_trains_d_only_with_the_adversarial_term(adversarial_weight):
+    """One ``train_step`` (the loop's G + D step): the G loss is Eq. 5's weighted sum of the returned terms, the
+    generator prior stays frozen, the trainable modules move, and D moves exactly when the adversarial term is on."""
+    import torch
+
+    from laren import losses as L
+    from laren.models.build import build_discriminator, build_model
+    from laren.train.loop import train_step
+
+    cfg = tiny_config("unused", "sqlite:///unused.db", loss=dict(adversarial_weight=adversarial_weight))
+    torch.manual_seed(0)
+    model, disc, vgg = build_model(cfg.model, device="cpu").train(), build_discriminator(cfg.model).train(), L.random_vgg16(0)
+    opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    hr, lr = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    before = {n: p.detach().clone() for n, p in [*model.named_parameters(), *(("D." + n, p) for n, p in disc.named_parameters())]}
+    out = train_step(model, disc, vgg, opt_g, opt_d, lr, hr, cfg.loss, dict(device_type="cpu", enabled=False))
+
+    w = cfg.loss
+    assert out["loss_g"].item() == pytest.approx(w.pixel_weight * out["loss_pix"].item() + w.perceptual_weight
+                                                 * out["loss_per"].item() + w.adversarial_weight * out["loss_adv"].item(), rel=1e-5)
+    assert out["loss_pix"].item() > 0 and out["loss_per"].item() > 0
+    moved = {n for n, p in [*model.named_parameters(), *(("D." + n, p) for n, p in disc.named_parameters())]
+             if not torch.equal(p.detach(), before[n])}
+    assert not any(n.startswith("generator.") for n in moved)  # the frozen prior
+    assert any(n.startswith("encoder.") for n in moved) and any(n.startswith("head.") for n in moved)
+    d_moved = any(n.startswith("D.") for n in moved)
+    if adversarial_weight > 0:
+        assert d_moved and out["loss_d"].item() > 0 and out["loss_adv"].item() > 0
+    else:
+        assert not d_moved and out["loss_d"].item() == out["loss_adv"].item() == 0.0
