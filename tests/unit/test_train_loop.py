@@ -1,7 +1,6 @@
 """The worker loop in plain Python (no Ray): Eq. 5 training lowers the loss, same seed -> same curve, resume from a
 checkpoint continues the uninterrupted run exactly, a missing VGG16 file refuses to start, one ``train_step`` trains D
-only with the adversarial term. Tiny sizes: H=32 prior at
-32x32, LR 8x8, 4 GDM nodes, one RRDB block."""
+only with the adversarial term. Tiny sizes: H=32 prior at 32x32, LR 8x8, 4 GDM nodes, one RRDB block."""
 
 from __future__ import annotations
 
