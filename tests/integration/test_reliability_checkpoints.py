@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 
+from tests.integration._ray_s3 import ray_with_s3_data
 from tests.unit.test_train_loop import loss_curve, make_tiny_dataset, tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -81,23 +82,8 @@ BUCKET = "laren-rel-ck"
 @pytest.fixture(scope="module")
 def ray_env(s3_server, mlflow_server, tmp_path_factory):
     """AWS_* set before the local Ray instance starts (its workers inherit them), tiny shards on S3."""
-    import ray
-
-    saved = {k: os.environ.get(k) for k in s3_server.env()}
-    os.environ.update(s3_server.env())
-    s3_server.create_bucket(BUCKET)
-    work = tmp_path_factory.mktemp("rel-ck")
-    data = make_tiny_dataset(f"s3://{BUCKET}/datasets/tiny", work)
-    from laren.train.distributed import ensure_ray
-
-    ensure_ray(num_cpus=4)
-    yield {"data": data, "uri": mlflow_server.uri}
-    ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with ray_with_s3_data(s3_server, BUCKET, tmp_path_factory.mktemp("rel-ck")) as data:
+        yield {"data": data, "uri": mlflow_server.uri}
 
 
 def test_corrupted_latest_checkpoint_resume_falls_back_to_previous(ray_env):

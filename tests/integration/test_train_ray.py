@@ -4,13 +4,13 @@ server, 2 CPU workers (gloo). The fault test SIGKILLs one worker mid-run and che
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.unit.test_train_loop import loss_curve, make_tiny_dataset, tiny_config
+from tests.integration._ray_s3 import ray_with_s3_data
+from tests.unit.test_train_loop import loss_curve, tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -22,23 +22,9 @@ EXPERIMENT = "tiny-ray"
 def env(s3_server, mlflow_server, tmp_path_factory):
     """AWS_* pointing at the S3 server for the whole module (set before Ray starts, so its workers inherit it), a
     tiny dataset on S3, and a local Ray instance with 4 logical CPUs."""
-    import ray
-
-    saved = {k: os.environ.get(k) for k in s3_server.env()}
-    os.environ.update(s3_server.env())
-    s3_server.create_bucket(BUCKET)
     work = tmp_path_factory.mktemp("train-ray")
-    data = make_tiny_dataset(f"s3://{BUCKET}/datasets/tiny", work)
-    from laren.train.distributed import ensure_ray
-
-    ensure_ray(num_cpus=4)
-    yield {"data": data, "uri": mlflow_server.uri, "work": work}
-    ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with ray_with_s3_data(s3_server, BUCKET, work) as data:
+        yield {"data": data, "uri": mlflow_server.uri, "work": work}
 
 
 def _cfg(env):
