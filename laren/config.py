@@ -316,8 +316,3 @@ def load_yaml(path: str | Path) -> Any:
         return yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
-
-
-def load_run_config(path: str | Path) -> RunConfig:
-    """Load a YAML file that is exactly a RunConfig."""
-    return parse_section(RunConfig, load_yaml(path), source=str(path))

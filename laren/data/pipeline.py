@@ -180,9 +180,6 @@ class _Loader:
         """This rank's counts since creation: {"samples": good samples delivered, "bad": skipped, "bad_keys": [...]}."""
         return {"samples": self._samples, "bad": self._bad, "bad_keys": list(self._bad_keys)}
 
-    def reset_stats(self) -> None:
-        self._samples, self._bad, self._bad_keys = 0, 0, []
-
     def _account(self, item: dict) -> bool:
         """Fold an item's counts in; True when it carries a batch."""
         st = item.pop("_stats", None)
