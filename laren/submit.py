@@ -445,8 +445,11 @@ def submit(path: Union[str, Path], address: Optional[str] = None, working_dir: O
     wd = root
     rel = job_file_in_project(path, wd)
     run_id, kind = spec.run_id, spec_kind(spec)
-    c, addr = client(address, root, start_local=True, log=log)
     job_env = _job_env(root, env)
+    target = resolve_address(address, root)
+    if kind in ("train", "grid") and (target is None or _is_local(target)):
+        _check_inputs_here(spec, root, job_env)
+    c, addr = client(address, root, start_local=True, log=log)
     head = read_services(root).get("ray")
     if head and head.get("dashboard_url") == addr and head.get("address"):
         # The local head's GCS, for the job's Ray processes: Ray's state API (which Ray Train's placement-group cleaner
@@ -481,6 +484,24 @@ def submit(path: Union[str, Path], address: Optional[str] = None, working_dir: O
     c.submit_job(entrypoint=cmd, submission_id=run_id, runtime_env=runtime_env,
                  metadata={"laren.name": spec_name(spec), "laren.kind": kind, "laren.file": rel})
     return sub
+
+
+def _check_inputs_here(spec: JobSpec, root: Path, job_env: dict[str, str]) -> None:
+    """When the job runs on this machine, check its inputs here (weights, prior, data; `check_run_inputs`) so that a
+    missing file is an error of `laren submit` itself, before a Ray head is started or a job is queued. The job's own
+    environment and working directory are used, so relative paths and s3:// URLs mean what they will mean in the job.
+    (A remote cluster checks them in the job, before any worker starts: its paths need not exist here.)"""
+    from laren.train.loop import check_run_inputs
+
+    saved_env, cwd = dict(os.environ), os.getcwd()
+    try:
+        os.environ.update(job_env)
+        os.chdir(root)
+        check_run_inputs(spec.run_config())
+    finally:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
 
 
 def _delete_finished_job(c, addr: str, run_id: str) -> None:

@@ -156,6 +156,8 @@ def test_missing_weight_files(data, project):
     d = job_dict(data, project, loss=dict(random_backbone_for_tests=False, vgg16_path=str(vgg)))
     out = fails(["train", str(write(project / "jobs" / "novgg.yaml", d))], project)
     assert str(vgg) in out and "download" in out
+    out = fails(["submit", str(project / "jobs" / "novgg.yaml")], project)  # a local cluster: checked before submitting
+    assert str(vgg) in out and "download" in out
 
     alex = project / "weights" / "alexnet-owt-7be5be79.pth"
     d = job_dict(data, project, eval=dict(random_backbone_for_tests=False, alexnet_path=str(alex)))
