@@ -10,13 +10,11 @@ import torch
 
 from laren.imresize import imresize, imresize_uint8
 
-FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "imresize" / "cases.npz"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "imresize" / "cases.npz"
 
 
 @pytest.fixture(scope="module")
 def cases():
-    if not FIXTURE.is_file():
-        pytest.skip(f"fixture {FIXTURE} not found (shared/fixtures must sit beside the checkout)")
     return dict(np.load(FIXTURE))
 
 

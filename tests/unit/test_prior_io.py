@@ -25,11 +25,9 @@ from torch import nn
 from laren.models.prior_io import UnsafePickleError, fit_channel_table, import_prior, load_prior
 from laren.models.stylegan2 import Discriminator
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "stylegan2"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "stylegan2"
 CKPT = FIXTURES / "rosinality-32px.pt"
 CASES = FIXTURES / "rosinality-32px-cases.npz"
-pytestmark = pytest.mark.skipif(not (CKPT.is_file() and CASES.is_file()),
-                                reason=f"StyleGAN2 fixture not found under {FIXTURES}")
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,9 @@ import torch
 
 from laren.models.stylegan2 import Discriminator, Generator, channel_table
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "stylegan2"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "stylegan2"
 CKPT = FIXTURES / "rosinality-32px.pt"
 CASES = FIXTURES / "rosinality-32px-cases.npz"
-needs_fixture = pytest.mark.skipif(not (CKPT.is_file() and CASES.is_file()),
-                                   reason=f"StyleGAN2 fixture not found under {FIXTURES}")
 FIXTURE_ARCH = dict(resolution=32, style_dim=64, mapping_layers=2, channel_multiplier=1, channel_base=512, channel_max=64)
 
 
@@ -60,13 +58,10 @@ def cases():
 
 @pytest.fixture(scope="module", params=["direct", "roundtrip", "cli"])
 def gen(request, tmp_path_factory):
-    if not (CKPT.is_file() and CASES.is_file()):
-        pytest.skip(f"StyleGAN2 fixture not found under {FIXTURES}")
     tmp = tmp_path_factory.mktemp(request.param)
     return {"direct": _direct, "roundtrip": _roundtrip, "cli": _cli}[request.param](*(() if request.param == "direct" else (tmp,)))
 
 
-@needs_fixture
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_reference_calls(gen, cases, dtype):
     g = gen.to(dtype)
@@ -95,7 +90,6 @@ def test_reference_calls(gen, cases, dtype):
     g.float()
 
 
-@needs_fixture
 def test_noise_is_used_and_randomized(cases):
     g = _direct()
     wplus = cases["wplus"]
@@ -131,7 +125,6 @@ def test_param_counts_and_style_dims():
     assert "latent_avg" not in g.state_dict()  # rosinality g_ema loads strict; latent_avg is stored beside it
 
 
-@needs_fixture
 def test_styles_override_reproduces_default(cases):
     g = _direct().double()
     wplus, noise = cases["wplus"].double(), [cases[f"noise_{i}"].double() for i in range(g.num_noises)]
