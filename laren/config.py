@@ -77,6 +77,12 @@ class GDMConfig(Section):
         description="kappa in rho = kappa * r (choice C5): 'dim' multiplies by the size of the softmax support: D for HMRR (default), J-1 for VRR; "
         "1.0 is the paper-literal reading, which leaves g nearly constant.",
     )
+    relation_logits: Literal["rms", "l2"] = Field(
+        "rms",
+        description="Normaliser of the relation logits before the softmax over attributes: 'rms' over the support "
+        "(v2 default; graded relations) or 'l2', the paper-literal unit L2 norm, which makes rho a binary gate "
+        "(model-spec 9, R2).",
+    )
     chunk_size: int = Field(256, description="Attributes processed per chunk; bounds peak memory (never the full (B,P,D,Omega,C) tensor).")
     checkpoint_chunks: bool = Field(True, description="Recompute each attribute chunk in backward (gradient checkpointing).")
 
@@ -102,6 +108,11 @@ class ModelConfig(Section):
     gdm_relation: Literal["hmrr", "vrr"] = Field("hmrr", description="GDM relation reasoning (used when latent_space = g).")
     noise_source: Literal["random", "cgm"] = Field("cgm", description="Generator noise: random N(0,1) or codes from the CGM.")
     cgm_relation: Literal["rerr", "vrr"] = Field("rerr", description="CGM relation reasoning (used when noise_source = cgm).")
+    cgm_activation: Literal["leaky_relu", "relu"] = Field(
+        "leaky_relu",
+        description="delta in the CGM's Eqs. 3-4: LeakyReLU(0.2) (v2 default) or 'relu', the paper-literal reading, "
+        "under which the CGM starts dead (model-spec 9, R1).",
+    )
     gdm: GDMConfig = Field(default_factory=GDMConfig, description="GDM sizes.")
     cgm: CGMConfig = Field(default_factory=CGMConfig, description="CGM sizes.")
     glean_skips: bool = Field(
@@ -174,7 +185,12 @@ class OptimConfig(Section):
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
     eps: float = Field(1e-8, description="Adam epsilon.")
     cosine_min_lr: Optional[float] = Field(
-        1e-7, description="Cosine-anneal the learning rate to this over total_kimg (None: constant)."
+        1e-7, description="Floor (eta_min) of the cosine learning-rate schedule (None: constant learning rate)."
+    )
+    cosine_period_kimg: Optional[float] = Field(
+        None,
+        description="Period (T_max) of the cosine schedule in kimg; None means 2 x train.total_kimg, as GLEAN "
+        "(600k iterations over a 300k run), so the rate ends at about half of lr rather than at cosine_min_lr.",
     )
 
 

@@ -95,6 +95,7 @@ def _build_head(cfg: ModelConfig, G: Generator) -> nn.Module:
         relation_scale=None if g.relation_scale == "dim" else float(g.relation_scale),
         chunk_size=g.chunk_size,
         checkpoint_chunks=g.checkpoint_chunks,
+        relation_logits=g.relation_logits,
     )
 
 
@@ -106,7 +107,8 @@ def _assemble(cfg: ModelConfig, G: Generator) -> LarenSR:
     head = _build_head(cfg, G)
     cgm = None
     if cfg.noise_source == "cgm":
-        cgm = CodeGeneration(H, cfg.cgm.code_dim, G.noise_resolutions, cfg.cgm.noise_proj_max_res, cfg.cgm_relation)
+        cgm = CodeGeneration(H, cfg.cgm.code_dim, G.noise_resolutions, cfg.cgm.noise_proj_max_res, cfg.cgm_relation,
+                             activation=cfg.cgm_activation)
     decoder = None
     if cfg.glean_skips:
         decoder = GleanDecoder(cfg.lr_size, G.resolution, G.channels, encoder.channels, lr_skip=cfg.glean_lr_skip)

@@ -5,11 +5,19 @@ Legend: B batch, H latent width, F code width, N_c codes = the generator's noise
 
 ReRR (recursive relation reasoning), the default. n counts from 1; g_n = g[:, n-1]:
     q_n = W_Q g_n + b_Q (B, H);  k_n = W_K g_n + b_K (B, F);  R_n = q_n k_n^T (B, H, F)      shared W_Q, W_K       [C12]
-    T^1 = softmax_dim1(R_1) (B, H, F);  c_1 = ReLU((T^1)^T g_1) (B, F)                        norm over inputs      [C10, C11]
+    T^1 = softmax_dim1(R_1) (B, H, F);  c_1 = delta((T^1)^T g_1) (B, F)                       norm over inputs      [C10, C11]
     n >= 2: M_n = W_t^{n-1} T^{n-1} (B, F, F), with W_t^{n-1} in R^{F x L} (no bias)
             T^n = softmax_dim1([M_n ; R_n]) (B, F+H, F)        "||" read as row concatenation                     [C9]
-            c_n = ReLU((T^n)^T [c_{n-1} || g_n]) (B, F)
-VRR (Table IV "CGM(VRR)"): T^n = softmax_dim1(R_n) and c_n = ReLU((T^n)^T g_n) for every n; no W_t, independent layers.
+            c_n = delta((T^n)^T [c_{n-1} || g_n]) (B, F)
+VRR (Table IV "CGM(VRR)"): T^n = softmax_dim1(R_n) and c_n = delta((T^n)^T g_n) for every n; no W_t, independent layers.
+
+delta (model-spec 9, R1): LeakyReLU(0.2), StyleGAN's activation, by default; ReLU (``activation="relu"``) is the
+paper-literal reading. Why: at initialisation R_n is small, so T is near uniform (max T ~ 1/H) and
+(T^n)^T g_n ~ mean(g_n) in every column. Under ReLU that is exactly 0 whenever mean(g_n) < 0, which is the common case:
+measured, face64x at full size in a real run's RNG order had 0 of 17 layers alive and W_Q, W_K and W_t got exactly
+zero gradient; the demo job was dead in 20 of 20 seeds, and the noise maps reduced to the projections' biases, the
+same for every image. LeakyReLU keeps the gradient and the image dependence on both sides of 0 (`laren model health`
+prints the measured figures per job).
 
 Projection (choice C14): noise_m = bilinear(Linear(F, s^2)(c_{m+1}).view(B, 1, s, s), res_m), with s = min(res_m, max_res).
 The noise maps replace the generator's N(0, 1) noise inputs; the generator's noise strengths stay frozen [C15].
@@ -19,13 +27,15 @@ With H=512, F=64 and the 17 noise layers of a 1024 generator, this gives 10,109,
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CodeGeneration"]
+__all__ = ["CodeGeneration", "CGM_ACTIVATIONS"]
+
+CGM_ACTIVATIONS = {"leaky_relu": lambda x: F.leaky_relu(x, 0.2), "relu": F.relu}
 
 
 class CodeGeneration(nn.Module):
@@ -36,6 +46,7 @@ class CodeGeneration(nn.Module):
         noise_resolutions: the generator's noise map sizes in generator order (N_c = len). Code c_n feeds noise n-1.
         noise_proj_max_res: s = min(res, this) for each projection; the map is then upsampled bilinearly.
         relation: "rerr" (recursive, the default) or "vrr" (vanilla, independent layers).
+        activation: delta in Eqs. 3-4, "leaky_relu" (v2 default) or "relu" (paper-literal).
     """
 
     def __init__(
@@ -45,10 +56,15 @@ class CodeGeneration(nn.Module):
         noise_resolutions: Sequence[int],
         noise_proj_max_res: int = 128,
         relation: Literal["rerr", "vrr"] = "rerr",
+        activation: Literal["leaky_relu", "relu"] = "leaky_relu",
     ):
         super().__init__()
         if relation not in ("rerr", "vrr"):
             raise ValueError(f"relation must be 'rerr' or 'vrr', got {relation!r}")
+        if activation not in CGM_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(CGM_ACTIVATIONS)}, got {activation!r}")
+        self.activation = activation
+        self._delta = CGM_ACTIVATIONS[activation]
         if not noise_resolutions:
             raise ValueError("noise_resolutions is empty: the generator has no noise inputs")
         self.latent_dim, self.code_dim, self.relation = latent_dim, code_dim, relation
@@ -71,8 +87,9 @@ class CodeGeneration(nn.Module):
         """R_n = (W_Q g_n)(W_K g_n)^T: (B, H, F)."""
         return torch.einsum("bi,bf->bif", self.query(g_BH), self.key(g_BH))
 
-    def codes(self, g_BNH: Tensor) -> Tensor:
-        """c_1..c_{N_c}: (B, N_c, F)."""
+    def codes(self, g_BNH: Tensor, stats: Optional[dict[str, list[float]]] = None) -> Tensor:
+        """c_1..c_{N_c}: (B, N_c, F). With ``stats`` (a dict), appends per layer the share of positive
+        pre-activations (``live``: units ReLU would pass) and the max of T (``t_max``)."""
         if g_BNH.shape[1] < self.num_codes:
             raise ValueError(f"CGM needs >= {self.num_codes} latent codes, got g of shape {tuple(g_BNH.shape)}")
         codes = []
@@ -87,7 +104,11 @@ class CodeGeneration(nn.Module):
                 M_BFF = torch.einsum("fl,blk->bfk", self.transition[n - 2], T_prev)  # W_t^{n-1} T^{n-1}
                 T = torch.softmax(torch.cat([M_BFF, R_BHF], dim=1), dim=1)  # (B, F+H, F)
                 x = torch.cat([c_prev, g_n], dim=1)  # (B, F+H)
-            c = F.relu(torch.einsum("bif,bi->bf", T, x))
+            pre = torch.einsum("bif,bi->bf", T, x)
+            if stats is not None:
+                stats.setdefault("live", []).append(float((pre > 0).float().mean()))
+                stats.setdefault("t_max", []).append(float(T.amax()))
+            c = self._delta(pre)
             codes.append(c)
             T_prev, c_prev = T, c
         return torch.stack(codes, dim=1)

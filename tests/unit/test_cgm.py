@@ -55,7 +55,9 @@ def test_core_is_881216_at_1024():
 
 
 def reference_codes(cgm: CodeGeneration, g: torch.Tensor) -> torch.Tensor:
-    """Eq. 3-4 with the spec's reading, written per batch element with explicit matrices."""
+    """Eq. 3-4 with the spec's reading, written per batch element with explicit matrices; delta is the module's
+    activation (LeakyReLU(0.2) by default, ReLU paper-literal)."""
+    act = (lambda x: F.leaky_relu(x, 0.2)) if cgm.activation == "leaky_relu" else F.relu
     out = []
     for b in range(g.shape[0]):
         T_prev = c_prev = None
@@ -67,10 +69,10 @@ def reference_codes(cgm: CodeGeneration, g: torch.Tensor) -> torch.Tensor:
             R = torch.outer(q, k)  # (H, F)
             if n == 0 or cgm.relation == "vrr":
                 T = torch.softmax(R, dim=0)
-                c = F.relu(T.T @ gn)
+                c = act(T.T @ gn)
             else:
                 T = torch.softmax(torch.cat([cgm.transition[n - 1] @ T_prev, R], 0), dim=0)  # (F+H, F)
-                c = F.relu(T.T @ torch.cat([c_prev, gn]))
+                c = act(T.T @ torch.cat([c_prev, gn]))
             codes.append(c)
             T_prev, c_prev = T, c
         out.append(torch.stack(codes))
@@ -78,9 +80,10 @@ def reference_codes(cgm: CodeGeneration, g: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("relation", ["rerr", "vrr"])
-def test_codes_match_reference(relation):
+@pytest.mark.parametrize("activation", ["leaky_relu", "relu"])
+def test_codes_match_reference(relation, activation):
     torch.manual_seed(0)
-    cgm = CodeGeneration(16, 6, [4, 8, 8, 16, 16], noise_proj_max_res=8, relation=relation).double()
+    cgm = CodeGeneration(16, 6, [4, 8, 8, 16, 16], noise_proj_max_res=8, relation=relation, activation=activation).double()
     g = torch.randn(3, 6, 16, dtype=torch.float64)  # N = 6 >= N_c = 5: the last g is unused (choice C13)
     codes = cgm.codes(g)
     assert codes.shape == (3, 5, 6)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from laren.models.gdm import GraphDisentangle, GraphDisentangleVRR, ordered_pairs
+from laren.models.gdm import GraphDisentangle, GraphDisentangleVRR, mask_variance_share, ordered_pairs
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -54,21 +54,36 @@ def test_ordered_pairs():
 # ------------------------------------------------------------------------------------------------ reference equivalence
 
 
-def reference_hmrr(gdm: GraphDisentangle, z: torch.Tensor) -> torch.Tensor:
-    """Model-spec 2.2 taken literally, with every tensor at full size: X, A, X-hat, P, r, the triple matrices
-    [u_i, rho 1_C, u_j] (B, P, D, C, 3), and the 1x3 convolution with its Omega filters."""
+def reference_norm(A: torch.Tensor, mode: str) -> torch.Tensor:
+    """nu over the last axis: ||A||_2 (v1, "l2") or the RMS over the support A > 0 (v2, "rms"); model-spec 9 R2."""
+    l2 = A.norm(dim=-1, keepdim=True)
+    if mode == "l2":
+        return l2.clamp_min(1e-12)
+    return (l2 / (A > 0).sum(-1, keepdim=True).clamp_min(1).to(A.dtype).sqrt()).clamp_min(1e-12)
+
+
+def reference_rho(gdm: GraphDisentangle, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U (B, J, C), rho (B, P, D)) of model-spec 2.2 taken literally, every tensor at full size."""
     B, J, C = z.shape[0], gdm.num_nodes, gdm.node_dim
     U = (z @ gdm.node_proj.weight.T + gdm.node_proj.bias).view(B, J, C)
     pairs = [(i, j) for i in range(J) for j in range(J) if i != j]
     X = torch.stack([torch.cat([U[:, i], U[:, j]], -1) for i, j in pairs], 1)  # (B, P, 2C)
     A = F.relu(X @ gdm.attr.weight.T + gdm.attr.bias)  # (B, P, D)
-    Xh = A / A.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    Xh = A / reference_norm(A, gdm.relation_logits)
     P = torch.where(A > 0, 0.0, float("-inf"))
     r = torch.softmax(Xh + P, dim=-1).nan_to_num(0.0)  # rows that are all -inf -> 0
-    rho = gdm.relation_scale * r
+    return U, gdm.relation_scale * r
+
+
+def reference_hmrr(gdm: GraphDisentangle, z: torch.Tensor) -> torch.Tensor:
+    """Model-spec 2.2 taken literally, with every tensor at full size: X, A, X-hat, P, r, the triple matrices
+    [u_i, rho 1_C, u_j] (B, P, D, C, 3), and the 1x3 convolution with its Omega filters."""
+    B, J, C = z.shape[0], gdm.num_nodes, gdm.node_dim
+    U, rho = reference_rho(gdm, z)
+    pairs = [(i, j) for i in range(J) for j in range(J) if i != j]
     ui = torch.stack([U[:, i] for i, _ in pairs], 1)  # (B, P, C)
     uj = torch.stack([U[:, j] for _, j in pairs], 1)
-    D = A.shape[-1]
+    D = rho.shape[-1]
     M = torch.stack(
         [ui[:, :, None].expand(-1, -1, D, -1), rho[..., None].expand(-1, -1, -1, C), uj[:, :, None].expand(-1, -1, D, -1)],
         dim=-1,
@@ -81,9 +96,11 @@ def reference_hmrr(gdm: GraphDisentangle, z: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("chunk_size", [7, 16, 1000])
 @pytest.mark.parametrize("checkpoint_chunks", [True, False])
-def test_chunked_equals_reference_float64(chunk_size, checkpoint_chunks):
+@pytest.mark.parametrize("relation_logits", ["rms", "l2"])
+def test_chunked_equals_reference_float64(chunk_size, checkpoint_chunks, relation_logits):
     torch.manual_seed(0)
-    gdm = GraphDisentangle(16, 5, 4, 3, convkb_filters=3, chunk_size=chunk_size, checkpoint_chunks=checkpoint_chunks).double()
+    gdm = GraphDisentangle(16, 5, 4, 3, convkb_filters=3, chunk_size=chunk_size, checkpoint_chunks=checkpoint_chunks,
+                           relation_logits=relation_logits).double()
     z = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
     g = gdm(z)
     g_ref = reference_hmrr(gdm, z)
@@ -176,7 +193,7 @@ def reference_vrr(gdm: GraphDisentangleVRR, z: torch.Tensor) -> torch.Tensor:
         for i in range(J):
             nbrs = [j for j in range(J) if j != i]
             s = torch.stack([F.relu(gdm.relation(torch.cat([U[b, i], U[b, j]]))[0]) for j in nbrs])
-            logits = torch.where(s > 0, s / s.norm().clamp_min(1e-12), float("-inf"))
+            logits = torch.where(s > 0, s / reference_norm(s, gdm.relation_logits), float("-inf"))
             a = torch.softmax(logits, 0).nan_to_num(0.0) * gdm.relation_scale
             for a_ij, j in zip(a, nbrs):
                 M = torch.stack(
@@ -187,9 +204,10 @@ def reference_vrr(gdm: GraphDisentangleVRR, z: torch.Tensor) -> torch.Tensor:
     return (out / (J * (J - 1))).view(B, gdm.num_codes, gdm.latent_dim)
 
 
-def test_vrr_matches_reference_and_trains():
+@pytest.mark.parametrize("relation_logits", ["rms", "l2"])
+def test_vrr_matches_reference_and_trains(relation_logits):
     torch.manual_seed(0)
-    gdm = GraphDisentangleVRR(8, 4, 3, 2, convkb_filters=2, chunk_size=5).double()
+    gdm = GraphDisentangleVRR(8, 4, 3, 2, convkb_filters=2, chunk_size=5, relation_logits=relation_logits).double()
     z = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
     g = gdm(z)
     assert g.shape == (2, 2, 8)
@@ -205,3 +223,50 @@ def test_bad_sizes_are_refused(cls):
         cls(8, 1, 2, 2)
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         cls(8, 3, 2, 2, chunk_size=0)
+
+
+# ------------------------------------------------------------------------------------------------ v2 (model-spec 9)
+
+
+def test_relation_stats_equal_the_literal_rho():
+    """relation_stats (chunked) = the variance decomposition of the literal full-size rho."""
+    torch.manual_seed(1)
+    gdm = GraphDisentangle(16, 5, 4, 3, convkb_filters=3, chunk_size=7).double()
+    z = torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        _, rho = reference_rho(gdm, z)
+    mask = (rho > 0).double()
+    fit = torch.where(mask > 0, rho[mask > 0].mean(), 0.0)  # the best predictor of rho from the mask alone
+    r2 = 1 - (rho - fit).square().sum() / (rho - rho.mean()).square().sum()
+    st = gdm.relation_stats(z)
+    assert st["mask_share"] == pytest.approx(float(r2), abs=1e-9)
+    assert st["support_share"] == pytest.approx(float(mask.mean()), abs=1e-12)
+    assert mask_variance_share(4, 2, 2.0, 2.0) == pytest.approx(1.0)  # rho in {0, 1}: a pure gate
+
+
+def test_rms_logits_make_rho_graded_where_l2_is_a_gate():
+    """Model-spec 9 R2 at J=16, C=8 and D = 4 x 256: under "l2" the mask explains > 99 % of rho's variance; under
+    "rms" it explains <= 60 %, and W_attr's gradient, relative to ConvKB's, grows more than 10x."""
+    out = {}
+    for mode in ("l2", "rms"):
+        torch.manual_seed(0)
+        gdm = GraphDisentangle(256, 16, 8, 4, relation_logits=mode, chunk_size=256)
+        z = torch.randn(2, 256)
+        out[mode] = gdm.relation_stats(z)["mask_share"]
+        gdm(z).square().mean().backward()
+        ratio = lambda m: (m.grad.norm() / m.norm()).item()
+        out[mode + "_attr_vs_convkb"] = ratio(gdm.attr.weight) / ratio(gdm.convkb.w)
+    assert out["l2"] > 0.99 and out["rms"] <= 0.6, out
+    assert out["rms_attr_vs_convkb"] > 10 * out["l2_attr_vs_convkb"], out
+
+
+def test_vrr_never_starts_dead():
+    """Model-spec 9 R3: with b_r = 0 every seed starts with live relations (v1: all-zero in 4 of 10 seeds)."""
+    for seed in range(20):
+        torch.manual_seed(seed)
+        gdm = GraphDisentangleVRR(64, 16, 8, 4)
+        z = torch.randn(2, 64)
+        st = gdm.relation_stats(z)
+        g = gdm(z).flatten(1)
+        assert st["support_share"] > 0.2, (seed, st)
+        assert (g.std(1) / g.mean(1).abs()).min() > 0.05, seed
