@@ -1,0 +1,119 @@
+"""The sweep's results at equal budget on hand-built trial histories (no Ray, no MLflow): the common budget, each
+trial's status, the best trial, Fig. 8's points (mean and std over repeats) and the trial table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+import pytest
+
+from laren.sweep_results import (Layout, Trial, best_trial, common_step, fig8_csv, fig8_points, plot_fig8, status,
+                                 trials_table)
+
+J, F, SEED = "model.gdm.num_nodes", "model.cgm.code_dim", "train.seed"
+LAYOUT = Layout("val/lpips_alex", "min", [J, F], {J: 4, F: 8})
+
+
+def _asha_2x2() -> list[Trial]:
+    """ASHA (grace 1, max_t 4, one evaluation per step): t0 kept to the end, t1 and t2 stopped, t3 failed."""
+    return [
+        Trial("0", "s-t0", {J: 4, F: 8}, {1: 0.50, 2: 0.45, 3: 0.40, 4: 0.35}, full_step=4, stopped_after=4),
+        Trial("1", "s-t1", {J: 4, F: 16}, {1: 0.55}, stopped_after=1),
+        Trial("2", "s-t2", {J: 8, F: 8}, {1: 0.48, 2: 0.47, 3: 0.46}, stopped_after=2),  # ran on after the stop
+        Trial("3", "s-t3", {J: 8, F: 16}, {}, error="RuntimeError: worker died"),
+    ]
+
+
+def test_status_names_stopped_completed_and_failed_trials():
+    t = _asha_2x2()
+    assert [status(x) for x in t] == ["completed", "stopped early (ASHA, after 1 evaluation)",
+                                      "stopped early (ASHA, after 2 evaluations)", "failed (RuntimeError: worker died)"]
+    assert status(Trial("9", "r", {}, {2: 0.1, 4: 0.2})) == "stopped early (ASHA, after 2 evaluations)"
+
+
+def test_common_step_is_the_largest_step_every_trial_that_did_not_fail_evaluated():
+    t = _asha_2x2()
+    assert common_step(t) == 1  # the failed trial (no evaluation) does not count
+    assert common_step([Trial("0", "a", {}, {2: 1.0, 4: 1.0, 6: 1.0}), Trial("1", "b", {}, {1: 1.0, 2: 1.0, 3: 1.0})]) == 2
+    assert common_step([Trial("0", "a", {}, {2: 1.0}), Trial("1", "b", {}, {3: 1.0})]) is None
+    assert common_step([Trial("0", "a", {}, {}, error="x")]) is None
+
+
+def test_best_trial_is_chosen_at_equal_budget_and_keeps_its_full_budget_value():
+    t = _asha_2x2()
+    b = best_trial(t, common_step(t), "min")
+    # t0 has the lowest value overall (0.35 after 4 evaluations) but t2 is better at the common step 1.
+    assert (b.trial, b.value(1), math.isnan(b.full_value)) == ("2", 0.48, True)
+    assert best_trial(t, 1, "max").trial == "1"
+    assert best_trial(t, None, "min") is None
+    assert t[0].full_value == 0.35
+
+
+def test_fig8_points_common_and_full_budget_series():
+    pts = fig8_points(_asha_2x2(), LAYOUT)
+    got = {(p["field"], p["series"], p["x"]): (p["mean"], p["std"], p["n"], p["trials"]) for p in pts}
+    # cross design: each x shows the best setting having it; the common series at step 1, the full one where reached.
+    assert got == {
+        (J, "common", 4): (0.50, 0.0, 1, "0"), (J, "common", 8): (0.48, 0.0, 1, "2"),
+        (J, "full", 4): (0.35, 0.0, 1, "0"),
+        (F, "common", 8): (0.48, 0.0, 1, "2"), (F, "common", 16): (0.55, 0.0, 1, "1"),
+        (F, "full", 8): (0.35, 0.0, 1, "0"),
+    }
+    assert all(p["step"] == 1 for p in pts if p["series"] == "common")
+
+
+def test_repeats_of_a_setting_give_mean_and_sample_std():
+    lay = Layout("val/psnr", "max", [J, SEED], {J: 4, SEED: 0})
+    t = [Trial(str(i), f"r{i}", {J: j, SEED: s}, {1: v, 2: v + 1}, full_step=2)
+         for i, (j, s, v) in enumerate([(4, 0, 20.0), (4, 1, 21.0), (4, 2, 22.0), (8, 0, 25.0)])]
+    t.append(Trial("4", "r4", {J: 8, SEED: 1}, {1: 25.0}))  # stopped after one evaluation: the common step is 1
+    pts = {(p["series"], p["x"]): p for p in fig8_points(t, lay)}
+    assert {p["field"] for p in pts.values()} == {J}  # seeds repeat a setting, they are no panel
+    assert (pts["common", 4]["mean"], pts["common", 4]["std"], pts["common", 4]["n"]) == (21.0, 1.0, 3)
+    assert (pts["common", 4]["trials"], pts["common", 8]["std"], pts["common", 8]["n"]) == ("0 1 2", 0.0, 2)
+    assert (pts["full", 8]["mean"], pts["full", 8]["n"], pts["common", 4]["step"]) == (26.0, 1, 1)
+    md, _ = trials_table(t, lay)
+    assert "| 4 | 21.0000 ± 1.0000 | 3 | 22.0000 ± 1.0000 | 3 | 0 1 2 |" in md
+    assert "| 8 | 25.0000 ± 0.0000 | 2 | 26.0000 ± 0.0000 | 1 | 3 4 |" in md
+
+
+def test_axes_design_keeps_the_points_on_the_base_axes():
+    lay = Layout("m", "min", [J, F], {J: 4, F: 8}, design="axes")
+    t = [Trial("0", "a", {}, {1: 0.5}), Trial("1", "b", {J: 8}, {1: 0.4}), Trial("2", "c", {F: 16}, {1: 0.6}),
+         Trial("3", "d", {J: 8, F: 16}, {1: 0.1})]  # off both axes: not plotted
+    got = {(p["field"], p["x"]): p["mean"] for p in fig8_points(t, lay) if p["series"] == "common"}
+    assert got == {(J, 4): 0.5, (J, 8): 0.4, (F, 8): 0.5, (F, 16): 0.6}
+
+
+def test_trial_table_rows_and_summary():
+    t = _asha_2x2()
+    md, text = trials_table(t, LAYOUT)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [r["status"] for r in rows] == [status(x) for x in t]
+    assert [r["val/lpips_alex (common budget)"] for r in rows] == ["0.5", "0.55", "0.48", "nan"]
+    assert [r["val/lpips_alex (full budget)"] for r in rows] == ["0.35", "nan", "nan", "nan"]
+    assert [r["common step"] for r in rows] == ["1"] * 4 and [r["full step"] for r in rows] == ["4", "", "", ""]
+    assert [r["evaluations"] for r in rows] == ["4", "1", "3", "0"]
+    assert [(r[J], r[F]) for r in rows] == [("4", "8"), ("4", "16"), ("8", "8"), ("8", "16")]
+    assert "Best at equal budget (min val/lpips_alex): trial 2 (s-t2), 0.4800 at step 1; at full budget: not reached" in md
+    assert "| 0 | 4 | 8 | 1 | 0.5000 | 4 | 0.3500 | 4 | completed | s-t0 |" in md
+    assert "Per setting" not in md  # no repeats
+
+
+def test_fig8_png_and_csv(tmp_path):
+    from PIL import Image
+
+    pts = fig8_points(_asha_2x2(), LAYOUT)
+    rows = list(csv.DictReader(io.StringIO(fig8_csv(pts))))
+    assert [(r["field"], r["series"], r["x"], float(r["mean"])) for r in rows] == [
+        (p["field"], p["series"], str(p["x"]), p["mean"]) for p in pts]
+    plot_fig8(pts, LAYOUT, "s", str(tmp_path / "fig8.png"))
+    assert Image.open(tmp_path / "fig8.png").size == (800, 340)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_stopped_after_counts_evaluations(n):
+    assert status(Trial("0", "r", {}, {i: 0.1 for i in range(1, 6)}, stopped_after=n)).endswith(
+        f"after {n} evaluation{'s' if n > 1 else ''})")
