@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from laren.specs import LoadedSweep
-from laren.sweep_results import (Layout, Trial, best_trial, common_step, fig8_csv, fig8_points, plot_fig8,
-                                 trials_table)
+from laren.sweep_results import (Layout, Trial, best_trial, common_step, fig8_csv, fig8_points, from_reports,
+                                 plot_fig8, trials_table)
 
 # Tiny share of a CPU for the trial's driver function: its TorchTrainer's workers hold the real resources.
 DRIVER_RESOURCES = {"CPU": 0.01}
@@ -196,9 +196,8 @@ def collect(sw: LoadedSweep, grid, tracking_uri: str, experiment: str,
     """One :class:`Trial` per Tune trial, and the MLflow child runs found (by run id).
 
     History: the metric as the child run logged it at each evaluation (MLflow, authoritative: complete and exact even
-    for a trial that ran on after the scheduler stopped it); Ray Tune's reports (``step`` -> metric) when MLflow cannot
-    be read. Full budget: ASHA's ``max_t`` in ``time_attr`` (from Tune's reports), or the end of the training (the child
-    run FINISHED; any trial that did not fail under fifo)."""
+    for a trial that ran on after the scheduler stopped it); Ray Tune's reports when MLflow cannot be read. The end of
+    the training: the child run FINISHED (under fifo: any trial that did not fail)."""
     metric, sched = sw.spec.metric, sw.spec.scheduler
     pending = []
     for r in grid:
@@ -216,22 +215,11 @@ def collect(sw: LoadedSweep, grid, tracking_uri: str, experiment: str,
     trials = []
     for k, run_id, overrides, r, reports in pending:
         child = children.get(run_id)
-        hist = _history(tracking_uri, child, metric) if child is not None else None
-        if hist is None:
-            hist = {int(x["step"]): float(x[metric]) for x in reports if metric in x and x[metric] == x[metric]}
-        t = Trial(k, run_id, overrides, dict(sorted(hist.items())), error=_reason(r.error) if r.error else None)
-        last_step = (r.metrics or {}).get("step")
-        if last_step is not None:
-            t.stopped_after = sum(1 for s in hist if s <= last_step)
-        if t.error is None:
-            if sched.kind == "asha":
-                at_max = [int(x["step"]) for x in reports if x.get(sched.time_attr, -math.inf) >= sched.max_t]
-                if at_max:
-                    t.full_step = max((s for s in hist if s <= at_max[0]), default=None)
-            if t.full_step is None and hist and (sched.kind == "fifo" or (child is not None
-                                                                          and child.info.status == "FINISHED")):
-                t.full_step = max(hist)
-        trials.append(t)
+        finished = sched.kind == "fifo" or (child is not None and child.info.status == "FINISHED")
+        trials.append(from_reports(k, run_id, overrides, reports, metric,
+                                   _history(tracking_uri, child, metric) if child is not None else None,
+                                   error=_reason(r.error) if r.error else None, finished=finished,
+                                   time_attr=sched.time_attr, max_t=sched.max_t if sched.kind == "asha" else None))
     trials.sort(key=lambda t: int(t.trial) if t.trial.isdigit() else 0)
     return trials, children
 

@@ -60,6 +60,26 @@ class Trial:
         return self.value(self.full_step)
 
 
+def from_reports(trial: str, run_id: str, overrides: dict[str, Any], reports: list[dict[str, Any]], metric: str,
+                 history: Optional[dict[int, float]] = None, error: Optional[str] = None, finished: bool = False,
+                 time_attr: str = "training_iteration", max_t: Optional[float] = None) -> Trial:
+    """A trial from Ray Tune's reports (dicts with ``step``, ``time_attr`` and the metric, in order) and its logged
+    ``history`` (None: the reports' values stand in). Its full budget: the last evaluation up to the first report
+    at ``time_attr >= max_t`` (ASHA), else the end of its training when it ``finished``; none when it failed."""
+    if history is None:
+        history = {int(x["step"]): float(x[metric]) for x in reports if _finite(x.get(metric))}
+    t = Trial(trial, run_id, overrides, dict(sorted(history.items())), error=error)
+    if reports and reports[-1].get("step") is not None:  # Tune's last report: where the scheduler stopped it
+        t.stopped_after = sum(1 for s in history if s <= reports[-1]["step"])
+    if error is None and history:
+        at_max = [int(x["step"]) for x in reports if max_t is not None and x.get(time_attr, -math.inf) >= max_t]
+        if at_max:
+            t.full_step = max((s for s in history if s <= at_max[0]), default=None)
+        if t.full_step is None and finished:
+            t.full_step = max(history)
+    return t
+
+
 def status(t: Trial, stopper: str = "ASHA") -> str:
     if t.error is not None:
         return f"failed ({t.error})"

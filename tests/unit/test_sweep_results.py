@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from laren.sweep_results import (Layout, Trial, best_trial, common_step, fig8_csv, fig8_points, plot_fig8, status,
-                                 trials_table)
+from laren.sweep_results import (Layout, Trial, best_trial, common_step, fig8_csv, fig8_points, from_reports, plot_fig8,
+                                 status, trials_table)
 
 J, F, SEED = "model.gdm.num_nodes", "model.cgm.code_dim", "train.seed"
 LAYOUT = Layout("val/lpips_alex", "min", [J, F], {J: 4, F: 8})
@@ -117,3 +117,27 @@ def test_fig8_png_and_csv(tmp_path):
 def test_stopped_after_counts_evaluations(n):
     assert status(Trial("0", "r", {}, {i: 0.1 for i in range(1, 6)}, stopped_after=n)).endswith(
         f"after {n} evaluation{'s' if n > 1 else ''})")
+
+
+def _reports(n: int, every: int = 1) -> list[dict]:
+    """Tune's reports: one per evaluation at steps every, 2*every, ...; training_iteration counts them."""
+    return [{"training_iteration": i, "step": i * every, "m": 1.0 / i} for i in range(1, n + 1)]
+
+
+def test_from_reports_full_budget_and_stop_point():
+    logged = {1: 0.9, 2: 0.8, 3: 0.7, 4: 0.6}
+    # Reached ASHA's max_t = 2 at step 2 (then ran on before the kill): full budget at step 2, not the last evaluation.
+    t = from_reports("0", "r", {}, _reports(2), "m", logged, max_t=2)
+    assert (t.full_step, t.full_value, status(t), len(t.history)) == (2, 0.8, "completed", 4)
+    # Stopped by ASHA after its first report; the evaluation it logged before the kill arrived is kept in its history.
+    t = from_reports("1", "r", {}, _reports(1), "m", {1: 0.9, 2: 0.8}, max_t=4)
+    assert (t.full_step, status(t), t.value(2)) == (None, "stopped early (ASHA, after 1 evaluation)", 0.8)
+    # ... unless it finished its training before the kill: it reached its full budget.
+    assert from_reports("1", "r", {}, _reports(1), "m", logged, max_t=8, finished=True).full_step == 4
+    # A failed trial never has a full budget; without MLflow's history, Tune's reports stand in (NaN left out).
+    t = from_reports("2", "r", {}, _reports(2), "m", None, error="ValueError: x", finished=True, max_t=2)
+    assert (t.history, t.full_step, status(t)) == ({1: 1.0, 2: 0.5}, None, "failed (ValueError: x)")
+    assert from_reports("3", "r", {}, [{"step": 5, "m": math.nan}], "m").history == {}
+    # time_attr in steps: max_t = 40 steps is reached by the report at step 40.
+    t = from_reports("4", "r", {}, _reports(3, every=20), "m", {20: 0.5, 40: 0.4, 60: 0.3}, time_attr="step", max_t=40)
+    assert (t.full_step, t.stopped_after) == (40, 3)
