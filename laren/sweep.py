@@ -35,7 +35,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from laren.specs import LoadedSweep
+from laren.specs import LoadedSweep, field_values
 from laren.sweep_results import (Layout, Trial, best_trial, common_step, fig8_csv, fig8_points, from_reports,
                                  plot_fig8, trials_table)
 
@@ -143,16 +143,8 @@ def _scheduler(sw: LoadedSweep):
 
 def layout(sw: LoadedSweep) -> Layout:
     """What the sweep's table and figure compare (see :mod:`laren.sweep_results`)."""
-    base = sw.base.to_dict()
-
-    def at(k: str) -> Any:
-        node: Any = base
-        for p in k.split("."):
-            node = node[p]
-        return node
-
     keys = list(sw.spec.search_space)
-    return Layout(sw.spec.metric, sw.spec.mode, keys, {k: at(k) for k in keys}, sw.spec.design,
+    return Layout(sw.spec.metric, sw.spec.mode, keys, field_values(sw.base, keys), sw.spec.design,
                   "ASHA" if sw.spec.scheduler.kind == "asha" else sw.spec.scheduler.kind)
 
 

@@ -19,7 +19,7 @@ from typing import Any, Optional
 # Readable axis names of Fig. 8's fields.
 NAMES = {"model.gdm.num_nodes": "J (GDM nodes)", "model.gdm.node_dim": "C (node width)",
          "model.cgm.code_dim": "F (code width)"}
-SERIES = {"common": "at the common budget (every trial)", "full": "at full budget (trials that reached it)"}
+SERIES = ("common", "full")  # at the common budget (every trial); at full budget (the trials that reached it)
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,8 @@ class Layout:
 
     @property
     def settings_fields(self) -> list[str]:
-        """The fields that make a setting: the searched ones except seeds (repeats of a setting)."""
-        return [k for k in self.fields if not k.rsplit(".", 1)[-1].endswith("seed")]
+        """The fields that make a setting: the searched ones except seeds (repeats of a setting), unless only seeds are."""
+        return [k for k in self.fields if not k.rsplit(".", 1)[-1].endswith("seed")] or list(self.fields)
 
 
 @dataclass
@@ -164,12 +164,18 @@ def fig8_points(trials: list[Trial], layout: Layout) -> list[dict[str, Any]]:
                 x = key[fields.index(k)]
                 if x not in pts or _better(layout.mode)(s.mean, pts[x][1].mean) != pts[x][1].mean:
                     pts[x] = (key, s)
-            for x in sorted(pts, key=lambda v: (isinstance(v, str), v)):
+            for x in sorted(pts, key=_order):
                 key, s = pts[x]
                 out.append({"field": k, "series": series, "x": x, "step": step if series == "common" else "",
                             "mean": s.mean, "std": s.std, "n": s.n, "trials": " ".join(s.trials),
                             "setting": " ".join(f"{f}={v}" for f, v in zip(fields, key))})
     return out
+
+
+def _order(v: Any) -> tuple:
+    """Numbers in order, then anything else by its text."""
+    num = isinstance(v, (int, float)) and not isinstance(v, bool)
+    return (not num, v if num else str(v))
 
 
 def _fmt(v: Any) -> str:
@@ -245,11 +251,11 @@ def plot_fig8(points: list[dict[str, Any]], layout: Layout, title: str, path: st
     import matplotlib.pyplot as plt
 
     fields = layout.settings_fields
-    step = common_step_of(points)
+    step = next((p["step"] for p in points if p["series"] == "common"), None)
     labels = {"common": f"at step {step}: common budget, every trial", "full": "at full budget, trials that reached it"}
     fig, axes = plt.subplots(1, len(fields), figsize=(4 * len(fields), 3.4), squeeze=False)
     for ax, k in zip(axes[0], fields):
-        xs_all = sorted({p["x"] for p in points if p["field"] == k}, key=lambda v: (isinstance(v, str), v))
+        xs_all = sorted({p["x"] for p in points if p["field"] == k}, key=_order)
         pos = {x: i for i, x in enumerate(xs_all)}
         for series, style in (("common", dict(fmt="o-", color="C0")), ("full", dict(fmt="s--", color="C1"))):
             ps = [p for p in points if p["field"] == k and p["series"] == series]
@@ -268,6 +274,3 @@ def plot_fig8(points: list[dict[str, Any]], layout: Layout, title: str, path: st
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-
-def common_step_of(points: list[dict[str, Any]]) -> Any:
-    return next((p["step"] for p in points if p["series"] == "common"), None)

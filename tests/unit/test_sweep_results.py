@@ -141,3 +141,16 @@ def test_from_reports_full_budget_and_stop_point():
     # time_attr in steps: max_t = 40 steps is reached by the report at step 40.
     t = from_reports("4", "r", {}, _reports(3, every=20), "m", {20: 0.5, 40: 0.4, 60: 0.3}, time_attr="step", max_t=40)
     assert (t.full_step, t.stopped_after) == (40, 3)
+
+
+def test_seed_only_sweep_and_mixed_values_plot(tmp_path):
+    seeds = Layout("m", "min", [SEED], {SEED: 0})  # only seeds searched: each seed is its own setting
+    t = [Trial("0", "a", {SEED: 0}, {1: 0.5}), Trial("1", "b", {SEED: 1}, {1: 0.4})]
+    assert [(p["x"], p["mean"]) for p in fig8_points(t, seeds)] == [(0, 0.5), (1, 0.4)]
+    lr = "optim.cosine_min_lr"  # a field whose values mix None and numbers still sorts and plots
+    lay = Layout("m", "min", [lr], {lr: None})
+    t = [Trial("0", "a", {}, {1: 0.5}), Trial("1", "b", {lr: 1e-5}, {1: 0.4})]
+    pts = fig8_points(t, lay)
+    assert [p["x"] for p in pts] == [1e-5, None]
+    plot_fig8(pts, lay, "s", str(tmp_path / "fig8.png"))
+    assert (tmp_path / "fig8.png").stat().st_size > 0
