@@ -54,6 +54,18 @@ def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return out
 
 
+def field_values(cfg: RunConfig, paths: list[str]) -> dict[str, Any]:
+    """The config's value at each dotted field path: ``{"model.gdm.num_nodes": 64}``."""
+    flat = cfg.to_dict()
+    out = {}
+    for path in paths:
+        node: Any = flat
+        for k in path.split("."):
+            node = node[k]
+        out[path] = node
+    return out
+
+
 def _override_config(base: RunConfig, overrides: dict[str, Any], name: str, where: str) -> RunConfig:
     """``base`` with ``overrides`` applied and ``name`` set, validated; errors are prefixed with ``where``."""
     try:
@@ -251,13 +263,7 @@ class SweepSpec(Section):
             keys = list(grids)
             return [dict(zip(keys, combo)) for combo in itertools.product(*(grids[k] for k in keys))]
         # axes: the base point, then each field's other values with the rest at the base value (deduplicated).
-        flat = base.to_dict()
-        base_vals = {}
-        for k in grids:
-            node: Any = flat
-            for part in k.split("."):
-                node = node[part]
-            base_vals[k] = node
+        base_vals = field_values(base, list(grids))
         points = [{}]
         for k, vals in grids.items():
             points += [{k: v} for v in vals if v != base_vals[k]]

@@ -18,16 +18,16 @@ ends.
 Identity: the Tune experiment is named after the sweep's run id under ``<storage>/runs/``; a re-submitted sweep
 restores it (unfinished and errored trials continue). Trial ``k`` of the sweep trains the run ``<sweep>-t<k>-<hash>``.
 
-Results: ``trials.md`` / ``trials.csv`` (every trial's point, best metric, iterations) and ``fig8.png`` (Fig. 8 style: the
-metric against each searched field; with design ``axes`` the other fields sit at the base value, with ``cross`` each
-point is the best trial having that value) are logged to the parent run.
+Results (logged to the parent run, built by :mod:`laren.sweep_results`): ``trials.md`` / ``trials.csv`` (each trial's
+point, its metric at the common budget and at its full budget, its evaluations and status), ``fig8.png`` (Fig. 8 style:
+the metric against each searched field at the common budget, and at full budget for the trials that reached it; with
+design ``axes`` the other fields sit at the base value, with ``cross`` each point is the best setting having that value)
+and ``fig8.csv`` (the plotted numbers). The metric histories are read back from the child runs in MLflow.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import math
 import os
 import re
@@ -35,7 +35,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from laren.specs import LoadedSweep
+from laren.specs import LoadedSweep, field_values
+from laren.sweep_results import (Layout, Trial, best_trial, common_step, fig8_csv, fig8_points, from_reports,
+                                 plot_fig8, trials_table)
 
 # Tiny share of a CPU for the trial's driver function: its TorchTrainer's workers hold the real resources.
 DRIVER_RESOURCES = {"CPU": 0.01}
@@ -139,126 +141,95 @@ def _scheduler(sw: LoadedSweep):
                          reduction_factor=s.reduction_factor)
 
 
-def _best(series: list[float], mode: str) -> float:
-    vals = [v for v in series if isinstance(v, (int, float)) and math.isfinite(v)]
-    if not vals:
-        return math.nan
-    return min(vals) if mode == "min" else max(vals)
+def layout(sw: LoadedSweep) -> Layout:
+    """What the sweep's table and figure compare (see :mod:`laren.sweep_results`)."""
+    keys = list(sw.spec.search_space)
+    return Layout(sw.spec.metric, sw.spec.mode, keys, field_values(sw.base, keys), sw.spec.design,
+                  "ASHA" if sw.spec.scheduler.kind == "asha" else sw.spec.scheduler.kind)
 
 
-def collect(sw: LoadedSweep, grid) -> list[dict[str, Any]]:
-    """One row per trial: its overrides, run id, best metric, last metric, iterations, status."""
-    rows = []
-    metric = sw.spec.metric
+def _children(tracking_uri: str, experiment: str, run_ids: list[str], log: Callable[[str], None]) -> dict[str, Any]:
+    """The trials' MLflow child runs by laren run id ({} when MLflow cannot be read)."""
+    from mlflow.tracking import MlflowClient
+
+    from laren.tracking import RUN_ID_TAG, set_http_env_defaults
+
+    set_http_env_defaults()
+    out: dict[str, Any] = {}
+    try:
+        c = MlflowClient(tracking_uri)
+        exp = c.get_experiment_by_name(experiment)
+        for rid in run_ids:
+            runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{rid}'") if exp else []
+            if runs:
+                out[rid] = runs[0]
+    except Exception as err:  # the results matter more than their source: Tune's copy of the metrics stands in
+        log(f"could not read the trials' MLflow runs (using Ray Tune's results): {type(err).__name__}: {err}")
+    return out
+
+
+def _history(tracking_uri: str, run, metric: str) -> Optional[dict[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    try:
+        hist = MlflowClient(tracking_uri).get_metric_history(run.info.run_id, metric)
+    except Exception:  # noqa: BLE001 - Tune's copy stands in
+        return None
+    return {int(m.step): float(m.value) for m in hist}
+
+
+def _reason(err: BaseException) -> str:
+    msg = (str(err).strip().splitlines() or [""])[-1]
+    return f"{type(err).__name__}: {msg}"[:160].replace("|", "/")
+
+
+def collect(sw: LoadedSweep, grid, tracking_uri: str, experiment: str,
+            log: Callable[[str], None] = print) -> tuple[list[Trial], dict[str, Any]]:
+    """One :class:`Trial` per Tune trial, and the MLflow child runs found (by run id).
+
+    History: the metric as the child run logged it at each evaluation (MLflow, authoritative: complete and exact even
+    for a trial that ran on after the scheduler stopped it); Ray Tune's reports when MLflow cannot be read. The end of
+    the training: the child run FINISHED (under fifo: any trial that did not fail)."""
+    metric, sched = sw.spec.metric, sw.spec.scheduler
+    pending = []
     for r in grid:
-        cfg_overrides = trial_overrides(sw, r.config)
-        df = r.metrics_dataframe
-        series = list(df[metric]) if df is not None and metric in df else []
+        overrides = trial_overrides(sw, r.config)
         m = r.metrics or {}
         trial_id = m.get("trial_id", "")
         if not trial_id and r.path:  # no result reported: the id is in the trial's directory name
             found = _TRIAL_ID.search(os.path.basename(str(r.path).rstrip("/")))
             trial_id = found.group(1) if found else ""
         k = _trial_index(str(trial_id)) if trial_id else "?"
-        rows.append({
-            "trial": k,
-            "run_id": trial_run_config(sw, cfg_overrides, k).run_id if k != "?" else "",
-            "overrides": cfg_overrides,
-            "best": _best(series, sw.spec.mode),
-            "last": m.get(metric, math.nan),
-            "step": m.get("step"),
-            "iterations": m.get("training_iteration", 0),
-            "status": "ERROR" if r.error else "OK",
-        })
-    return sorted(rows, key=lambda x: int(x["trial"]) if str(x["trial"]).isdigit() else 0)
+        df = r.metrics_dataframe
+        reports = df.to_dict("records") if df is not None and "step" in df else []
+        pending.append((k, trial_run_config(sw, overrides, k).run_id if k != "?" else "", overrides, r, reports))
+    children = _children(tracking_uri, experiment, [p[1] for p in pending if p[1]], log)
+    trials = []
+    for k, run_id, overrides, r, reports in pending:
+        child = children.get(run_id)
+        finished = sched.kind == "fifo" or (child is not None and child.info.status == "FINISHED")
+        trials.append(from_reports(k, run_id, overrides, reports, metric,
+                                   _history(tracking_uri, child, metric) if child is not None else None,
+                                   error=_reason(r.error) if r.error else None, finished=finished,
+                                   time_attr=sched.time_attr, max_t=sched.max_t if sched.kind == "asha" else None))
+    trials.sort(key=lambda t: int(t.trial) if t.trial.isdigit() else 0)
+    return trials, children
 
 
-def trials_table(sw: LoadedSweep, rows: list[dict[str, Any]]) -> tuple[str, str]:
-    keys = list(sw.spec.search_space)
-    base = sw.base.to_dict()
-
-    def val(row, k):
-        if k in row["overrides"]:
-            return row["overrides"][k]
-        node: Any = base
-        for p in k.split("."):
-            node = node[p]
-        return node
-
-    def f(v):
-        return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else ("n/a" if isinstance(v, float) else str(v))
-
-    head = ["trial", *keys, f"best {sw.spec.metric}", f"last {sw.spec.metric}", "step", "iterations", "status", "run id"]
-    md = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(head)
-    for r in rows:
-        cells = [r["trial"], *(val(r, k) for k in keys), r["best"], r["last"], r["step"], r["iterations"], r["status"],
-                 r["run_id"]]
-        md.append("| " + " | ".join(f(c) for c in cells) + " |")
-        w.writerow(cells)
-    return "\n".join(md) + "\n", buf.getvalue()
-
-
-def plot_fig8(sw: LoadedSweep, rows: list[dict[str, Any]], path: str) -> None:
-    """Fig. 8 style: one panel per searched field, the metric (best per trial) against the field's values."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = list(sw.spec.search_space)
-    base = sw.base.to_dict()
-    names = {"model.gdm.num_nodes": "J (GDM nodes)", "model.gdm.node_dim": "C (node width)",
-             "model.cgm.code_dim": "F (code width)"}
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        bv: Any = base
-        for p in k.split("."):
-            bv = bv[p]
-        pts: dict[Any, float] = {}
-        for r in rows:
-            others_at_base = all(r["overrides"].get(o, None) in (None,) for o in keys if o != k)
-            if sw.spec.design == "axes" and not others_at_base:
-                continue
-            x = r["overrides"].get(k, bv)
-            y = r["best"]
-            if not (isinstance(y, float) and math.isfinite(y)):
-                continue
-            better = (min if sw.spec.mode == "min" else max)
-            pts[x] = better(pts[x], y) if x in pts else y
-        xs = sorted(pts, key=lambda v: (isinstance(v, str), v))
-        ax.plot([str(x) for x in xs], [pts[x] for x in xs], "o-")
-        ax.set_xlabel(names.get(k, k))
-        ax.set_ylabel(sw.spec.metric)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{sw.spec.name}: {sw.spec.metric} ({sw.spec.mode}) against " + ", ".join(names.get(k, k) for k in keys))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def close_stopped_children(tracking_uri: str, experiment: str, rows: list[dict[str, Any]],
+def close_stopped_children(tracking_uri: str, trials: list[Trial], children: dict[str, Any],
                            log: Callable[[str], None] = print) -> None:
     """Close the MLflow child runs that killed trials left RUNNING: KILLED (stopped by the scheduler) or FAILED."""
     from mlflow.tracking import MlflowClient
 
-    from laren.tracking import RUN_ID_TAG, set_http_env_defaults
-
-    set_http_env_defaults()
     try:
         c = MlflowClient(tracking_uri)
-        exp = c.get_experiment_by_name(experiment)
-        for r in rows:
-            if exp is None or not r["run_id"]:
+        for t in trials:
+            run = children.get(t.run_id)
+            if run is None or run.info.status != "RUNNING":
                 continue
-            for run in c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{r['run_id']}'"):
-                if run.info.status != "RUNNING":
-                    continue
-                if r["status"] == "OK":
-                    c.set_tag(run.info.run_id, "laren.stopped_by", "scheduler")
-                c.set_terminated(run.info.run_id, "KILLED" if r["status"] == "OK" else "FAILED")
+            if t.error is None:
+                c.set_tag(run.info.run_id, "laren.stopped_by", "scheduler")
+            c.set_terminated(run.info.run_id, "KILLED" if t.error is None else "FAILED")
     except Exception as err:  # the results matter more than tidy run states
         log(f"could not close the stopped trials' MLflow runs: {type(err).__name__}: {err}")
 
@@ -307,25 +278,32 @@ def run_sweep(sw: LoadedSweep, storage_path: Optional[str] = None, log: Callable
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     grid = tuner.fit()
-    rows = collect(sw, grid)
-    close_stopped_children(base.tracking.tracking_uri, exp, rows, log)
-    md, csv_text = trials_table(sw, rows)
+    trials, children = collect(sw, grid, base.tracking.tracking_uri, exp, log)
+    close_stopped_children(base.tracking.tracking_uri, trials, children, log)
+    lay = layout(sw)
+    md, csv_text = trials_table(trials, lay)
+    points = fig8_points(trials, lay)
     with tempfile.TemporaryDirectory(prefix="laren-sweep-") as d:
         (Path(d) / "trials.md").write_text(f"# {sw.spec.name}: {sw.spec.description}\n\n" + md)
         (Path(d) / "trials.csv").write_text(csv_text)
-        plot_fig8(sw, rows, str(Path(d) / "fig8.png"))
-        for f in ("trials.md", "trials.csv", "fig8.png"):
+        (Path(d) / "fig8.csv").write_text(fig8_csv(points))
+        plot_fig8(points, lay, sw.spec.name, str(Path(d) / "fig8.png"))
+        for f in ("trials.md", "trials.csv", "fig8.png", "fig8.csv"):
             parent.log_artifact(str(Path(d) / f), "results")
         parent.flush()
-    best = [r for r in rows if isinstance(r["best"], float) and math.isfinite(r["best"])]
-    if best:
-        b = (min if sw.spec.mode == "min" else max)(best, key=lambda r: r["best"])
-        parent.log_metrics({f"best/{sw.spec.metric}": b["best"]}, step=0)
-        log(f"best trial t{b['trial']}: {sw.spec.metric} = {b['best']:.4f} with {b['overrides'] or '(base)'}")
-    errors = [r for r in rows if r["status"] != "OK"]
-    parent.finish("FAILED" if errors or not best else "FINISHED")
+    step = common_step(trials)
+    b = best_trial(trials, step, sw.spec.mode)
+    if b is not None:
+        full = b.full_value
+        parent.log_metrics({f"best/{sw.spec.metric}": b.value(step),
+                            **({f"best_full/{sw.spec.metric}": full} if math.isfinite(full) else {})}, step=step)
+        parent.set_tags({"laren.best_trial": b.run_id})
+        log(f"best trial t{b.trial} at equal budget (step {step}): {sw.spec.metric} = {b.value(step):.4f} with "
+            f"{b.overrides or '(base)'}; at full budget: " + (f"{full:.4f}" if math.isfinite(full) else "not reached"))
+    errors = [t for t in trials if t.error is not None]
+    parent.finish("FAILED" if errors or b is None else "FINISHED")
     log(md)
-    if errors or not best:
-        raise RuntimeError(f"sweep {sw.run_id}: " + (f"trials failed: {[r['run_id'] or r['trial'] for r in errors]}"
-                           if errors else f"no trial reported {sw.spec.metric}") + " (submit the sweep again to resume)")
-    return {"run_id": sw.run_id, "mlflow_run_id": parent.run_id, "trials": rows, "table_md": md}
+    if errors or b is None:
+        raise RuntimeError(f"sweep {sw.run_id}: " + (f"trials failed: {[t.run_id or t.trial for t in errors]}"
+                           if errors else f"no trial reported {sw.spec.metric} at a common step")
+                           + " (submit the sweep again to resume)")

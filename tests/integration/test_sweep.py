@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
-import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +19,12 @@ from laren.sweep import default_concurrency, trial_run_config
 from laren.tracking import PARENT_TAG
 from tests.integration._tiny_jobs import job_env, make_data, mlflow_runs, tiny_job
 
+METRIC = "val/lpips_alex"
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
-STEPS = 6  # one evaluation (= one report to Tune) per step: a trial left alone would reach training_iteration 6
-MAX_T = 2  # ASHA stops every trial at its 2nd report (rungs at 1 and 2; reduction factor 2)
+STEPS = MAX_T = 4  # one evaluation (= one report to Tune) per step; a trial's full budget is 4 evaluations
+RUNGS = (1, 2)  # ASHA (grace period 1, reduction factor 2) may stop a trial after its 1st or 2nd evaluation
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def _write_sweep(project: Path, data) -> Path:
         "job": "../jobs/jcf-base.yaml",
         "design": "cross",
         "search_space": {"model.gdm.num_nodes": {"grid": [4, 8]}, "model.cgm.code_dim": {"grid": [8, 16]}},
-        "metric": "val/lpips_alex",
+        "metric": METRIC,
         "mode": "min",
         "scheduler": {"kind": "asha", "time_attr": "training_iteration", "max_t": MAX_T, "grace_period": 1,
                       "reduction_factor": 2},
@@ -89,38 +91,72 @@ def test_sweep_2x2_asha_parent_children_and_fig8(ray_head, mlflow_server, tmp_pa
         if ch.info.status == "KILLED":
             assert ch.data.tags["laren.stopped_by"] == "scheduler"
 
-    # The trial table on the parent: Tune's view of each trial equals what the child run logged.
+    # The results on the parent: trial table (markdown, CSV) and Fig. 8 (png, and its plotted numbers as CSV).
     arts = {a.path for a in c.list_artifacts(parent.info.run_id, "results")}
-    assert arts == {"results/trials.md", "results/trials.csv", "results/fig8.png"}
-    table = list(csv.DictReader(io.StringIO(Path(c.download_artifacts(parent.info.run_id, "results/trials.csv",
-                                                                        str(tmp_path / "dl"))).read_text())))
+    assert arts == {"results/trials.md", "results/trials.csv", "results/fig8.png", "results/fig8.csv"}
+
+    def artifact(name: str) -> Path:
+        return Path(c.download_artifacts(parent.info.run_id, f"results/{name}", str(tmp_path / "dl")))
+
+    table = list(csv.DictReader(io.StringIO(artifact("trials.csv").read_text())))
     assert [r["trial"] for r in table] == ["0", "1", "2", "3"]
     assert {r["run id"] for r in table} == set(expected)
-    iters = []
+    # Each child's metric history as MLflow holds it: the common budget is the largest step every trial evaluated.
+    hist = {r["run id"]: {m.step: m.value for m in c.get_metric_history(children[r["run id"]].info.run_id, METRIC)}
+            for r in table}
+    common = max(set.intersection(*(set(h) for h in hist.values())))
+    assert common >= 1 and {r["common step"] for r in table} == {str(common)}
+    stopped, completed = [], []
     for r in table:
-        assert r["status"] == "OK"
-        pt = expected[r["run id"]]
+        pt, h = expected[r["run id"]], hist[r["run id"]]
         assert (int(r["model.gdm.num_nodes"]), int(r["model.cgm.code_dim"])) == (pt["model.gdm.num_nodes"],
                                                                                   pt["model.cgm.code_dim"])
-        it, step = int(r["iterations"]), int(r["step"])
-        iters.append(it)
-        assert 1 <= it <= MAX_T and step == it  # one report per step: iteration k is step k
-        hist = {m.step: m.value for m in c.get_metric_history(children[r["run id"]].info.run_id, "val/lpips_alex")}
-        assert float(r["last val/lpips_alex"]) == pytest.approx(hist[step], rel=1e-9)
-        assert float(r["best val/lpips_alex"]) == pytest.approx(min(hist[s] for s in range(1, step + 1)), rel=1e-9)
-    # ASHA stopped every trial by max_t (each would otherwise report STEPS times); the first trial to reach the rung
-    # always continues to max_t.
-    assert max(iters) == MAX_T < STEPS
-    best = min(float(r["best val/lpips_alex"]) for r in table)
-    assert parent.data.metrics["best/val/lpips_alex"] == pytest.approx(best, rel=1e-9)
-    md = Path(c.download_artifacts(parent.info.run_id, "results/trials.md", str(tmp_path / "dl"))).read_text()
+        assert float(r[f"{METRIC} (common budget)"]) == h[common]
+        assert int(r["evaluations"]) == len(h)
+        if r["status"] == "completed":  # reached ASHA's max_t = the end of its training
+            completed.append(r["trial"])
+            assert int(r["full step"]) == STEPS and float(r[f"{METRIC} (full budget)"]) == h[STEPS]
+        else:  # stopped by ASHA at a rung, its child run closed as KILLED by the scheduler
+            stopped.append(r["trial"])
+            m = re.fullmatch(r"stopped early \(ASHA, after (\d) evaluations?\)", r["status"])
+            assert m and int(m.group(1)) in RUNGS and int(m.group(1)) <= len(h), r["status"]
+            assert r["full step"] == "" and r[f"{METRIC} (full budget)"] == "nan"
+            ch = children[r["run id"]]
+            assert (ch.info.status, ch.data.tags.get("laren.stopped_by")) == ("KILLED", "scheduler")
+    print(f"common step {common}; completed trials {completed}; stopped early {stopped}")
+    assert completed  # the first trial at each rung always continues
+    md = artifact("trials.md").read_text()
     assert md.count("\n| ") == 5 and all(name in md for name in expected)
+    assert all(f"| {r['status']} | {r['run id']} |" in md for r in table)
 
-    # Fig. 8-style plot: one panel per searched field (J, F), with a curve drawn on each.
-    png = Image.open(c.download_artifacts(parent.info.run_id, "results/fig8.png", str(tmp_path / "dl"))).convert("RGB")
+    # The best trial at equal budget, and its full-budget value where it reached it.
+    best = min(table, key=lambda r: hist[r["run id"]][common])
+    assert parent.data.metrics[f"best/{METRIC}"] == hist[best["run id"]][common]
+    assert parent.data.tags["laren.best_trial"] == best["run id"]
+    if best["status"] == "completed":
+        assert parent.data.metrics[f"best_full/{METRIC}"] == hist[best["run id"]][STEPS]
+    else:
+        assert f"best_full/{METRIC}" not in parent.data.metrics
+
+    # Fig. 8's plotted values: per J (F), the best trial having it, at the common step (and at full budget where a
+    # trial reached it), equal to the children's logged metric read back from MLflow.
+    fig = list(csv.DictReader(io.StringIO(artifact("fig8.csv").read_text())))
+    for key in ("model.gdm.num_nodes", "model.cgm.code_dim"):
+        for x in sorted({pt[key] for pt in points}):
+            rows = [r for r in table if int(r[key]) == x]
+            want = {"common": min(hist[r["run id"]][common] for r in rows)}
+            done = [hist[r["run id"]][STEPS] for r in rows if r["status"] == "completed"]
+            if done:
+                want["full"] = min(done)
+            got = {p["series"]: float(p["mean"]) for p in fig if p["field"] == key and p["x"] == str(x)}
+            assert got == want, (key, x, got, want)
+
+    # The figure: one panel per searched field (J, F), the common-budget curve (C0 blue) on each, and the full-budget
+    # points (C1 orange) of the completed trials.
+    png = Image.open(artifact("fig8.png")).convert("RGB")
     assert png.size == (800, 340)
-    a = np.asarray(png)
+    a = np.asarray(png).astype(int)
     for half in (a[:, :400], a[:, 400:]):
         blue = (half[..., 2] > 150) & (half[..., 0] < 100)  # matplotlib's default line colour C0 (#1f77b4)
-        assert blue.sum() > 50
-    assert math.isfinite(best)
+        orange = (half[..., 0] > 220) & (abs(half[..., 1] - 127) < 30) & (half[..., 2] < 60)  # C1 (#ff7f0e)
+        assert blue.sum() > 50 and orange.sum() > 20
