@@ -77,11 +77,11 @@ class GDMConfig(Section):
         description="kappa in rho = kappa * r (choice C5): 'dim' multiplies by the size of the softmax support: D for HMRR (default), J-1 for VRR; "
         "1.0 is the paper-literal reading, which leaves g nearly constant.",
     )
-    relation_logits: Literal["rms", "l2"] = Field(
-        "rms",
-        description="Normaliser of the relation logits before the softmax over attributes: 'rms' over the support "
-        "(v2 default; graded relations) or 'l2', the paper-literal unit L2 norm, which makes rho a binary gate "
-        "(model-spec 9, R2).",
+    relation_logits: Literal["std", "rms", "l2"] = Field(
+        "std",
+        description="Normaliser of the relation logits before the softmax over attributes: 'std' over the support "
+        "(default: graded relations at the real encoder's init), 'rms' over the support (model-spec 9 v2), or 'l2', "
+        "the paper-literal unit L2 norm, which makes rho a binary gate (model-spec 9, R2).",
     )
     chunk_size: int = Field(256, description="Attributes processed per chunk; bounds peak memory (never the full (B,P,D,Omega,C) tensor).")
     checkpoint_chunks: bool = Field(True, description="Recompute each attribute chunk in backward (gradient checkpointing).")

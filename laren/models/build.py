@@ -115,9 +115,23 @@ def _assemble(cfg: ModelConfig, G: Generator) -> LarenSR:
     return LarenSR(encoder, head, G, cgm=cgm, decoder=decoder, eval_noise_seed=cfg.eval_noise_seed)
 
 
+# A random generator's noise strengths start at 0 (StyleGAN2's init), so its noise inputs, and with them the CGM, would
+# have no effect at all: the CGM gets exactly zero gradient. Trained priors have non-zero strengths (about 0.01-0.3
+# in published FFHQ checkpoints); a random prior that stands in for one gets this value in every layer.
+RANDOM_PRIOR_NOISE_STRENGTH = 0.1
+
+
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LarenSR:
-    """The SR model of ``cfg``: the prior's pre-trained generator when ``cfg.prior.path`` is set, else a random one."""
-    G = _load_prior(cfg)[0] if cfg.prior.path else build_generator(cfg)
+    """The SR model of ``cfg``: the prior's pre-trained generator when ``cfg.prior.path`` is set, else a random one
+    (with noise strengths ``RANDOM_PRIOR_NOISE_STRENGTH``, so that noise and the CGM matter, as with a trained prior)."""
+    if cfg.prior.path:
+        G = _load_prior(cfg)[0]
+    else:
+        G = build_generator(cfg)
+        with torch.no_grad():
+            for name, p in G.named_parameters():
+                if name.endswith("noise.weight"):
+                    p.fill_(RANDOM_PRIOR_NOISE_STRENGTH)
     return _assemble(cfg, G).to(device)
 
 

@@ -9,16 +9,20 @@ HMRR (hierarchical multi-relation reasoning), the default:
     U      = (W_U z + b_U).view(B, J, C)                                       one W_U in R^{JC x H}            [C1]
     A_pd   = ReLU(W_attr [u_i || u_j] + b_attr)_d                              W_attr in R^{D x 2C}              [paper Eq. 1]
     r_pd   = Softmax_D(A / nu_p + P)_d, P = -inf where A == 0                  rows with A == 0 give r = 0      [C3, C4]
-             nu_p = rms of A_p over its support (v2 default, "rms") or ||A_p||_2 (v1, paper-literal, "l2")   [spec 9 R2]
+             nu_p = std of A_p over its support (default, "std"), its rms there (spec v2, "rms"),
+                    or ||A_p||_2 (v1, paper-literal, "l2")                                              [spec 9 R2]
     rho    = kappa * r, kappa = D by default (paper-literal 1)                                                   [C5]
     h      = ReLU(theta_1 u_ik + theta_2 rho_pd + theta_3 u_jk + beta_w)        ConvKB 1x3 conv, Omega filters    [C6]
     g_d    = mean_p sum_{w,k} w_{wk} h[p, d, w, k]                                                               [C7, C8]
 
-Why "rms" (model-spec 9, R2, measured): with nu = ||A_p||_2 over ~4,600 support entries every logit is ~0.015, the
-softmax is flat on the support, and rho ~ 2*1[A > 0]: the mask explains 99.9 % of rho's variance and W_attr learns
-only through a remainder the size of bf16 rounding (grad/param 8.6e-4 against 1.1e2 for ConvKB). Dividing by the
-RMS over the support instead (= ||A_p||_2 / sqrt(|support|)) gives O(1) logits: rho is graded, the mask explains
-about 40 % of its variance, and W_attr's gradient is within ~10x of ConvKB's (`laren model health`).
+Why "std" (model-spec 9, R2, measured with `laren model health`): with nu = ||A_p||_2 over ~4,600 support entries
+every logit is ~0.015, the softmax is flat on the support, and rho ~ 2*1[A > 0]: the mask explains 99.9 % of rho's
+variance, so W_attr learns only through a remainder the size of bf16 rounding. The spec's v2 divides by the RMS over
+the support (= ||A_p||_2 / sqrt(|support|)): O(1) logits, and with z ~ N(0, 1) the mask explains 41 % of rho's
+variance. But z from the real encoder at initialisation is small (std ~0.04), u is then dominated by W_U's bias, and
+the mask still explains 66 % (face64x) and 64 % (demo), above the 60 % criterion. The standard deviation over the
+support standardises the logits (the softmax ignores their mean): 42 % for face64x at the same init. "rms" and "l2"
+remain as switches.
 
 Memory: the (B, P, D, Omega, C) tensor h is never built, and neither are the full (B, P, D) tensors A, X-hat or r.
 The attribute axis is processed in chunks of Dc under ``torch.utils.checkpoint``. The softmax over D needs per-pair
@@ -51,7 +55,7 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = ["ConvKB", "GraphDisentangle", "GraphDisentangleVRR", "ordered_pairs", "RELATION_LOGITS", "mask_variance_share"]
 
-RELATION_LOGITS = ("rms", "l2")  # the normaliser nu of the relation logits: v2 default, v1 paper-literal
+RELATION_LOGITS = ("std", "rms", "l2")  # the normaliser nu of the relation logits: default, spec v2, v1 paper-literal
 
 
 def ordered_pairs(num_nodes: int) -> tuple[Tensor, Tensor]:
@@ -105,12 +109,17 @@ def _chunks(total: int, size: int):
         yield start, min(start + size, total)
 
 
-def _logit_norm(sumsq: Tensor, support: Tensor, mode: str) -> Tensor:
-    """nu: the RMS over the support (``rms``) or the L2 norm (``l2``) of the non-negative scores; eps 1e-12 (the sqrt
-    of a clamp keeps the gradient finite at 0)."""
-    if mode == "rms":
-        sumsq = sumsq / support.clamp_min(1.0)
-    return torch.sqrt(sumsq.clamp_min(1e-24))
+def _logit_norm(sumsq: Tensor, total: Tensor, support: Tensor, mode: str) -> Tensor:
+    """nu from the sum of squares, the sum and the support size of the non-negative scores: their standard deviation
+    (``std``) or RMS (``rms``) over the support, or their L2 norm (``l2``); eps 1e-12 (the sqrt of a clamp keeps the
+    gradient finite at 0). Logits scaled by 1/nu stay bounded after the max shift: |A - max A| <= 2 sqrt(n) std."""
+    if mode == "l2":
+        return torch.sqrt(sumsq.clamp_min(1e-24))
+    n = support.clamp_min(1.0)
+    msq = sumsq / n
+    if mode == "std":
+        msq = msq - (total / n).square()
+    return torch.sqrt(msq.clamp_min(1e-24))
 
 
 def mask_variance_share(count: float, support: float, s1: float, s2: float) -> float:
@@ -169,7 +178,7 @@ class GraphDisentangle(_GraphBase):
         relation_scale: kappa in rho = kappa * r. None means D (choice C5); 1.0 is the paper-literal reading.
         chunk_size: attributes per chunk (Dc). Peak memory scales with B*P*Dc*Omega*C, not with D.
         checkpoint_chunks: recompute each chunk in backward, so the memory stays flat in D during training too.
-        relation_logits: "rms" (v2 default) or "l2" (v1, paper-literal): the normaliser nu of the logits.
+        relation_logits: the normaliser nu of the logits: "std" (default), "rms" (spec v2) or "l2" (v1, paper-literal).
 
     Parameters: J*C*H + J*C + 2C*D + D + Omega*4 + Omega*C (419,424 for H=512, N=18, J=64, C=8, Omega=8).
     """
@@ -184,7 +193,7 @@ class GraphDisentangle(_GraphBase):
         relation_scale: Optional[float] = None,
         chunk_size: int = 256,
         checkpoint_chunks: bool = True,
-        relation_logits: str = "rms",
+        relation_logits: str = "std",
     ):
         super().__init__(latent_dim, num_nodes, node_dim, num_codes, chunk_size, checkpoint_chunks, relation_logits)
         self.relation_scale = float(self.num_attributes if relation_scale is None else relation_scale)
@@ -204,8 +213,9 @@ class GraphDisentangle(_GraphBase):
         right_BJDc = u_BJC @ w_DcC2[:, C:].T
         return F.relu(left_BJDc[:, self.pair_i] + right_BJDc[:, self.pair_j] + b_Dc)
 
-    def _sumsq_chunk(self, u_BJC, w_DcC2, b_Dc):
-        return self._attr_chunk(u_BJC, w_DcC2, b_Dc).square().sum(-1)  # (B, P)
+    def _moments_chunk(self, u_BJC, w_DcC2, b_Dc):
+        a_BPDc = self._attr_chunk(u_BJC, w_DcC2, b_Dc)
+        return torch.stack([a_BPDc.square().sum(-1), a_BPDc.sum(-1)])  # (2, B, P): sum of squares, sum
 
     @staticmethod
     def _exp_logits(a_BPDc, norm_BP, shift_BP):
@@ -230,15 +240,15 @@ class GraphDisentangle(_GraphBase):
         """(nu, shift, sumexp), each (B, P): the logit normaliser, the max logit and the softmax denominator."""
         W, b = self.attr.weight, self.attr.bias  # (D, 2C), (D,)
         D, cs, ck = self.num_attributes, self.chunk_size, self.checkpoint_chunks
-        # Pass 1: sum of squares (with gradient), support size and max score (constants) over all D attributes.
-        sumsq_BP = sum(_maybe_checkpoint(ck, self._sumsq_chunk, u_BJC, W[s:e], b[s:e]) for s, e in _chunks(D, cs))
+        # Pass 1: sum of squares and sum (with gradient), support size and max score (constants) over all D.
+        sumsq_BP, total_BP = sum(_maybe_checkpoint(ck, self._moments_chunk, u_BJC, W[s:e], b[s:e]) for s, e in _chunks(D, cs))
         support_BP, amax_BP = torch.zeros_like(sumsq_BP), torch.zeros_like(sumsq_BP)
         with torch.no_grad():
             for s, e in _chunks(D, cs):
                 a_BPDc = self._attr_chunk(u_BJC, W[s:e], b[s:e])
                 support_BP += (a_BPDc > 0).sum(-1)
                 amax_BP = torch.maximum(amax_BP, a_BPDc.amax(-1))
-        norm_BP = _logit_norm(sumsq_BP, support_BP, self.relation_logits)
+        norm_BP = _logit_norm(sumsq_BP, total_BP, support_BP, self.relation_logits)
         shift_BP = (amax_BP / norm_BP).detach()
         # Pass 2: softmax denominator over the support. The max entry contributes exp(0) = 1, so it is >= 1 whenever
         # the support is non-empty; clamping to 1 keeps the empty rows (r = 0) finite in backward.
@@ -301,7 +311,7 @@ class GraphDisentangleVRR(_GraphBase):
         relation_scale: Optional[float] = None,
         chunk_size: int = 256,
         checkpoint_chunks: bool = True,
-        relation_logits: str = "rms",
+        relation_logits: str = "std",
     ):
         super().__init__(latent_dim, num_nodes, node_dim, num_codes, chunk_size, checkpoint_chunks, relation_logits)
         self.relation_scale = float(num_nodes - 1 if relation_scale is None else relation_scale)
@@ -318,7 +328,8 @@ class GraphDisentangleVRR(_GraphBase):
         x_BPC2 = torch.cat([u_BJC[:, self.pair_i], u_BJC[:, self.pair_j]], dim=-1)
         s_BJJm = F.relu(self.relation(x_BPC2)).view(B, J, J - 1)  # rows i, columns the J-1 neighbours (i-major pairs)
         support_BJ1 = (s_BJJm > 0).sum(-1, keepdim=True).to(s_BJJm.dtype)
-        norm_BJ1 = _logit_norm(s_BJJm.square().sum(-1, keepdim=True), support_BJ1, self.relation_logits)
+        norm_BJ1 = _logit_norm(s_BJJm.square().sum(-1, keepdim=True), s_BJJm.sum(-1, keepdim=True), support_BJ1,
+                               self.relation_logits)
         shift_BJ1 = (s_BJJm.amax(-1, keepdim=True) / norm_BJ1).detach()
         e = torch.where(s_BJJm > 0, torch.exp(s_BJJm / norm_BJ1 - shift_BJ1), 0.0)
         a_BJJm = e / e.sum(-1, keepdim=True).clamp_min(1.0)

@@ -132,27 +132,34 @@ class LarenSR(nn.Module):
             return [torch.randn(batch, 1, r, r, device=ref.device, dtype=ref.dtype) for r in res]
         return [getattr(self, f"eval_noise_{i}").to(ref.dtype) for i in range(len(res))]
 
-    def forward(self, lr: Tensor, return_aux: bool = False):
-        """lr (B, 3, l, l) -> sr (B, 3, R, R); with return_aux also {z, latents, styles, noise}."""
-        G = self.generator
+    def encode(self, lr: Tensor) -> tuple[Tensor, Optional[dict[int, Tensor]]]:
+        """lr -> (z (B, H), the encoder's multi-scale features when the GLEAN decoder needs them, else None)."""
         if self.decoder is not None:
-            z, enc_feats = self.encoder.features(lr)
-        else:
-            z, enc_feats = self.encoder(lr), None
-        B = z.shape[0]
-        styles = None
+            return self.encoder.features(lr)
+        return self.encoder(lr), None
+
+    def latent_codes(self, z: Tensor) -> tuple[Tensor, Optional[list[Tensor]]]:
+        """z -> (latents (B, N, H), styles or None): the head's output in the generator's terms."""
         out = self.head(z)
-        if self.head_produces == "styles":
-            styles = out
-            latents = z[:, None].expand(B, G.num_latents, z.shape[1])  # unused by G when styles are given
-        else:
-            latents = out
-        noise = self.cgm(latents) if self.cgm is not None else self.noise(B, z)
+        if self.head_produces == "styles":  # latents are unused by G when styles are given
+            return z[:, None].expand(z.shape[0], self.generator.num_latents, z.shape[1]), out
+        return out, None
+
+    def render(self, lr: Tensor, z: Tensor, latents: Tensor, styles, enc_feats) -> tuple[Tensor, list[Tensor]]:
+        """(sr (B, 3, R, R), the noise maps used): the CGM's noise (or the noise policy), the frozen generator and
+        the optional decoder."""
+        G = self.generator
+        noise = self.cgm(latents) if self.cgm is not None else self.noise(z.shape[0], z)
         if self.decoder is not None:
             _, gen_feats = G(latents, noise=noise, randomize_noise=False, styles=styles, return_features=True)
-            sr = self.decoder(gen_feats, enc_feats, lr)
-        else:
-            sr = G(latents, noise=noise, randomize_noise=False, styles=styles)
+            return self.decoder(gen_feats, enc_feats, lr), noise
+        return G(latents, noise=noise, randomize_noise=False, styles=styles), noise
+
+    def forward(self, lr: Tensor, return_aux: bool = False):
+        """lr (B, 3, l, l) -> sr (B, 3, R, R); with return_aux also {z, latents, styles, noise}."""
+        z, enc_feats = self.encode(lr)
+        latents, styles = self.latent_codes(z)
+        sr, noise = self.render(lr, z, latents, styles, enc_feats)
         if return_aux:
             return sr, {"z": z, "latents": latents, "styles": styles, "noise": noise}
         return sr
