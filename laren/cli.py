@@ -18,6 +18,12 @@ class _Group(click.Group):
         except (ConfigError, FileNotFoundError) as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+        except ValueError as err:  # a refused checkpoint; its module (torch) is loaded only once a command needs it
+            state = sys.modules.get("laren.train.state")
+            if state is None or not isinstance(err, state.CheckpointError):
+                raise
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=_Group)

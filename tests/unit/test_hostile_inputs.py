@@ -240,3 +240,56 @@ def test_no_unsafe_calls_in_source():
             for i, line in enumerate(p.read_text().splitlines(), 1)
             if re.search(r"weights_only\s*=\s*False|shell\s*=\s*True", line)]
     assert not hits, hits
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. checkpoints are verified whole
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _checkpoint(tmp_path):
+    import json
+
+    from laren.train import state as S
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    d = S.save_checkpoint(tmp_path / "ck", model, None, {"g": opt}, S.TrainState(step=1))
+    return S, d, json.loads((d / S.STATE_FILE).read_text())
+
+
+def _tamper_weights(S, d):
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(d / S.WEIGHTS_FILE))
+    save_file({k: v + 1 for k, v in w.items()}, str(d / S.WEIGHTS_FILE))
+
+
+@pytest.mark.parametrize("kind", ["entry-removed", "path-outside", "extra-file", "mismatch", "file-missing"])
+def test_checkpoint_checksums_cover_exactly_its_files(tmp_path, kind):
+    import json
+
+    S, d, doc = _checkpoint(tmp_path)
+    (tmp_path / "outside").write_text("x")
+    if kind == "entry-removed":  # tampered weights whose checksum entry was dropped
+        _tamper_weights(S, d)
+        del doc["sha256"][S.WEIGHTS_FILE]
+        pattern = r"sha256 map must name exactly"
+    elif kind == "path-outside":
+        doc["sha256"]["../outside"] = "0" * 64
+        pattern = r"sha256 map must name exactly.*\.\./outside"
+    elif kind == "extra-file":
+        (d / "extra.safetensors").write_bytes(b"x")
+        pattern = r"extra\.safetensors: not part of the checkpoint"
+    elif kind == "mismatch":
+        _tamper_weights(S, d)
+        pattern = r"weights\.safetensors: does not match the checksum"
+    else:
+        (d / S.OPTIM_FILE).unlink()
+        pattern = r"optim\.safetensors: missing"
+    (d / S.STATE_FILE).write_text(json.dumps(doc))
+    with pytest.raises(S.CheckpointError, match=pattern):
+        S.read_state(d)
+    res = _cli("upscale", "--checkpoint", d, tmp_path / "none.png", "--out", tmp_path / "sr")
+    _assert_clean_error(res, pattern)
+    assert not (tmp_path / "sr").exists()
