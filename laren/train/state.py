@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from laren.redact import redact
+
 FORMAT = "laren-checkpoint/1"
 WEIGHTS_FILE = "weights.safetensors"
 OPTIM_FILE = "optim.safetensors"
@@ -178,8 +180,6 @@ def save_checkpoint(
     _atomic_write(d / WEIGHTS_FILE, lambda p: save_file(weights, p, metadata={"format": FORMAT}))
     _atomic_write(d / OPTIM_FILE, lambda p: save_file(optim_tensors, p, metadata={"format": FORMAT}))
     if config is not None:  # a checkpoint travels (MLflow artifact, storage): no passwords in URLs, no keys
-        from laren.tracking import redact
-
         config = redact(config)
     doc = {
         "format": FORMAT,
