@@ -293,3 +293,204 @@ def test_checkpoint_checksums_cover_exactly_its_files(tmp_path, kind):
     res = _cli("upscale", "--checkpoint", d, tmp_path / "none.png", "--out", tmp_path / "sr")
     _assert_clean_error(res, pattern)
     assert not (tmp_path / "sr").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. no shell: quoted entrypoints, strict job names
+# ---------------------------------------------------------------------------------------------------------------------
+
+TINY_MODEL = {
+    "lr_size": 8,
+    "prior": {"resolution": 32, "style_dim": 64, "mapping_layers": 2, "channel_multiplier": 1, "channel_max": 64},
+    "encoder": {"rrdb_blocks": 1, "rrdb_channels": 16, "rrdb_growth": 8},
+    "gdm": {"num_nodes": 4, "node_dim": 4, "convkb_filters": 2},
+    "cgm": {"code_dim": 8, "noise_proj_max_res": 16},
+}
+
+
+def _job_file(path: Path, **sections) -> Path:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"name": "t", "model": TINY_MODEL, **sections}, sort_keys=False))
+    return path
+
+
+def test_entrypoint_quotes_hostile_paths(tmp_path):
+    """A shell splits the entrypoint into exactly the intended words, whatever the job file and project are called."""
+    import shlex
+
+    from laren.submit import STATE_DIR, job_entrypoint
+
+    root = tmp_path / "my project;touch pwned"
+    rel = "jobs/x;touch pwned;#.yaml"
+    words = shlex.split(job_entrypoint("train", rel, root))
+    assert words == ["ln", "-sfn", str(root / STATE_DIR), STATE_DIR, "&&", "python", "-m", "laren.cli", "train", rel]
+    assert shlex.split(job_entrypoint("eval", "jobs/a b.yaml")) == ["python", "-m", "laren.cli", "run-eval", "jobs/a b.yaml"]
+
+
+def test_render_refuses_hostile_file_name(tmp_path):
+    job = _job_file(tmp_path / "x;touch pwned;#.yaml", storage={"root": "s3://b/laren"})
+    res = _cli("render", "k8s", job, cwd=tmp_path)
+    _assert_clean_error(res, r"must be named with letters, digits")
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("name", ["demo\n", "Demo", "-demo", "1demo", "de mo", "de;mo", "de_mo", ""])
+def test_job_name_must_match(tmp_path, name):
+    job = _job_file(tmp_path / "j.yaml")
+    job.write_text(job.read_text().replace("name: t", f"name: {name!r}".replace("'", '"').replace("\n", "\\n")))
+    res = _cli("validate", "--no-summary", job)
+    _assert_clean_error(res, r"name.*must start with a lowercase letter")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. secrets
+# ---------------------------------------------------------------------------------------------------------------------
+
+PASSWORDS = ["plain", "with/slash", "with@at", "a:b/c@d#e?f", "@/@"]
+
+
+@pytest.mark.parametrize("pw", PASSWORDS)
+def test_redaction_covers_any_password(pw):
+    from laren.redact import redact, redact_text
+
+    uri = f"http://alice:{pw}@mlflow.example:5000/api?x=1"
+    assert redact_text(uri) == "http://alice:***@mlflow.example:5000/api?x=1"
+    assert redact_text(f"error contacting {uri}: refused") == "error contacting http://alice:***@mlflow.example:5000/api?x=1: refused"
+    assert redact_text(uri, mask=None) == "http://alice@mlflow.example:5000/api?x=1"
+    assert redact({"tracking": {"tracking_uri": uri}, "aws_secret_access_key": pw}) == {
+        "tracking": {"tracking_uri": "http://alice:***@mlflow.example:5000/api?x=1"}, "aws_secret_access_key": "***"}
+
+
+@pytest.mark.parametrize("pw", PASSWORDS[1:])
+def test_validate_and_errors_never_print_a_password(tmp_path, pw):
+    job = _job_file(tmp_path / "j.yaml")
+    env = {"MLFLOW_TRACKING_URI": f"http://alice:{pw}@127.0.0.1:1/"}
+    res = _cli("validate", "--no-summary", job, env=env)
+    assert res.returncode == 0 and "http://alice:***@127.0.0.1:1/" in res.stdout, res.stderr[-2000:]
+    assert pw not in res.stdout + res.stderr
+    bad = _job_file(tmp_path / "k.yaml", tracking={"tracking_uri": f"http://bob:{pw}@h/"}, train={"total_kimg": -1})
+    res = _cli("validate", "--no-summary", bad)
+    _assert_clean_error(res, r"train\.total_kimg")
+    assert pw not in res.stdout + res.stderr
+
+
+def test_tracker_log_messages_are_redacted(caplog):
+    import logging
+
+    from laren import tracking
+
+    with caplog.at_level(logging.WARNING, logger="laren.tracking"):
+        tracking.log.warning("MLflow at %s is unreachable (%s)", "http://u:p/w@x@h:5000", "GET http://u:p/w@x@h:5000/api")
+    assert caplog.messages == ["MLflow at http://u:***@h:5000 is unreachable (GET http://u:***@h:5000/api)"]
+
+
+def test_submit_runtime_env_holds_no_credentials(tmp_path, monkeypatch):
+    from laren.submit import _job_env, runtime_env_vars
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3-secret-value")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDVALUE")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:pw/@x@mlflow:5000")
+    env = runtime_env_vars(_job_env(tmp_path, {"MLFLOW_TRACKING_PASSWORD": "tracking-pw", "AWS_SESSION_TOKEN": "tok"}))
+    text = repr(env)
+    for secret in ("s3-secret-value", "AKIDVALUE", "pw/@x", "tracking-pw", "tok"):
+        assert secret not in text
+    assert env["MLFLOW_TRACKING_URI"] == "http://alice@mlflow:5000"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. bounds on every numeric config field
+# ---------------------------------------------------------------------------------------------------------------------
+
+POSITIVE_FIELDS = [
+    "model.lr_size", "model.prior.style_dim", "model.prior.mapping_layers", "model.prior.channel_multiplier",
+    "model.prior.channel_max", "model.encoder.rrdb_blocks", "model.encoder.rrdb_channels", "model.encoder.rrdb_growth",
+    "model.gdm.num_nodes", "model.gdm.node_dim", "model.gdm.convkb_filters", "model.gdm.chunk_size",
+    "model.gdm.relation_scale", "model.cgm.code_dim", "model.cgm.noise_proj_max_res", "data.num_val_images",
+    "data.shuffle_buffer", "optim.lr", "optim.lr_d", "optim.eps", "train.batch_size_global", "train.total_kimg",
+    "train.log_every_kimg", "train.eval_every_kimg", "train.checkpoint_every_kimg", "train.keep_checkpoints",
+    "train.sample_grid_images", "tracking.system_metrics_interval_s", "resources.num_workers",
+    "resources.cpus_per_worker",
+]
+
+
+def _set(d: dict, dotted: str, value) -> dict:
+    *path, leaf = dotted.split(".")
+    for p in path:
+        d = d.setdefault(p, {})
+    d[leaf] = value
+    return d
+
+
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf")], ids=["zero", "negative", "nan", "inf"])
+@pytest.mark.parametrize("field", POSITIVE_FIELDS)
+def test_validate_rejects_non_positive(tmp_path, field, value):
+    """In process (a config parse is no risky decode): exit 2, one line per bad field, the field named."""
+    import copy
+
+    import yaml
+    from click.testing import CliRunner
+
+    from laren.cli import main
+
+    data = {"name": "t", "model": copy.deepcopy(TINY_MODEL)}
+    _set(data, field, value)
+    (tmp_path / "j.yaml").write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(main, ["validate", "--no-summary", str(tmp_path / "j.yaml")])
+    assert res.exit_code == 2 and res.exc_info[0] is SystemExit, res.output
+    assert re.search(rf"^  {re.escape(field)}(\.\S+)?: ", res.output, re.M), res.output
+
+
+@pytest.mark.parametrize("field,value", [("data.max_bad_fraction", 1.5), ("data.max_bad_fraction", float("nan")),
+                                         ("train.max_failures", -1), ("optim.betas", [0.9, 1.0]),
+                                         ("model.encoder.rrdb_blocks", 1_000_000), ("data.loader_workers", -1),
+                                         ("loss.perceptual_weight", -0.01), ("optim.cosine_min_lr", float("inf"))])
+def test_validate_rejects_out_of_range(tmp_path, field, value):
+    import copy
+
+    import yaml
+    from click.testing import CliRunner
+
+    from laren.cli import main
+
+    data = {"name": "t", "model": copy.deepcopy(TINY_MODEL)}
+    _set(data, field, value)
+    (tmp_path / "j.yaml").write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(main, ["validate", str(tmp_path / "j.yaml")])  # with the model summary: stays instant
+    assert res.exit_code == 2 and re.search(rf"^  {re.escape(field)}(\.\S+)?: ", res.output, re.M), res.output
+
+
+def test_every_numeric_field_is_bounded():
+    """Each int / float field of every config section has a lower and an upper bound, and no section takes NaN/inf."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from laren.config import RunConfig, Section
+
+    def bounds(info) -> tuple[bool, bool]:
+        metas = list(info.metadata)
+        for arg in typing.get_args(info.annotation):  # Optional[...] / Union[Literal, Annotated[float, ...]]
+            metas += [m for a in typing.get_args(arg)[1:] for m in getattr(a, "metadata", [a])]
+        lo = any(getattr(m, k, None) is not None for m in metas for k in ("gt", "ge"))
+        hi = any(getattr(m, k, None) is not None for m in metas for k in ("lt", "le"))
+        return lo, hi
+
+    unbounded, seen = [], []
+    stack = [("", RunConfig)]
+    while stack:
+        prefix, cls = stack.pop()
+        assert cls.model_config.get("allow_inf_nan") is False, cls
+        for name, info in cls.model_fields.items():
+            ann = info.annotation
+            inner = [a for a in (typing.get_args(ann) or (ann,)) if a is not type(None)]
+            if isinstance(inner[0], type) and issubclass(inner[0], BaseModel):
+                stack.append((f"{prefix}{name}.", inner[0]))
+                continue
+            if any(a in (int, float) or typing.get_origin(a) is typing.Annotated for a in inner) and ann is not bool:
+                seen.append(prefix + name)
+                if not all(bounds(info)):
+                    unbounded.append(prefix + name)
+    assert issubclass(RunConfig, Section) and len(seen) > 30
+    assert not unbounded, unbounded
