@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 import os
 import pickle
 import re
@@ -494,3 +495,222 @@ def test_every_numeric_field_is_bounded():
                     unbounded.append(prefix + name)
     assert issubclass(RunConfig, Section) and len(seen) > 30
     assert not unbounded, unbounded
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. pack and read defensively
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png16(arr) -> bytes:
+    """A 16-bit PNG (PIL cannot write 16-bit colour): (h, w) grey or (h, w, 3) RGB uint16."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    h, w = arr.shape[:2]
+    colour = 0 if arr.ndim == 2 else 2
+    raw = b"".join(b"\0" + np.ascontiguousarray(arr[y]).astype(">u2").tobytes() for y in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0))
+            + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b""))
+
+
+def _png_bomb(side=100_000) -> bytes:
+    """A valid PNG header declaring side x side pixels, with almost no data."""
+    import struct
+    import zlib
+
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+            + _png_chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + _png_chunk(b"IEND", b""))
+
+
+def _pil_bytes(img, fmt, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _new_user_folder(src: Path) -> None:
+    """What a careless source holds: odd depths and modes, rotated photos, a FIFO, a device link, broken files."""
+    import numpy as np
+    from PIL import Image
+
+    src.mkdir()
+    ramp = np.tile(np.linspace(0, 65535, 48).astype(np.uint16), (48, 1))  # dark left -> bright right
+    (src / "a-grey16.png").write_bytes(_png16(ramp))
+    rgb16 = np.zeros((48, 48, 3), np.uint16)
+    rgb16[..., 0], rgb16[..., 2] = 60000, 20000  # reddish purple
+    (src / "b-rgb16.png").write_bytes(_png16(rgb16))
+    rgba = np.zeros((48, 48, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 255, 128  # half-transparent red -> pink on white
+    (src / "c-rgba.png").write_bytes(_pil_bytes(Image.fromarray(rgba, "RGBA"), "PNG"))
+    pal = Image.fromarray(np.zeros((48, 48), np.uint8), "L").convert("P")
+    pal.info["transparency"] = 0  # fully transparent -> white
+    (src / "d-palette.png").write_bytes(_pil_bytes(pal, "PNG", transparency=0))
+    stored = np.zeros((48, 64, 3), np.uint8)
+    stored[:, 32:] = 255  # stored landscape, left black / right white; EXIF 6 = rotate 90 deg clockwise to view
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (src / "e-exif6.jpg").write_bytes(_pil_bytes(Image.fromarray(stored), "JPEG", exif=exif.tobytes(), quality=95))
+    (src / "f-float01.tif").write_bytes(_pil_bytes(Image.fromarray(np.full((48, 48), 0.5, np.float32), "F"), "TIFF"))
+    (src / "g-float255.tif").write_bytes(_pil_bytes(Image.fromarray(np.full((48, 48), 200.0, np.float32), "F"), "TIFF"))
+    os.mkfifo(src / "h-fifo.png")
+    os.symlink("/dev/zero", src / "i-zero.png")
+    good = _pil_bytes(Image.fromarray(np.full((48, 48, 3), 90, np.uint8)), "PNG")
+    (src / "j-truncated.png").write_bytes(good[: len(good) // 2])
+    (src / "k-bomb.png").write_bytes(_png_bomb())
+    (src / "l-plain.png").write_bytes(good)
+
+
+def _shard_images(dest: Path) -> dict:
+    import numpy as np
+    from PIL import Image
+
+    from laren.data.pack import iter_tar_samples
+
+    out = {}
+    for shard in sorted(dest.glob("shard-*.tar")):
+        with open(shard, "rb") as f:
+            for key, files, reason in iter_tar_samples(f):
+                assert files is not None, reason
+                out[json.loads(files["json"])["source"]] = np.asarray(Image.open(io.BytesIO(files["png"])))
+    return out
+
+
+def test_new_user_pack(tmp_path):
+    """`laren data pack` on a mixed folder finishes; every rejection is named with its reason; kept images look right."""
+    import numpy as np
+
+    src, dest = tmp_path / "photos", tmp_path / "ds"
+    _new_user_folder(src)
+    res = _cli("data", "pack", src, dest, "--name", "mixed", "--resolution", "32", "--workers", "2", "--quiet",
+               mem_gb=4, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    m = json.loads((dest / "manifest.json").read_text())
+    reasons = {r["input"]: r["reason"] for r in m["rejected"]}
+    assert set(reasons) == {"g-float255.tif", "h-fifo.png", "i-zero.png", "j-truncated.png", "k-bomb.png"}, reasons
+    assert "outside [0, 1]" in reasons["g-float255.tif"]
+    assert "not a regular file (a FIFO)" in reasons["h-fifo.png"]
+    assert "not a regular file (a character device)" in reasons["i-zero.png"]
+    assert reasons["j-truncated.png"].startswith("undecodable")
+    assert re.search(r"image has more than the \d+ pixels allowed", reasons["k-bomb.png"])
+    imgs = _shard_images(dest)
+    assert m["num_samples"] == 7 and len(imgs) == 7
+    grey = imgs["a-grey16.png"].astype(int)
+    assert grey[:, :4].mean() < 30 and grey[:, -4:].mean() > 225 and np.all(np.diff(grey[16, 2:-2]) >= 0)  # a ramp
+    assert np.abs(imgs["b-rgb16.png"][8:24, 8:24].astype(int) - [233, 0, 78]).max() <= 2  # 60000/257, 20000/257
+    assert np.abs(imgs["c-rgba.png"][8:24, 8:24].astype(int) - [255, 127, 127]).max() <= 2  # red at 50% on white
+    assert imgs["d-palette.png"].min() == 255  # transparent -> white
+    rot = imgs["e-exif6.jpg"].astype(int)  # upright: top black, bottom white
+    assert rot[:12].mean() < 20 and rot[-12:].mean() > 235
+    assert np.abs(imgs["f-float01.tif"].astype(int) - 128).max() <= 1
+
+
+def test_pack_worker_killed_fails_cleanly(tmp_path):
+    """A worker killed mid-image (as the OOM killer or a SIGBUS would) stops the pack with an error, not a hang."""
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((40, 40, 3), 20 * i, np.uint8)).save(src / f"{i}.png")
+    code = ("import os, signal, sys\nfrom laren.data import pack as P\n_orig = P._process\n"
+            "def _dies(job):\n    if job[3] == '3.png':\n        os.kill(os.getpid(), signal.SIGKILL)\n    return _orig(job)\n"
+            "P._process = _dies\nfrom laren.cli import main\nsys.argv = ['laren', *sys.argv[1:]]\nmain()\n")
+    res = subprocess.run([sys.executable, "-c", code, "data", "pack", str(src), str(tmp_path / "ds"), "--name", "k",
+                          "--resolution", "32", "--workers", "2", "--quiet", "--shard-size-mb", "0.001"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    _assert_clean_error(res, r"a worker process died.*'3\.png'.*re-run the same command")
+    m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert not m["complete"] and m["inputs_done"] <= 3  # the finished shards before it are kept for the resume
+    assert not list((tmp_path / "ds").glob(".shard-*"))
+
+
+def _tar_header(name: str, size: int, kind: bytes = b"0", linkname: str = "") -> bytearray:
+    import tarfile
+
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.type, ti.linkname = size, kind, linkname
+    return bytearray(ti.tobuf(format=tarfile.GNU_FORMAT))
+
+
+def _sparse_member(name: str, real_size: int) -> bytes:
+    """An old-GNU sparse member: 512 stored bytes that expand to real_size (the map says: data at the end)."""
+    hdr = _tar_header(name, 512, b"S")
+    entry = f"{real_size - 512:011o}\0".encode() + f"{512:011o}\0".encode()
+    hdr[386:386 + 24] = entry
+    hdr[482] = 0
+    hdr[483:495] = f"{real_size:011o}\0".encode()
+    hdr[148:156] = b" " * 8
+    hdr[148:156] = f"{sum(hdr[:512]):06o}\0 ".encode()
+    return bytes(hdr[:512]) + b"\x89" * 512
+
+
+def _good_member(key: str, ext: str, data: bytes) -> bytes:
+    return bytes(_tar_header(f"{key}.{ext}", len(data))) + data + b"\0" * (-len(data) % 512)
+
+
+def _hostile_dataset(tmp_path, members: bytes, count: int, shard_name="shard-000000.tar") -> Path:
+    import hashlib
+
+    dest = tmp_path / "ds"
+    dest.mkdir()
+    blob = members + b"\0" * 1024
+    (dest / "shard-000000.tar").write_bytes(blob)
+    m = {"format_version": 1, "name": "h", "resolution": 32, "format": "png", "complete": True, "num_samples": count,
+         "num_inputs": count, "inputs_done": count, "rejected": [],
+         "shards": [{"name": shard_name, "count": count, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
+                     "first_input": 0, "end_input": count}]}
+    (dest / "manifest.json").write_text(json.dumps(m))
+    return dest
+
+
+@pytest.mark.parametrize("kind", ["sparse", "symlink", "device", "oversize-declared"])
+def test_shard_refuses_non_regular_members(tmp_path, kind):
+    import numpy as np
+    from PIL import Image
+
+    good = _pil_bytes(Image.fromarray(np.zeros((32, 32, 3), np.uint8)), "PNG")
+    bad = {"sparse": _sparse_member("00000001.png", 3_400_000_000),
+           "symlink": bytes(_tar_header("00000001.png", 0, b"2", "/etc/passwd")),
+           "device": bytes(_tar_header("00000001.png", 0, b"3")),
+           "oversize-declared": bytes(_tar_header("00000001.png", 1 << 40)) + b"\0" * 512}[kind]
+    dest = _hostile_dataset(tmp_path, _good_member("00000000", "png", good) + bad, 2)
+    res = _cli("data", "verify", dest, "--quiet", mem_gb=2, timeout=60)
+    _assert_clean_error(res, r"00000001.*refused: (a sparse member|a link|a device|declares \d+ bytes)")
+    with open(dest / "shard-000000.tar", "rb") as f:
+        from laren.data.pack import iter_tar_samples
+
+        samples = list(iter_tar_samples(f))
+    assert samples[0][0] == "00000000" and samples[0][1] is not None
+    assert samples[1][0] == "00000001" and samples[1][1] is None and "refused" in samples[1][2]
+
+
+def test_shard_image_bomb_is_not_decoded():
+    """A member declaring 100000^2 pixels is refused from its header (nothing decoded: this process stays small)."""
+    import resource
+
+    from laren.data.pipeline import decode_image
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    img, reason = decode_image(_png_bomb(10_000), 32)
+    assert img is None and reason.startswith("wrong size: 10000x10000 image has more than the 1024 pixels allowed")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "shard-000000.tar/../x", "shard-1.tar"])
+def test_manifest_paths_confined(tmp_path, name):
+    dest = _hostile_dataset(tmp_path, b"", 1, shard_name=name)
+    for args in (["data", "verify", dest, "--quiet"],
+                 ["data", "stream", dest, "--hr-size", "32", "--lr-size", "8", "--batch-size", "1", "--batches", "1"]):
+        res = _cli(*args)
+        _assert_clean_error(res, r"malformed shard entry")
