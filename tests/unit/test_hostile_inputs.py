@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.unit.test_specs import TINY_MODEL
+
 REPO = Path(__file__).resolve().parents[2]
 CLI_TIMEOUT = 60
 
@@ -31,6 +33,21 @@ def _cli(*args, cwd=None, env=None, timeout=CLI_TIMEOUT, mem_gb=None) -> subproc
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=cwd,
                           env=full_env, timeout=timeout)
+
+
+def _cli_here(*args, env=None) -> subprocess.CompletedProcess:
+    """`laren ARGS` in this process, for inputs that are only parsed as config (nothing risky is decoded); an exception
+    that escapes the CLI shows as a traceback in stderr."""
+    import traceback
+
+    from click.testing import CliRunner
+
+    from laren.cli import main
+
+    res = CliRunner(env=env).invoke(main, [str(a) for a in args])
+    escaped = res.exc_info and res.exc_info[0] is not SystemExit
+    tb = "".join(traceback.format_exception(*res.exc_info)) if escaped else ""
+    return subprocess.CompletedProcess(args, res.exit_code, res.stdout, res.stderr + tb)
 
 
 def _assert_clean_error(res, pattern: str) -> None:
@@ -291,7 +308,7 @@ def test_checkpoint_checksums_cover_exactly_its_files(tmp_path, kind):
     (d / S.STATE_FILE).write_text(json.dumps(doc))
     with pytest.raises(S.CheckpointError, match=pattern):
         S.read_state(d)
-    res = _cli("upscale", "--checkpoint", d, tmp_path / "none.png", "--out", tmp_path / "sr")
+    res = _cli_here("upscale", "--checkpoint", d, tmp_path / "none.png", "--out", tmp_path / "sr")
     _assert_clean_error(res, pattern)
     assert not (tmp_path / "sr").exists()
 
@@ -299,15 +316,6 @@ def test_checkpoint_checksums_cover_exactly_its_files(tmp_path, kind):
 # ---------------------------------------------------------------------------------------------------------------------
 # 4. no shell: quoted entrypoints, strict job names
 # ---------------------------------------------------------------------------------------------------------------------
-
-TINY_MODEL = {
-    "lr_size": 8,
-    "prior": {"resolution": 32, "style_dim": 64, "mapping_layers": 2, "channel_multiplier": 1, "channel_max": 64},
-    "encoder": {"rrdb_blocks": 1, "rrdb_channels": 16, "rrdb_growth": 8},
-    "gdm": {"num_nodes": 4, "node_dim": 4, "convkb_filters": 2},
-    "cgm": {"code_dim": 8, "noise_proj_max_res": 16},
-}
-
 
 def _job_file(path: Path, **sections) -> Path:
     import yaml
@@ -332,7 +340,7 @@ def test_entrypoint_quotes_hostile_paths(tmp_path):
 
 def test_render_refuses_hostile_file_name(tmp_path):
     job = _job_file(tmp_path / "x;touch pwned;#.yaml", storage={"root": "s3://b/laren"})
-    res = _cli("render", "k8s", job, cwd=tmp_path)
+    res = _cli_here("render", "k8s", job)
     _assert_clean_error(res, r"must be named with letters, digits")
     assert not (tmp_path / "pwned").exists()
 
@@ -341,7 +349,7 @@ def test_render_refuses_hostile_file_name(tmp_path):
 def test_job_name_must_match(tmp_path, name):
     job = _job_file(tmp_path / "j.yaml")
     job.write_text(job.read_text().replace("name: t", f"name: {name!r}".replace("'", '"').replace("\n", "\\n")))
-    res = _cli("validate", "--no-summary", job)
+    res = _cli_here("validate", "--no-summary", job)
     _assert_clean_error(res, r"name.*must start with a lowercase letter")
 
 
@@ -368,11 +376,11 @@ def test_redaction_covers_any_password(pw):
 def test_validate_and_errors_never_print_a_password(tmp_path, pw):
     job = _job_file(tmp_path / "j.yaml")
     env = {"MLFLOW_TRACKING_URI": f"http://alice:{pw}@127.0.0.1:1/"}
-    res = _cli("validate", "--no-summary", job, env=env)
+    res = _cli_here("validate", "--no-summary", job, env=env)
     assert res.returncode == 0 and "http://alice:***@127.0.0.1:1/" in res.stdout, res.stderr[-2000:]
     assert pw not in res.stdout + res.stderr
     bad = _job_file(tmp_path / "k.yaml", tracking={"tracking_uri": f"http://bob:{pw}@h/"}, train={"total_kimg": -1})
-    res = _cli("validate", "--no-summary", bad)
+    res = _cli_here("validate", "--no-summary", bad)
     _assert_clean_error(res, r"train\.total_kimg")
     assert pw not in res.stdout + res.stderr
 
@@ -712,5 +720,5 @@ def test_manifest_paths_confined(tmp_path, name):
     dest = _hostile_dataset(tmp_path, b"", 1, shard_name=name)
     for args in (["data", "verify", dest, "--quiet"],
                  ["data", "stream", dest, "--hr-size", "32", "--lr-size", "8", "--batch-size", "1", "--batches", "1"]):
-        res = _cli(*args)
+        res = _cli_here(*args)  # refused from the manifest, before any shard is opened
         _assert_clean_error(res, r"malformed shard entry")
