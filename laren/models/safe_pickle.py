@@ -166,7 +166,7 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward
     if not isinstance(storage, Tensor):
         raise UnsafePickleError("a tensor is rebuilt from something that is not tensor bytes")
     size, stride = tuple(size), tuple(stride)
-    _check_view(storage.numel(), offset, size, stride, "pickle")
+    _check_view(storage.numel(), offset, size, stride, "pickled tensor")
     return storage.as_strided(size, stride, offset)
 
 
@@ -364,8 +364,10 @@ def read_checkpoint_object(data: bytes, source: str):
     else:
         try:
             obj = safe_unpickle_bytes(data, source)
-        except UnsafePickleError:
-            raise
+        except UnsafePickleError as err:
+            if str(err).startswith(f"{source}: "):
+                raise
+            raise UnsafePickleError(f"{source}: refusing to load: {err}") from None
         except RecursionError as err:
             raise UnsafePickleError(f"{source}: nested too deeply; not a checkpoint") from err
         except Exception as err:
