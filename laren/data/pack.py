@@ -64,7 +64,7 @@ RESIZE_DOC = "RGB; center crop to the largest square; PIL Lanczos resize to R x 
 SAMPLE_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")  # decoders PIL may use on inputs (never EPS, PDF, ...)
 SAMPLE_FORMATS = ("PNG", "JPEG", "WEBP")  # decoders for shard members
-MAX_INPUT_BYTES = 512 << 20  # one input file
+MAX_INPUT_BYTES = 256 << 20  # one input file
 MAX_MEMBER_BYTES = 64 << 20  # one tar member of a shard (a 1024^2 PNG is ~3 MB)
 IMAGE_TIMEOUT_S = 300.0  # one image in a worker
 SHARD_NAME = re.compile(r"shard-\d{6}\.tar")
@@ -467,24 +467,26 @@ def _ordered_results(pool: ProcessPoolExecutor, jobs: Iterator[tuple], items: li
     or one image that takes longer than IMAGE_TIMEOUT_S ends the pack with an error naming the inputs in flight."""
     inflight: collections.deque = collections.deque()
     jobs = iter(jobs)
-    while True:
-        while len(inflight) < window:
-            job = next(jobs, None)
-            if job is None:
-                break
-            inflight.append((job[0], pool.submit(_process, job)))
-        if not inflight:
-            return
-        index, fut = inflight.popleft()
-        try:
+    index = -1
+    try:
+        while True:
+            while len(inflight) < window:
+                job = next(jobs, None)
+                if job is None:
+                    break
+                inflight.append((job[0], pool.submit(_process, job)))
+            if not inflight:
+                return
+            index, fut = inflight.popleft()
             yield fut.result(timeout=IMAGE_TIMEOUT_S)
-        except (BrokenProcessPool, FutureTimeout) as err:
-            held = [items[index]] + [items[i] for i, _ in inflight]
-            what = "a worker process died (killed for memory, or crashed in a decoder)" \
-                if isinstance(err, BrokenProcessPool) else f"decoding took longer than {IMAGE_TIMEOUT_S:.0f} s"
-            raise WorkerDiedError(f"pack stopped: {what} while processing one of {len(held)} inputs starting at "
-                                  f"{held[0]!r} (also {held[1:4]}); finished shards are kept: remove or fix the input "
-                                  "and re-run the same command to resume") from None
+            index = -1
+    except (BrokenProcessPool, FutureTimeout) as err:
+        held = ([items[index]] if index >= 0 else []) + [items[i] for i, _ in inflight]
+        what = "a worker process died (killed for memory, or crashed in a decoder)" \
+            if isinstance(err, BrokenProcessPool) else f"decoding took longer than {IMAGE_TIMEOUT_S:.0f} s"
+        raise WorkerDiedError(f"pack stopped: {what} while processing one of {len(held)} inputs starting at "
+                              f"{held[0] if held else '?'!r} (also {held[1:4]}); finished shards are kept: remove or "
+                              "fix the input and re-run the same command to resume") from None
 
 
 def _stop_pool(pool: ProcessPoolExecutor) -> None:
