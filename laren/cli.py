@@ -7,6 +7,7 @@ import sys
 import click
 
 from laren.config import ConfigError
+from laren.redact import redact_text
 
 
 class _Group(click.Group):
@@ -16,7 +17,13 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except (ConfigError, FileNotFoundError) as err:
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"error: {redact_text(str(err))}", err=True)
+            sys.exit(2)
+        except ValueError as err:  # a refused checkpoint; its module (torch) is loaded only once a command needs it
+            state = sys.modules.get("laren.train.state")
+            if state is None or not isinstance(err, state.CheckpointError):
+                raise
+            click.echo(f"error: {redact_text(str(err))}", err=True)
             sys.exit(2)
 
 
@@ -286,7 +293,7 @@ def _print_submission(sub, address) -> None:
             "from its last checkpoint)", "running": "already running: nothing submitted",
             "finished": "already SUCCEEDED: nothing submitted (change the config for a new run)"}[sub.action]
     click.echo(f"{sub.kind} job {sub.run_id}: {what}")
-    click.echo(f"  cluster:  {sub.address}")
+    click.echo(f"  cluster:  {redact_text(sub.address)}")
     click.echo(f"  MLflow:   {sub.mlflow_url or '(tracking server not reachable from here)'}")
     click.echo("  follow:   " + "\n            ".join(sub.commands))
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 class Section(BaseModel):
     """Base of every config section: immutable, unknown keys rejected."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -36,11 +36,11 @@ class PriorConfig(Section):
         description="URL (local path or s3://) of the laren-format prior (.safetensors + .json) written by "
         "`laren prior import`. None builds a randomly initialised generator (tests, summaries).",
     )
-    resolution: int = Field(1024, description="Output resolution of the generator in pixels (a power of 2, 32..1024).")
-    style_dim: int = Field(512, description="Style / latent width H of the generator (512 for official weights).")
-    mapping_layers: int = Field(8, description="Depth of the mapping MLP (8 for official weights).")
-    channel_multiplier: int = Field(2, description="StyleGAN2 channel multiplier (2 for FFHQ-1024 config-f, 1 for some 256 models).")
-    channel_max: int = Field(512, description="Cap on feature channels per resolution (512 for official weights; small in tests).")
+    resolution: int = Field(1024, ge=32, le=1024, description="Output resolution of the generator in pixels (a power of 2, 32..1024).")
+    style_dim: int = Field(512, ge=1, le=4096, description="Style / latent width H of the generator (512 for official weights).")
+    mapping_layers: int = Field(8, ge=1, le=32, description="Depth of the mapping MLP (8 for official weights).")
+    channel_multiplier: int = Field(2, ge=1, le=64, description="StyleGAN2 channel multiplier (2 for FFHQ-1024 config-f, 1 for some 256 models).")
+    channel_max: int = Field(512, ge=1, le=4096, description="Cap on feature channels per resolution (512 for official weights; small in tests).")
     source: str = Field(
         "",
         description="Human note: which pre-trained checkpoint this job expects and where to obtain it.",
@@ -61,18 +61,18 @@ class PriorConfig(Section):
 class EncoderConfig(Section):
     """GLEAN-style encoder (LR image -> z); model-spec section 2.1."""
 
-    rrdb_blocks: int = Field(23, description="Number of RRDB blocks in the feature extractor.")
-    rrdb_channels: int = Field(64, description="RRDB feature channels.")
-    rrdb_growth: int = Field(32, description="RRDB dense-block growth channels.")
+    rrdb_blocks: int = Field(23, ge=1, le=100, description="Number of RRDB blocks in the feature extractor.")
+    rrdb_channels: int = Field(64, ge=1, le=1024, description="RRDB feature channels.")
+    rrdb_growth: int = Field(32, ge=1, le=1024, description="RRDB dense-block growth channels.")
 
 
 class GDMConfig(Section):
     """Graph Disentangled Module; model-spec section 2.2 (choices C1-C8)."""
 
-    num_nodes: int = Field(64, description="J: number of graph nodes derived from z.")
-    node_dim: int = Field(8, description="C: width of each node.")
-    convkb_filters: int = Field(8, description="Omega: ConvKB 1x3 filters.")
-    relation_scale: Union[Literal["dim"], float] = Field(
+    num_nodes: int = Field(64, ge=2, le=1024, description="J: number of graph nodes derived from z.")
+    node_dim: int = Field(8, ge=1, le=1024, description="C: width of each node.")
+    convkb_filters: int = Field(8, ge=1, le=1024, description="Omega: ConvKB 1x3 filters.")
+    relation_scale: Union[Literal["dim"], Annotated[float, Field(gt=0, le=1e6)]] = Field(
         "dim",
         description="kappa in rho = kappa * r (choice C5): 'dim' multiplies by the size of the softmax support: D for HMRR (default), J-1 for VRR; "
         "1.0 is the paper-literal reading, which leaves g nearly constant.",
@@ -83,23 +83,23 @@ class GDMConfig(Section):
         "(default: graded relations at the real encoder's init), 'rms' over the support (model-spec 9 v2), or 'l2', "
         "the paper-literal unit L2 norm, which makes rho a binary gate (model-spec 9, R2).",
     )
-    chunk_size: int = Field(256, description="Attributes processed per chunk; bounds peak memory (never the full (B,P,D,Omega,C) tensor).")
+    chunk_size: int = Field(256, ge=1, le=1 << 20, description="Attributes processed per chunk; bounds peak memory (never the full (B,P,D,Omega,C) tensor).")
     checkpoint_chunks: bool = Field(True, description="Recompute each attribute chunk in backward (gradient checkpointing).")
 
 
 class CGMConfig(Section):
     """Code Generation Module; model-spec section 2.3 (choices C9-C15)."""
 
-    code_dim: int = Field(64, description="F: width of each image-specific code c_n.")
+    code_dim: int = Field(64, ge=1, le=4096, description="F: width of each image-specific code c_n.")
     noise_proj_max_res: int = Field(
-        128, description="Each code is projected to a min(res, this)^2 map, then bilinearly upsampled (choice C14)."
+        128, ge=4, le=1024, description="Each code is projected to a min(res, this)^2 map, then bilinearly upsampled (choice C14)."
     )
 
 
 class ModelConfig(Section):
     """LAREN and its Table IV ablations, as config choices."""
 
-    lr_size: int = Field(16, description="Input (low-resolution) image size in pixels.")
+    lr_size: int = Field(16, ge=4, le=512, description="Input (low-resolution) image size in pixels.")
     prior: PriorConfig = Field(default_factory=PriorConfig, description="The frozen StyleGAN2 prior.")
     encoder: EncoderConfig = Field(default_factory=EncoderConfig, description="Encoder (LR image -> z).")
     latent_space: Literal["w", "w+", "s", "g"] = Field(
@@ -122,7 +122,7 @@ class ModelConfig(Section):
         False, description="With glean_skips: the decoder's final conv also reads the bicubically upsampled LR image."
     )
     eval_noise_seed: int = Field(
-        0, description="Seed of the fixed generator noise maps used at evaluation when noise_source = random."
+        0, ge=0, lt=1 << 63, description="Seed of the fixed generator noise maps used at evaluation when noise_source = random."
     )
 
     @model_validator(mode="after")
@@ -148,12 +148,12 @@ class DataConfig(Section):
 
     train_url: str = Field("", description="Dataset URL (local dir or s3://bucket/prefix) holding manifest.json and shards.")
     val_url: str = Field("", description="Evaluation dataset URL (same layout); empty uses train_url.")
-    num_val_images: int = Field(64, description="Images evaluated at each periodic evaluation (the full set in `laren eval`).")
-    shuffle_buffer: int = Field(256, description="Samples held in the training shuffle buffer per loader worker.")
-    loader_workers: int = Field(2, description="DataLoader worker processes per training rank.")
+    num_val_images: int = Field(64, ge=1, le=10_000_000, description="Images evaluated at each periodic evaluation (the full set in `laren eval`).")
+    shuffle_buffer: int = Field(256, ge=1, le=1_000_000, description="Samples held in the training shuffle buffer per loader worker.")
+    loader_workers: int = Field(2, ge=0, le=256, description="DataLoader worker processes per training rank.")
     hflip: bool = Field(True, description="Random horizontal flip (p = 0.5) of training images.")
     max_bad_fraction: float = Field(
-        0.01, description="Abort with a clear error when more than this fraction of samples is undecodable or malformed."
+        0.01, ge=0, le=1, description="Abort with a clear error when more than this fraction of samples is undecodable or malformed."
     )
 
 
@@ -163,9 +163,9 @@ class DataConfig(Section):
 class LossConfig(Section):
     """Eq. 5: pixel MSE + perceptual (VGG16 conv4_3) + adversarial (StyleGAN2 D)."""
 
-    pixel_weight: float = Field(1.0, description="Weight of mean((sr - hr)^2).")
-    perceptual_weight: float = Field(0.01, description="Weight of the VGG16 conv4_3 feature MSE (choice C20).")
-    adversarial_weight: float = Field(0.01, description="Weight of the generator's adversarial term.")
+    pixel_weight: float = Field(1.0, ge=0, le=1e6, description="Weight of mean((sr - hr)^2).")
+    perceptual_weight: float = Field(0.01, ge=0, le=1e6, description="Weight of the VGG16 conv4_3 feature MSE (choice C20).")
+    adversarial_weight: float = Field(0.01, ge=0, le=1e6, description="Weight of the generator's adversarial term.")
     adversarial: Literal["nonsaturating", "saturating"] = Field(
         "nonsaturating", description="softplus(-D(sr)) (GLEAN) or the paper-literal log(1 - sigmoid(D(sr))) (choice C19)."
     )
@@ -180,15 +180,16 @@ class LossConfig(Section):
 class OptimConfig(Section):
     """Adam for the trainable modules and for D (paper section IV-A)."""
 
-    lr: float = Field(1e-4, description="Adam learning rate of the SR model.")
-    lr_d: float = Field(1e-4, description="Adam learning rate of the discriminator.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
-    eps: float = Field(1e-8, description="Adam epsilon.")
+    lr: float = Field(1e-4, gt=0, le=1, description="Adam learning rate of the SR model.")
+    lr_d: float = Field(1e-4, gt=0, le=1, description="Adam learning rate of the discriminator.")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0, le=1, description="Adam epsilon.")
     cosine_min_lr: Optional[float] = Field(
-        1e-7, description="Floor (eta_min) of the cosine learning-rate schedule (None: constant learning rate)."
+        1e-7, ge=0, le=1, description="Floor (eta_min) of the cosine learning-rate schedule (None: constant learning rate)."
     )
     cosine_period_kimg: Optional[float] = Field(
-        None,
+        None, gt=0, le=1e9,
         description="Period (T_max) of the cosine schedule in kimg; None means 2 x train.total_kimg, as GLEAN "
         "(600k iterations over a 300k run), so the rate ends at about half of lr rather than at cosine_min_lr.",
     )
@@ -197,16 +198,16 @@ class OptimConfig(Section):
 class TrainConfig(Section):
     """Durations in kimg (thousands of images), so they survive changes of batch size and worker count."""
 
-    batch_size_global: int = Field(8, description="Images per optimizer step, summed over all workers.")
-    total_kimg: float = Field(2400.0, description="Training length in thousands of images.")
-    log_every_kimg: float = Field(1.0, description="Metric logging interval.")
-    eval_every_kimg: float = Field(40.0, description="Validation + sample grid interval.")
-    checkpoint_every_kimg: float = Field(40.0, description="Checkpoint interval.")
-    keep_checkpoints: int = Field(3, description="Checkpoints kept in storage (newest).")
-    max_failures: int = Field(3, description="Worker-group restarts (from the last checkpoint) before the run fails.")
-    seed: int = Field(0, description="Seed of model init, data order and noise.")
+    batch_size_global: int = Field(8, ge=1, le=1 << 20, description="Images per optimizer step, summed over all workers.")
+    total_kimg: float = Field(2400.0, gt=0, le=1e9, description="Training length in thousands of images.")
+    log_every_kimg: float = Field(1.0, gt=0, le=1e9, description="Metric logging interval.")
+    eval_every_kimg: float = Field(40.0, gt=0, le=1e9, description="Validation + sample grid interval.")
+    checkpoint_every_kimg: float = Field(40.0, gt=0, le=1e9, description="Checkpoint interval.")
+    keep_checkpoints: int = Field(3, ge=1, le=10_000, description="Checkpoints kept in storage (newest).")
+    max_failures: int = Field(3, ge=0, le=1000, description="Worker-group restarts (from the last checkpoint) before the run fails.")
+    seed: int = Field(0, ge=0, lt=1 << 63, description="Seed of model init, data order and noise.")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
-    sample_grid_images: int = Field(4, description="Images in each logged LR | SR | HR sample grid.")
+    sample_grid_images: int = Field(4, ge=1, le=256, description="Images in each logged LR | SR | HR sample grid.")
 
 
 class EvalConfig(Section):
@@ -239,16 +240,16 @@ class TrackingConfig(Section):
     )
     experiment: str = Field("", description="MLflow experiment; empty uses the job family (the job name).")
     system_metrics: bool = Field(True, description="Log CPU / memory / GPU system metrics.")
-    system_metrics_interval_s: float = Field(10.0, description="Seconds between system metric samples.")
+    system_metrics_interval_s: float = Field(10.0, gt=0, le=86_400, description="Seconds between system metric samples.")
 
 
 class ResourcesConfig(Section):
     """What the run asks the cluster for."""
 
-    num_workers: int = Field(1, description="Training workers (one per GPU on a GPU cluster).")
-    min_workers: Optional[int] = Field(None, description="Elastic minimum; None = fixed num_workers.")
+    num_workers: int = Field(1, ge=1, le=100_000, description="Training workers (one per GPU on a GPU cluster).")
+    min_workers: Optional[int] = Field(None, ge=1, le=100_000, description="Elastic minimum; None = fixed num_workers.")
     use_gpu: bool = Field(False, description="One GPU per worker.")
-    cpus_per_worker: float = Field(1.0, description="CPUs reserved per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, le=1024, description="CPUs reserved per worker.")
     gpu_type: Optional[str] = Field(None, description="Accelerator type label (e.g. H100) for cluster scheduling.")
 
     @model_validator(mode="after")

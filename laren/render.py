@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -101,7 +102,7 @@ def command_for(kind: str) -> str:
 
 def entrypoint(job: JobSpec, file_name: str) -> str:
     """The shell command the Ray job runs on the head pod; relative paths in job files resolve in the project dir."""
-    return f"cd {PROJECT_DIR} && laren {command_for(job.kind)} jobs/{file_name}"
+    return f"cd {shlex.quote(PROJECT_DIR)} && {shlex.join(['laren', command_for(job.kind), f'jobs/{file_name}'])}"
 
 
 def _cpu_quantity(cpus: float) -> str:
@@ -154,6 +155,9 @@ def render_k8s(job: JobSpec, job_file: str | Path, job_text: str, opts: K8sOptio
     name = dns1123(run_id)
     r = job.resources
     file_name = Path(job_file).name
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", file_name):
+        raise ConfigError(f"{job_file}: a job file rendered for Kubernetes must be named with letters, digits, '.', '_' "
+                          "or '-' only (it becomes a ConfigMap key and part of the entrypoint)")
     configmap = dns1123(f"{name}-job")
     labels = {LABEL_JOB: dns1123(job.name), LABEL_RUN: name, **opts.extra_labels}
     meta = {"name": name, "labels": dict(labels)}

@@ -238,9 +238,13 @@ class RayHead(_Process):
     name = "ray"
 
     def __init__(self, root_dir, num_cpus: Optional[int] = None, port: Optional[int] = None,
-                 dashboard_port: Optional[int] = None, object_store_mb: int = 512):
+                 dashboard_port: Optional[int] = None, object_store_mb: int = 512,
+                 node_env: Optional[dict[str, str]] = None):
         super().__init__(root_dir)
         self.num_cpus = num_cpus
+        # Environment of the head's processes, which every job and worker on it inherits: how a local cluster gets
+        # the local services' credentials without them ever entering a job's runtime env.
+        self.node_env = dict(node_env or {})
         self.port = port or free_port()
         self.dashboard_port = dashboard_port or free_port()
         self.object_store_mb = object_store_mb
@@ -274,7 +278,7 @@ class RayHead(_Process):
             argv.append(f"--num-cpus={self.num_cpus}")
         # The venv's bin first on PATH: jobs and workers then find the same interpreter and packages.
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        self._spawn(argv, env={**self.env(), "PATH": path})
+        self._spawn(argv, env={**self.node_env, **self.env(), "PATH": path})
 
         def ready() -> bool:
             with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:

@@ -23,12 +23,13 @@ from pydantic import Field, model_validator
 
 from laren.config import ConfigError, RunConfig, Section, load_yaml, parse_section
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+_NAME = re.compile(r"[a-z][a-z0-9-]*")
 
 
 def _check_name(name: str, what: str) -> None:
-    if not _NAME.match(name):
-        raise ValueError(f"{what} {name!r} must be lowercase letters, digits, '-' or '_' (it becomes part of run ids and paths)")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"{what} {name!r} must start with a lowercase letter and hold only lowercase letters, digits "
+                         "and '-' (it becomes part of run ids, paths and commands)")
 
 
 # ----------------------------------------------------------------------------------------------- overrides

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import shutil
 import time
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from laren.config import ConfigError, RunConfig
+from laren.redact import is_secret_key, redact_text
 from laren.specs import JobSpec, LoadedSweep, load_any
 
 STATE_DIR = ".laren"
@@ -36,9 +38,10 @@ SERVICES_FILE = "services.json"
 S3_BUCKET = "laren"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 RESUMABLE = ("FAILED", "STOPPED")
-# Environment a job needs to find storage, tracking and S3 (passed to the job's runtime env, never printed).
-JOB_ENV_KEYS = ("LAREN_STORAGE", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL")
+# Environment a job needs to find storage, tracking and S3 (passed to the job's runtime env). Never credentials: Ray's
+# dashboard and Jobs API return a job's runtime env to anyone who asks. A local head gets the local services' keys in
+# its own environment (start_services); a cluster through its own mechanism (instance roles, k8s Secrets, node env).
+JOB_ENV_KEYS = ("LAREN_STORAGE", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL")
 
 
 # ----------------------------------------------------------------------------------------------- project and services
@@ -133,7 +136,7 @@ def start_services(root: Optional[Path] = None, ray: bool = True, mlflow: bool =
     if ray and "ray" not in svc:
         os.environ.update(RayHead.env())
         head = RayHead(sd / "ray", num_cpus=num_cpus, port=_preferred_port(6379),
-                       dashboard_port=_preferred_port(8265)).start()
+                       dashboard_port=_preferred_port(8265), node_env=services_env(svc)).start()
         svc["ray"] = {"pid": head.proc.pid, "address": head.address, "dashboard_url": head.dashboard_url,
                       "temp_dir": head._temp_dir(), "log": str(head.log_path)}
         log(f"Ray head        {head.dashboard_url}  (dashboard and Jobs API; GCS {head.address})")
@@ -338,7 +341,7 @@ def validate(path: Union[str, Path], summary: bool = True) -> tuple[Spec, str]:
     if summary:
         cfgs = run_configs(spec)
         parts.append(f"# model summary ({cfgs[0][0]})\n" + model_summary_text(cfgs[0][1]))
-    return spec, "\n\n".join(parts)
+    return spec, redact_text("\n\n".join(parts))
 
 
 # ----------------------------------------------------------------------------------------------- submit
@@ -378,6 +381,12 @@ def _job_env(root: Path, extra: Optional[dict[str, str]] = None) -> dict[str, st
     return env
 
 
+def runtime_env_vars(env: dict[str, str]) -> dict[str, str]:
+    """What of a job's environment may enter its Ray runtime env: no credential, whoever supplied it, and no password
+    in a URI (see JOB_ENV_KEYS)."""
+    return {k: redact_text(v, mask=None) for k, v in env.items() if not is_secret_key(k)}
+
+
 def mlflow_url(tracking_uri: str, experiment: str, run_name: str, create: bool = True) -> str:
     """Address of the run in the MLflow UI (the run itself when it exists, else the experiment filtered by run name).
 
@@ -385,7 +394,7 @@ def mlflow_url(tracking_uri: str, experiment: str, run_name: str, create: bool =
     Returns "" when the tracking server cannot be reached (the job still runs; its tracker buffers).
     """
     if not tracking_uri.startswith("http"):
-        return f"(run `mlflow ui --backend-store-uri {tracking_uri}`; run name {run_name})"
+        return f"(run `mlflow ui --backend-store-uri {redact_text(tracking_uri)}`; run name {run_name})"
     try:
         from mlflow.tracking import MlflowClient
 
@@ -403,7 +412,7 @@ def mlflow_url(tracking_uri: str, experiment: str, run_name: str, create: bool =
         runs = c.search_runs([exp_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{run_name}'", max_results=1)
     except Exception:
         return ""
-    base = tracking_uri.rstrip("/")
+    base = redact_text(tracking_uri.rstrip("/"))
     if runs:
         return f"{base}/#/experiments/{exp_id}/runs/{runs[0].info.run_id}"
     q = urllib.parse.quote(f"attributes.run_name = '{run_name}'")
@@ -473,17 +482,25 @@ def submit(path: Union[str, Path], address: Optional[str] = None, working_dir: O
         if saved:
             log(f"previous attempt {prev}; its logs: {saved}")
 
-    cmd = entrypoint or f"python -m laren.cli {ENTRY[kind]} {rel}"
+    cmd = entrypoint or job_entrypoint(kind, rel, root if _is_local(addr) else None)
     if _is_local(addr) and not entrypoint:
-        # Relative local paths (./.laren/storage/...) must mean the project's, not the working-dir copy's.
-        cmd = f"ln -sfn {root / STATE_DIR} {STATE_DIR} && {cmd}"
         (root / STATE_DIR).mkdir(exist_ok=True)
     sub.entrypoint = cmd
-    runtime_env = {"working_dir": str(wd), "excludes": [STATE_DIR], "env_vars": job_env}
+    runtime_env = {"working_dir": str(wd), "excludes": [STATE_DIR], "env_vars": runtime_env_vars(job_env)}
     _quiet_packaging()
     c.submit_job(entrypoint=cmd, submission_id=run_id, runtime_env=runtime_env,
                  metadata={"laren.name": spec_name(spec), "laren.kind": kind, "laren.file": rel})
     return sub
+
+
+def job_entrypoint(kind: str, rel: str, local_root: Optional[Path] = None) -> str:
+    """The command Ray runs (through a shell) for a job file at ``rel`` in the working dir; every word is quoted, so a
+    file or project path holding spaces or ';' stays one argument. ``local_root``: the project of a job on a local head,
+    whose relative local paths (./.laren/storage/...) must mean the project's, not the working-dir copy's."""
+    cmd = shlex.join(["python", "-m", "laren.cli", ENTRY[kind], rel])
+    if local_root is not None:
+        cmd = f"{shlex.join(['ln', '-sfn', str(local_root / STATE_DIR), STATE_DIR])} && {cmd}"
+    return cmd
 
 
 def _check_inputs_here(spec: JobSpec, root: Path, job_env: dict[str, str]) -> None:

@@ -12,8 +12,8 @@ crash; ecosystem notes, section 2), so this module is our own small rank-0 logge
 - **Params.** Nested config dicts are flattened with dots (``model.gdm.num_nodes``). On resume, params already logged with
   the same value are skipped; MLflow params are immutable, so a changed value is reported and not logged.
 - **No credentials.** Keys that look like credentials (secret, password, token, key_id, access_key, api_key,
-  credential) have their value replaced by ``***``; ``user:password@`` in URLs keeps only the user. The same applies to
-  tags and to the ``resolved_config.yaml`` artifact.
+  credential) have their value replaced by ``***``; ``user:password@`` in URLs keeps only the user (``laren.redact``).
+  The same applies to tags, the ``resolved_config.yaml`` artifact and this module's log messages.
 - **Never kills training.** If the server is unreachable, params, tags and metrics are buffered in memory (bounded:
   oldest metrics dropped first), and texts, images and artifact paths are queued (bounded by count and bytes); one
   warning is logged per outage. Every later call retries at most once per ``retry_interval_s`` and flushes everything
@@ -42,11 +42,22 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 import yaml
 
+from laren.redact import has_password, is_secret_key, redact, redact_text
+
+
+class _RedactFilter(logging.Filter):
+    """Log records of this module with URI passwords removed (MLflow errors quote the tracking URI)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact_text(record.getMessage()), None
+        return True
+
+
 log = logging.getLogger("laren.tracking")
+log.addFilter(_RedactFilter())
 
 RUN_ID_TAG = "laren.run_id"
 PARENT_TAG = "mlflow.parentRunId"
-REDACTED = "***"
 
 HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -54,8 +65,6 @@ HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
 
-_SECRET_KEY = re.compile(r"secret|passw(or)?d|token|key_id|access_key|api_key|credential|private_key", re.IGNORECASE)
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<pw>[^/@\s]+)@")
 
 _MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 _PARAMS_PER_BATCH = 100  # MAX_PARAMS_TAGS_PER_BATCH
@@ -80,27 +89,6 @@ def set_http_env_defaults() -> None:
     """Make a down MLflow server fail fast (seconds); user-set variables win. See the module docstring."""
     for k, v in HTTP_ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
-
-
-def is_secret_key(key: str) -> bool:
-    """True for keys whose values must never be logged (matched anywhere in the dotted key, case-insensitive)."""
-    return bool(_SECRET_KEY.search(key))
-
-
-def redact_value(value: Any) -> Any:
-    """Strip passwords from ``scheme://user:password@host`` URLs inside strings; other values unchanged."""
-    if isinstance(value, str):
-        return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value)
-    return value
-
-
-def redact(obj: Any, key: str = "") -> Any:
-    """A copy of a (nested) dict/list with credential-like keys' values replaced by ``***`` and URL passwords removed."""
-    if isinstance(obj, Mapping):
-        return {k: (REDACTED if is_secret_key(str(k)) and v not in (None, "") else redact(v, str(k))) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact(v, key) for v in obj]
-    return redact_value(obj)
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -201,7 +189,7 @@ class Tracker(NullTracker):
         if not experiment:
             raise ValueError("tracking.experiment is empty: name the MLflow experiment (the job family)")
         set_http_env_defaults()
-        if _URL_USERINFO.search(tracking_uri):
+        if has_password(tracking_uri):
             # MLflow prints "View run ... at: <tracking URI>" when a run ends: with a password in the URI, that line
             # would put it in every log. (Prefer MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.)
             os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
@@ -215,7 +203,7 @@ class Tracker(NullTracker):
         self.run_id = None
         self.resumed = False
         self.finished = False
-        self._extra_tags = {str(k): _param_str(redact_value(v)) for k, v in (tags or {}).items() if not is_secret_key(str(k))}
+        self._extra_tags = {str(k): _param_str(redact(v)) for k, v in (tags or {}).items() if not is_secret_key(str(k))}
         self._system_metrics = system_metrics
         self._system_interval = system_metrics_interval_s
         self._monitor = None
@@ -426,7 +414,7 @@ class Tracker(NullTracker):
         with self._lock:
             for k, v in tags.items():
                 if not is_secret_key(str(k)):
-                    self._tags[str(k)] = _param_str(redact_value(v))
+                    self._tags[str(k)] = _param_str(redact(v))
             self.flush()
 
     def log_config(self, config: Mapping[str, Any]) -> None:

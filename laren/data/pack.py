@@ -4,9 +4,14 @@ Sources (read-only, local): an image folder (recursive; .png .jpg .jpeg .webp .b
 path), a .zip of images (sorted by member name), or an LSUN lmdb directory (``data.mdb``; cursor order, as the LSUN
 exports and StyleGAN's ``prepare_data`` read them).
 
-Each image becomes RGB, is center-cropped to its largest square (side = min(W, H)) and, when that side differs from R,
-resized to R x R with PIL's Lanczos filter (antialiased; the resize StyleGAN2's ``prepare_data`` uses). Images with
-min(W, H) < R are rejected (never upsampled), as are undecodable files; both are listed in the manifest with reasons.
+Each image is turned upright (EXIF orientation), becomes 8-bit RGB (16-bit and [0, 1] float samples scaled, palette and
+alpha images composited on white), is center-cropped to its largest square (side = min(W, H)) and, when that side
+differs from R, resized to R x R with PIL's Lanczos filter (antialiased; the resize StyleGAN2's ``prepare_data`` uses).
+Images with min(W, H) < R are rejected (never upsampled), as are undecodable files, files that are not regular files
+(FIFOs, devices, links to them) or larger than :data:`MAX_INPUT_BYTES`, images of more than :func:`max_pixels` pixels
+(checked from the header, before decoding) and float images outside [0, 1]; all are listed in the manifest with reasons.
+Decoding happens in worker processes: one that dies (killed for memory, a crash in a decoder) stops the pack with an
+error naming the inputs it held, and re-running the command resumes after the last finished shard.
 
 Shard layout: ``DEST/shard-000000.tar`` ..., each member pair ``<key>.<png|jpg>`` + ``<key>.json`` (source path,
 input index, original size), key = the 8-digit input index. Tar headers are fixed (mtime 0, uid 0, mode 0644) so a
@@ -26,19 +31,27 @@ same settings keeps the listed shards whose size matches and continues at ``inpu
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
 import logging
 import multiprocessing as mp
 import os
+import re
+import stat
 import tarfile
 import tempfile
+import warnings
 import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 from laren.data import storage
 
@@ -49,6 +62,17 @@ MANIFEST = "manifest.json"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 RESIZE_DOC = "RGB; center crop to the largest square; PIL Lanczos resize to R x R when the side differs; min(W,H) < R rejected"
 SAMPLE_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")  # decoders PIL may use on inputs (never EPS, PDF, ...)
+SAMPLE_FORMATS = ("PNG", "JPEG", "WEBP")  # decoders for shard members
+MAX_INPUT_BYTES = 256 << 20  # one input file
+MAX_MEMBER_BYTES = 64 << 20  # one tar member of a shard (a 1024^2 PNG is ~3 MB)
+IMAGE_TIMEOUT_S = 300.0  # one image in a worker
+SHARD_NAME = re.compile(r"shard-\d{6}\.tar")
+
+
+def max_pixels(resolution: int) -> int:
+    """Largest input (W x H) decoded for target side R: 256 R^2, at least 2^24 and at most 2^27 pixels."""
+    return min(max(256 * resolution * resolution, 1 << 24), 1 << 27)
 
 
 def shard_name(i: int) -> str:
@@ -98,44 +122,123 @@ def list_inputs(src: str, kind: str) -> list[str]:
 _reader_state: dict[str, Any] = {}  # per process: the open zip / lmdb handle
 
 
+class InputError(ValueError):
+    """An input that is not read at all (not a regular file, too large); the reason goes to the manifest."""
+
+
+def _read_regular_file(path: str, limit: int = MAX_INPUT_BYTES) -> bytes:
+    """The bytes of a regular file (symlinks followed); FIFOs, devices and sockets are refused without blocking."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"not a regular file ({_file_kind(st.st_mode)})")
+        if st.st_size > limit:
+            raise InputError(f"file of {st.st_size} bytes is larger than the {limit}-byte limit")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise InputError(f"file grew past the {limit}-byte limit while read")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    for test, what in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return what
+    return "not a plain file"
+
+
 def _read_input(src: str, kind: str, item: str) -> bytes:
     if kind == "folder":
-        with open(os.path.join(src, item), "rb") as f:
-            return f.read()
+        return _read_regular_file(os.path.join(src, item))
     key = (os.getpid(), src)
     h = _reader_state.get(key)
     if kind == "zip":
         if h is None:
             h = _reader_state[key] = zipfile.ZipFile(src)
-        return h.read(item)
+        info = h.getinfo(item)
+        if info.file_size > MAX_INPUT_BYTES:
+            raise InputError(f"zip member of {info.file_size} bytes is larger than the {MAX_INPUT_BYTES}-byte limit")
+        return h.read(info)
     if kind == "lmdb":
         if h is None:
             import lmdb
 
             h = _reader_state[key] = lmdb.open(src, readonly=True, lock=False, readahead=False, meminit=False,
                                                max_readers=64)
-        with h.begin(write=False) as txn:
+        with h.begin(write=False, buffers=True) as txn:
             v = txn.get(item.encode("latin-1"))
-        if v is None:
-            raise KeyError(f"key {item!r} missing from lmdb")
-        return bytes(v)
+            if v is None:
+                raise KeyError(f"key {item!r} missing from lmdb")
+            if len(v) > MAX_INPUT_BYTES:
+                raise InputError(f"lmdb value of {len(v)} bytes is larger than the {MAX_INPUT_BYTES}-byte limit")
+            return bytes(v)
     raise ValueError(kind)
 
 
-def prepare_image(data: bytes, resolution: int) -> tuple[Optional[Image.Image], str, tuple[int, int]]:
-    """Decode, center-crop square, resize to R (Lanczos). Returns (image or None, reject reason, original (W, H))."""
+def open_image(data: bytes, formats: tuple[str, ...], limit_pixels: int) -> Image.Image:
+    """Open (header only) with the given decoders; refuse more than ``limit_pixels`` before any pixel is decoded."""
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # PIL's own bomb warning: the limit below is the one that counts
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=formats)
+    except Image.DecompressionBombError as err:  # beyond PIL's hard limit, checked by PIL from the header
+        raise InputError(f"image has more than the {limit_pixels} pixels allowed ({err})") from None
+    w, h = img.size
+    if w * h > limit_pixels:
+        raise InputError(f"{w}x{h} image has more than the {limit_pixels} pixels allowed")
+    return img
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Any decoded image -> 8-bit RGB: 16-bit samples scaled (not clipped), float samples in [0, 1] scaled by 255 (others
+    refused), palette / alpha images composited on white."""
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise InputError(f"{mode} image with samples outside 0..65535")
+        return Image.fromarray(np.round(a / 257.0).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(a).all() or (a.size and (a.min() < 0 or a.max() > 1)):
+            raise InputError("float image with samples outside [0, 1] (its value range is unknown)")
+        return Image.fromarray(np.round(a * 255.0).astype(np.uint8), "L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    elif mode in ("LA", "La", "PA", "RGBa"):
+        img = img.convert("RGBA")
+    elif mode == "L" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def prepare_image(data: bytes, resolution: int) -> tuple[Optional[Image.Image], str, tuple[int, int]]:
+    """Decode (upright, 8-bit RGB), center-crop square, resize to R (Lanczos). Returns (image or None, reject reason,
+    original (W, H) as stored)."""
+    w = h = 0
+    try:
+        img = open_image(data, INPUT_FORMATS, max_pixels(resolution))
+        w, h = img.size
         img.load()
+        img = to_rgb8(ImageOps.exif_transpose(img))
+    except InputError as err:
+        return None, f"refused: {err}", (w, h)
     except Exception as err:
         msg = "not a recognised image format" if isinstance(err, Image.UnidentifiedImageError) else str(err)
-        return None, f"undecodable: {type(err).__name__}: {msg}", (0, 0)
-    w, h = img.size
-    if min(w, h) < resolution:
-        return None, f"too small: {w}x{h} < {resolution}x{resolution}", (w, h)
-    img = img.convert("RGB")
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
+        return None, f"undecodable: {type(err).__name__}: {msg}", (w, h)
+    uw, uh = img.size  # upright
+    if min(uw, uh) < resolution:
+        return None, f"too small: {uw}x{uh} < {resolution}x{resolution}", (w, h)
+    side = min(uw, uh)
+    left, top = (uw - side) // 2, (uh - side) // 2
     img = img.crop((left, top, left + side, top + side))
     if side != resolution:
         img = img.resize((resolution, resolution), Image.Resampling.LANCZOS)
@@ -155,6 +258,8 @@ def _process(job: tuple) -> tuple[int, Optional[bytes], str, tuple[int, int]]:
     index, src, kind, item, resolution, fmt, quality = job
     try:
         data = _read_input(src, kind, item)
+    except InputError as err:
+        return index, None, f"refused: {err}", (0, 0)
     except Exception as err:
         return index, None, f"unreadable: {type(err).__name__}: {err}", (0, 0)
     img, reason, orig = prepare_image(data, resolution)
@@ -181,6 +286,13 @@ def read_manifest(url: str, require_complete: bool = True) -> dict:
         raise ValueError(f"{murl}: not valid JSON ({err}); re-run `laren data pack` to rewrite it") from None
     if m.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{murl}: format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}; re-pack the data set")
+    if not isinstance(m.get("shards"), list) or not isinstance(m.get("rejected", []), list):
+        raise ValueError(f"{murl}: malformed manifest (no shard list); re-pack the data set")
+    for s in m["shards"]:
+        if not (isinstance(s, dict) and isinstance(s.get("name"), str) and SHARD_NAME.fullmatch(s["name"])
+                and all(type(s.get(k)) is int and s[k] >= 0 for k in ("count", "bytes"))):
+            raise ValueError(f"{murl}: malformed shard entry {str(s)[:200]} (names must be shard-NNNNNN.tar inside "
+                             "the data set, counts and sizes non-negative integers); re-pack the data set")
     if require_complete and not m.get("complete"):
         raise ValueError(f"{murl}: packing is incomplete ({m.get('inputs_done')} of {m.get('num_inputs')} inputs); "
                          f"re-run the same `laren data pack` command to finish it")
@@ -303,8 +415,8 @@ def pack(src: str, dest: str, name: str, resolution: int, fmt: str = "png", qual
     start = m["inputs_done"]
     jobs = ((i, src, kind, items[i], resolution, fmt, quality) for i in range(start, len(items)))
     tmpdir = storage._local(dest) if not storage.is_s3(dest) else None
-    pool = mp.get_context("fork").Pool(workers) if workers and workers > 1 else None
-    results: Iterator = pool.imap(_process, jobs, chunksize=4) if pool else map(_process, jobs)
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) if workers and workers > 1 else None
+    results: Iterator = _ordered_results(pool, jobs, items, 4 * workers) if pool else map(_process, jobs)
 
     from tqdm import tqdm
 
@@ -339,12 +451,53 @@ def pack(src: str, dest: str, name: str, resolution: int, fmt: str = "png", qual
         if writer is not None:
             writer.abort()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            _stop_pool(pool)
     if m["num_samples"] == 0:
         raise ValueError(f"{src}: every input was rejected (see {manifest_url(dest)}, 'rejected'); "
                          f"is --resolution {resolution} larger than the images?")
     return result
+
+
+class WorkerDiedError(ValueError):
+    """A pack worker process died or hung; nothing of its inputs was written, finished shards are kept."""
+
+
+def _ordered_results(pool: ProcessPoolExecutor, jobs: Iterator[tuple], items: list[str], window: int) -> Iterator:
+    """``_process`` over ``jobs`` in the pool, in order, at most ``window`` in flight. A worker that dies (BrokenProcessPool)
+    or one image that takes longer than IMAGE_TIMEOUT_S ends the pack with an error naming the inputs in flight."""
+    inflight: collections.deque = collections.deque()
+    jobs = iter(jobs)
+    index = -1
+    try:
+        while True:
+            while len(inflight) < window:
+                job = next(jobs, None)
+                if job is None:
+                    break
+                inflight.append((job[0], pool.submit(_process, job)))
+            if not inflight:
+                return
+            index, fut = inflight.popleft()
+            yield fut.result(timeout=IMAGE_TIMEOUT_S)
+            index = -1
+    except (BrokenProcessPool, FutureTimeout) as err:
+        held = ([items[index]] if index >= 0 else []) + [items[i] for i, _ in inflight]
+        what = "a worker process died (killed for memory, or crashed in a decoder)" \
+            if isinstance(err, BrokenProcessPool) else f"decoding took longer than {IMAGE_TIMEOUT_S:.0f} s"
+        raise WorkerDiedError(f"pack stopped: {what} while processing one of {len(held)} inputs starting at "
+                              f"{held[0] if held else '?'!r} (also {held[1:4]}); finished shards are kept: remove or "
+                              "fix the input and re-run the same command to resume") from None
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Stop the workers now (a hung decoder included); never waits on them."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        p.join(timeout=5)
 
 
 def _close_shard(dest, m, writer, end_input, pending_rejected, result, on_shard) -> None:
@@ -418,24 +571,46 @@ class _HashingReader(io.RawIOBase):
             self.n += len(chunk)
 
 
+def _member_problem(member: tarfile.TarInfo) -> str:
+    """Why a shard member is not read ("" if it may be): only regular, non-sparse members of bounded declared size."""
+    if member.issparse():
+        return "a sparse member"
+    if not member.isreg():
+        kind = ("a directory" if member.isdir() else "a link" if member.issym() or member.islnk() else
+                "a device" if member.isdev() else "not a regular file")
+        return kind
+    if member.size > MAX_MEMBER_BYTES:
+        return f"declares {member.size} bytes, more than the {MAX_MEMBER_BYTES}-byte limit"
+    return ""
+
+
 def iter_tar_samples(stream) -> Iterator[tuple[str, Optional[dict], str]]:
     """Group a tar stream's members into samples: yields (key, {ext: bytes}, "") or (key, None, reason).
 
-    A broken stream (truncated member, bad header) yields one (key or "", None, reason) for the sample it hit and stops;
-    callers compare the count with the manifest to account for samples lost after it.
+    Only regular members of bounded declared size are read: a sparse, link or device member makes its sample bad (its
+    data is never expanded); an oversized one ends the stream there (skipping it would read its declared size). A broken stream (truncated member, bad header) yields one (key or "", None, reason)
+    for the sample it hit and stops; callers compare the count with the manifest to account for samples lost after it.
     """
-    cur_key, cur = None, {}
+    cur_key, cur, bad = None, {}, ""
     try:
         tf = tarfile.open(fileobj=stream, mode="r|")
         for member in tf:
-            if not member.isfile():
-                continue
             base = os.path.basename(member.name)
             key, _, ext = base.partition(".")
+            if member.isdir():
+                continue
             if key != cur_key:
                 if cur_key is not None:
-                    yield cur_key, cur, ""
-                cur_key, cur = key, {}
+                    yield (cur_key, None, bad) if bad else (cur_key, cur, "")
+                cur_key, cur, bad = key, {}, ""
+            problem = _member_problem(member)
+            if problem and not member.issparse() and member.size > MAX_MEMBER_BYTES:
+                # skipping its data would read up to the declared size: the rest of the stream is not trusted
+                yield key, None, f"tar member {member.name} refused: {problem}"
+                return
+            if problem:
+                bad = bad or f"tar member {member.name} refused: {problem}"
+                continue
             try:
                 cur[ext.lower()] = tf.extractfile(member).read()
             except Exception as err:
@@ -448,7 +623,7 @@ def iter_tar_samples(stream) -> Iterator[tuple[str, Optional[dict], str]]:
             yield "", None, f"unreadable tar: {type(err).__name__}: {err}"
         return
     if cur_key is not None:
-        yield cur_key, cur, ""
+        yield (cur_key, None, bad) if bad else (cur_key, cur, "")
 
 
 def image_member(files: dict) -> Optional[bytes]:
@@ -491,9 +666,8 @@ def verify(url: str, decode: bool = False, progress: bool = True) -> dict:
                     continue
                 count += 1
                 if decode:
-                    data = image_member(files)
                     try:
-                        im = Image.open(io.BytesIO(data))
+                        im = open_image(image_member(files) or b"", SAMPLE_FORMATS, res * res)
                         im.load()
                         if im.size != (res, res):
                             problems.append(f"{s['name']}: {key}: size {im.size[0]}x{im.size[1]}, expected {res}x{res}")

@@ -28,14 +28,12 @@ manifest's per-shard count. When bad > max_bad_fraction x max(seen, this rank's 
 
 from __future__ import annotations
 
-import io
 import logging
 import random
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from laren.data import pack as _pack
@@ -61,12 +59,14 @@ def decode_image(data: Optional[bytes], hr_size: int) -> tuple[Optional[np.ndarr
     if data is None:
         return None, "no image member"
     try:
-        im = Image.open(io.BytesIO(data))
+        im = _pack.open_image(data, _pack.SAMPLE_FORMATS, hr_size * hr_size)  # header only
+        if im.size != (hr_size, hr_size):  # a wrong size is never decoded
+            return None, f"wrong size {im.size[0]}x{im.size[1]} (expected {hr_size}x{hr_size})"
         im.load()
+    except _pack.InputError as err:  # larger than HR: refused from the header
+        return None, f"wrong size: {err} (expected {hr_size}x{hr_size})"
     except Exception as err:
         return None, f"undecodable image: {type(err).__name__}"
-    if im.size != (hr_size, hr_size):
-        return None, f"wrong size {im.size[0]}x{im.size[1]} (expected {hr_size}x{hr_size})"
     return np.asarray(im.convert("RGB")), ""
 
 

@@ -5,12 +5,11 @@ layouts; all are read without running code from the file and converted to the ro
 ``laren.models.stylegan2``:
 
 (a) rosinality ``.pt``: ``{"g_ema", "latent_avg"?, "d"?, "g"?, "args"?, ...}``. Read with ``torch.load(weights_only=True)``;
-    a training checkpoint whose ``args`` is an argparse Namespace (refused by weights_only) is re-read with the restricted
-    unpickler below (the Namespace becomes an inert placeholder).
+    a training checkpoint's ``args`` (an argparse Namespace) becomes an inert placeholder through torch's safe globals.
 (b) NVIDIA stylegan2-ada-pytorch ``.pkl``: a plain pickle of ``torch_utils.persistence`` objects (whose reconstruction
-    would ``exec`` source stored in the file). The restricted unpickler never imports anything: it maps persistent objects
-    and ``torch.nn`` modules to placeholders that only keep their ``__dict__`` state, rebuilds tensors from their bytes with
-    ``torch.load(weights_only=True)``, and refuses every other global (os.system, eval, subprocess, ...) before it can run.
+    would ``exec`` source stored in the file). The restricted unpickler of ``laren.models.safe_pickle`` never imports
+    anything: it maps persistent objects and ``torch.nn`` modules to placeholders that only keep their state, rebuilds
+    tensors from their bytes, and refuses every other global (os.system, eval, subprocess, ...) before it can run.
     NVIDIA names (``mapping.fc0``, ``synthesis.b4.conv1.affine``, ``b{r}.conv0/conv1/skip``, ``b4.fc/out``) are mapped to
     rosinality's. Not carried over: ``conv_clamp`` (rosinality has none) and the 1/sqrt(fan_in) weight gain that NVIDIA
     omits before demodulation (only the 1e-8 epsilon sees it).
@@ -26,29 +25,21 @@ Output (laren's prior format): ``DEST.safetensors`` (keys ``g.<name>``, ``d.<nam
 
 from __future__ import annotations
 
-import codecs
-import collections
 import dataclasses
 import hashlib
-import io
 import json
 import os
-import pickle
 import re
-import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from laren.models.safe_pickle import MAX_DEPTH, Opaque, UnsafePickleError, read_checkpoint_object
 from laren.models.stylegan2 import Discriminator, Generator
 
 STOCK_BASE_UNIT = 16384  # rosinality: channel_base = 16384 * channel_multiplier
 ROSINALITY_LR_MLP = 0.01
-
-
-class UnsafePickleError(ValueError):
-    """The file references code that loading would run; nothing from it was executed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +64,12 @@ class PriorMeta:
 
     @classmethod
     def from_json(cls, text: str, where: str = "") -> "PriorMeta":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: prior metadata is not JSON ({err})") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: prior metadata is not a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
         missing = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING} - set(data)
         if missing:
@@ -88,210 +84,34 @@ class PriorMeta:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Restricted unpickler: tensors, containers and inert placeholders only
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class Opaque:
-    """Inert stand-in for a pickled class (NVIDIA persistent network, torch.nn module, argparse Namespace).
-
-    Keeps the class path and the pickled state; has no behaviour.
-    """
-
-    class_path = "?"
-
-    def __init__(self, *args, **kwargs):
-        self.args, self.state = args, dict(kwargs)
-
-    def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) == 2:  # (dict state, slots state)
-            state = {**(state[0] or {}), **(state[1] or {})}
-        self.state = dict(state) if isinstance(state, dict) else {"_state": state}
-
-    def __repr__(self):
-        return f"<opaque {self.class_path}>"
-
-
-_OPAQUE_TYPES: dict[str, type] = {}
-
-
-def _opaque_type(path: str) -> type:
-    if path not in _OPAQUE_TYPES:
-        _OPAQUE_TYPES[path] = type("Opaque_" + re.sub(r"\W", "_", path), (Opaque,), {"class_path": path})
-    return _OPAQUE_TYPES[path]
-
-
-class _EasyDict(dict):
-    """dnnlib.util.EasyDict as a plain dict."""
-
-
-def _persistent_obj(meta) -> Opaque:
-    """Replaces torch_utils.persistence._reconstruct_persistent_obj (which would exec meta['module_src'])."""
-    if not isinstance(meta, dict) or meta.get("type") != "class":
-        raise UnsafePickleError(f"unexpected persistent object record {type(meta).__name__}")
-    obj = _opaque_type(f"persistent:{meta.get('class_name')}")()
-    obj.__setstate__(meta.get("state") or {})
-    return obj
-
-
-def _tensor_from_bytes(data: bytes):
-    """Replaces torch.storage._load_from_bytes (which uses a full unpickler) by a weights_only load."""
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-
-
-def _codecs_encode(text, encoding="utf-8"):
-    """Protocol-2 pickles spell bytes as _codecs.encode(str, 'latin1'); nothing else is allowed."""
-    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
-        raise UnsafePickleError(f"_codecs.encode with encoding {encoding!r} is not a bytes literal")
-    return codecs.encode(text, encoding)
-
-
-def _rebuild_parameter(data, requires_grad, backward_hooks, *state):
-    return torch.nn.Parameter(data, requires_grad)
-
-
-def _reconstructor(cls, base, state):
-    """copyreg._reconstructor, allowed only to create an Opaque placeholder."""
-    if not (isinstance(cls, type) and issubclass(cls, Opaque)) or base is not object:
-        raise UnsafePickleError(f"copyreg._reconstructor for {cls!r} / {base!r}")
-    return cls()
-
-
-def _newobj(cls, *args):
-    if not (isinstance(cls, type) and issubclass(cls, (Opaque, collections.OrderedDict, dict, set, list))):
-        raise UnsafePickleError(f"copyreg.__newobj__ for {cls!r}")
-    return cls.__new__(cls)
-
-
-def _safe_globals() -> dict[tuple[str, str], object]:
-    import torch._utils as tu
-
-    table: dict[tuple[str, str], object] = {
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
-        ("builtins", "dict"): dict,
-        ("builtins", "list"): list,
-        ("builtins", "tuple"): tuple,
-        ("builtins", "object"): object,
-        ("_codecs", "encode"): _codecs_encode,
-        ("copyreg", "_reconstructor"): _reconstructor,
-        ("copyreg", "__newobj__"): _newobj,
-        ("torch._utils", "_rebuild_tensor_v2"): tu._rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_tensor"): tu._rebuild_tensor,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-        ("torch.storage", "_load_from_bytes"): _tensor_from_bytes,
-        ("torch", "Size"): torch.Size,
-        ("torch", "device"): torch.device,
-        ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_obj,
-        ("dnnlib.util", "EasyDict"): _EasyDict,
-        ("dnnlib", "EasyDict"): _EasyDict,
-        ("argparse", "Namespace"): _opaque_type("argparse.Namespace"),
-    }
-    for name in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "uint8", "bool"):
-        table[("torch", name)] = getattr(torch, name)
-    try:  # numpy arrays / scalars (data only; object arrays unpickle their items through this same find_class)
-        import numpy as np
-
-        try:
-            from numpy._core.multiarray import _reconstruct, scalar  # numpy >= 2
-        except ImportError:  # pragma: no cover - numpy 1.x
-            from numpy.core.multiarray import _reconstruct, scalar
-
-        for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-            table[(mod, "_reconstruct")] = _reconstruct
-            table[(mod, "scalar")] = scalar
-        table[("numpy", "ndarray")] = np.ndarray
-        table[("numpy", "dtype")] = np.dtype
-    except Exception:  # pragma: no cover - numpy is a dependency
-        pass
-    return table
-
-
-class SafeUnpickler(pickle.Unpickler):
-    """pickle.Unpickler whose find_class returns only allow-listed callables or inert placeholders; never imports."""
-
-    _table: dict | None = None
-    source = "<pickle>"
-
-    def find_class(self, module: str, name: str):
-        if SafeUnpickler._table is None:
-            SafeUnpickler._table = _safe_globals()
-        hit = SafeUnpickler._table.get((module, name))
-        if hit is not None:
-            return hit
-        if module.startswith("torch.nn.modules.") or module.startswith("torch.nn.parameter"):
-            return _opaque_type(f"{module}.{name}")  # a plain torch module inside a network: keep its state only
-        raise UnsafePickleError(
-            f"{self.source}: refusing to load: the pickle references `{module}.{name}`, which is not a tensor, a "
-            f"container or a known network record, so unpickling it could run code. Nothing from the file was executed. "
-            f"Convert the checkpoint to a state dict (torch.save(model.state_dict())) or safetensors and import that.")
-
-    # No persistent_load here: a plain pickle with persistent ids fails in pickle itself; torch.load sets its own.
-
-
-class _SafePickleModule:
-    """A `pickle_module` for torch.load (restricted fallback for torch zip/legacy files)."""
-
-    Unpickler = SafeUnpickler
-    __name__ = "laren_safe_pickle"
-
-    @staticmethod
-    def load(file, **kwargs):
-        return SafeUnpickler(file, **kwargs).load()
-
-
-def safe_unpickle_bytes(data: bytes, source: str = "<pickle>"):
-    up = SafeUnpickler(io.BytesIO(data))
-    up.source = source
-    return up.load()
-
-
-def read_checkpoint_object(data: bytes, source: str):
-    """bytes of a .pt / .pth / .pkl -> the unpickled object, by the safest loader that accepts it."""
-    is_zip = data[:4] == b"PK\x03\x04"
-    errors = []
-    try:
-        with warnings.catch_warnings():  # a plain (non-torch) pickle makes torch warn about its protocol first
-            warnings.simplefilter("ignore")
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # weights_only refused a global, or not a torch file
-        errors.append(err)
-    except (RuntimeError, EOFError, ValueError, AttributeError) as err:
-        errors.append(err)
-    if is_zip:
-        _SafePickleModule.Unpickler.source = source
-        try:
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=_SafePickleModule)
-        finally:
-            _SafePickleModule.Unpickler.source = "<pickle>"
-    try:
-        obj = safe_unpickle_bytes(data, source)
-    except UnsafePickleError:
-        raise
-    except Exception as err:
-        raise ValueError(f"{source}: not a readable checkpoint (torch: {errors[0] if errors else '-'}; pickle: {err})") from err
-    return obj
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Layout conversion -> rosinality names
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _opaque_tensors(obj, prefix: str = "") -> dict[str, Tensor]:
-    """Flatten an Opaque module tree (``_parameters`` / ``_buffers`` / ``_modules``) into a state dict."""
+def _opaque_tensors(root, source: str) -> dict[str, Tensor]:
+    """Flatten an Opaque module tree (``_parameters`` / ``_buffers`` / ``_modules``) into a state dict; each module is
+    visited once (a shared sub-module keeps its first name) and the depth is bounded."""
     out: dict[str, Tensor] = {}
-    state = getattr(obj, "state", {}) or {}
-    skip = set(state.get("_non_persistent_buffers_set") or ())
-    for kind in ("_parameters", "_buffers"):
-        for name, t in (state.get(kind) or {}).items():
-            if isinstance(t, Tensor) and not (kind == "_buffers" and name in skip):
-                out[prefix + name] = t.detach()
-    for name, sub in (state.get("_modules") or {}).items():
-        if sub is not None:
-            out.update(_opaque_tensors(sub, f"{prefix}{name}."))
+    seen: set[int] = set()
+    stack = [(root, "", 0)]
+    while stack:
+        obj, prefix, depth = stack.pop()
+        if id(obj) in seen or not isinstance(obj, Opaque):
+            continue
+        if depth > MAX_DEPTH:
+            raise UnsafePickleError(f"{source}: network modules nested deeper than {MAX_DEPTH} levels")
+        seen.add(id(obj))
+        state = getattr(obj, "state", None)
+        state = state if isinstance(state, dict) else {}
+        skip = state.get("_non_persistent_buffers_set")
+        skip = set(skip) if isinstance(skip, (set, frozenset, list, tuple)) else set()
+        for kind in ("_parameters", "_buffers"):
+            items = state.get(kind)
+            for name, t in (items.items() if isinstance(items, dict) else ()):
+                if isinstance(t, Tensor) and not (kind == "_buffers" and name in skip):
+                    out[f"{prefix}{name}"] = t.detach()
+        subs = state.get("_modules")
+        stack.extend((sub, f"{prefix}{name}.", depth + 1) for name, sub in (subs.items() if isinstance(subs, dict) else ()))
     return out
 
 
@@ -408,8 +228,8 @@ def to_rosinality(obj, source: str) -> tuple[str, dict[str, Tensor], dict[str, T
     if isinstance(obj.get("G_ema"), Opaque):
         gk = obj["G_ema"].state.get("init_kwargs") or {}
         lr = float((gk.get("mapping_kwargs") or {}).get("lr_multiplier", ROSINALITY_LR_MLP))
-        g, avg = _nvidia_g(_opaque_tensors(obj["G_ema"]), lr, source)
-        d = _nvidia_d(_opaque_tensors(obj["D"]), source) if isinstance(obj.get("D"), Opaque) else None
+        g, avg = _nvidia_g(_opaque_tensors(obj["G_ema"], source), lr, source)
+        d = _nvidia_d(_opaque_tensors(obj["D"], source), source) if isinstance(obj.get("D"), Opaque) else None
         return "nvidia", g, d, avg
     sd = obj.get("state_dict", obj)
     if isinstance(sd, dict):
@@ -479,9 +299,35 @@ def _load_strict(module: torch.nn.Module, sd: dict[str, Tensor], what: str, sour
     module.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
 
 
-def build_from_state(g_sd, d_sd, latent_avg, source: str):
-    """-> (Generator, Discriminator | None, arch kwargs, latent_avg_source)."""
+_ARCH_LIMITS = {"resolution": (32, 1024), "style_dim": (1, 4096), "mapping_layers": (1, 32),
+                "channel_multiplier": (1, 64), "channel_base": (1, 1 << 24), "channel_max": (1, 4096)}
+
+
+def check_arch(arch: dict, has_discriminator: bool, limit_bytes: int, source: str) -> None:
+    """Refuse an architecture out of range, or whose weights would take more than limit_bytes, before allocating it
+    (the modules are built on the meta device to count)."""
+    for name, (lo, hi) in _ARCH_LIMITS.items():
+        v = arch.get(name)
+        if type(v) is not int or not lo <= v <= hi:
+            raise ValueError(f"{source}: {name} = {v!r} is outside [{lo}, {hi}]")
+    if arch["resolution"] & (arch["resolution"] - 1):
+        raise ValueError(f"{source}: resolution {arch['resolution']} is not a power of two")
+    arch = {k: arch[k] for k in _ARCH_LIMITS}
+    with torch.device("meta"):
+        mods = [Generator(**arch)]
+        if has_discriminator:
+            mods.append(Discriminator(arch["resolution"], channel_max=arch["channel_max"],
+                                      channel_base=arch["channel_base"]))
+    need = sum(t.numel() * t.element_size() for m in mods for t in m.state_dict().values())
+    if need > limit_bytes:
+        raise ValueError(f"{source}: the architecture needs {need} bytes of weights, more than the {limit_bytes} bytes "
+                         "the file holds")
+
+
+def build_from_state(g_sd, d_sd, latent_avg, source: str, limit_bytes: int):
+    """-> (Generator, Discriminator | None, arch kwargs, latent_avg_source). limit_bytes bounds the weights built."""
     arch = detect_generator(g_sd, source)
+    check_arch(arch, bool(d_sd), limit_bytes, source)
     g = Generator(**arch)
     _load_strict(g, g_sd, "generator", source)
     d = None
@@ -503,8 +349,12 @@ def read_prior_source(src: str) -> tuple[Generator, Discriminator | None, dict, 
     data = _read(src, what="source checkpoint",
                  hint="give the path of a rosinality .pt, NVIDIA stylegan2-ada .pkl or mmagic .pth file")
     obj = read_checkpoint_object(data, src)
-    fmt, g_sd, d_sd, avg = to_rosinality(obj, src)
-    g, d, arch, how = build_from_state(g_sd, d_sd, avg, src)
+    try:
+        fmt, g_sd, d_sd, avg = to_rosinality(obj, src)
+    except (TypeError, AttributeError, KeyError, IndexError) as err:
+        raise ValueError(f"{src}: malformed checkpoint ({type(err).__name__}: {err})") from err
+    # weights stored in half precision double in float32; the rest (kernels, noise buffers) is small
+    g, d, arch, how = build_from_state(g_sd, d_sd, avg, src, 2 * len(data) + (16 << 20))
     return g, d, arch, fmt, how
 
 
@@ -592,6 +442,7 @@ def load_prior(url: str) -> tuple[Generator, Discriminator | None, PriorMeta]:
     hint = "create it with `laren prior import SRC DEST` (SRC: a rosinality .pt, NVIDIA .pkl or mmagic .pth)"
     meta = PriorMeta.from_json(_read(json_url, "prior metadata (.json)", hint).decode(), json_url)
     blob = _read(st_url, "prior weights (.safetensors)", hint)
+    check_arch(dataclasses.asdict(meta), meta.has_discriminator, len(blob), json_url)
     digest = hashlib.sha256(blob).hexdigest()
     if digest != meta.sha256:
         raise ValueError(f"{st_url}: checksum mismatch (sha256 {digest}, {json_url} says {meta.sha256}); the file is "
@@ -609,5 +460,5 @@ def load_prior(url: str) -> tuple[Generator, Discriminator | None, PriorMeta]:
     return g.eval(), d, meta
 
 
-__all__ = ["PriorMeta", "UnsafePickleError", "SafeUnpickler", "import_prior", "load_prior", "read_prior_source",
+__all__ = ["PriorMeta", "UnsafePickleError", "import_prior", "load_prior", "read_prior_source",
            "detect_generator", "fit_channel_table", "to_rosinality", "read_checkpoint_object", "prior_paths"]

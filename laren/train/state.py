@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from laren.redact import redact
+
 FORMAT = "laren-checkpoint/1"
 WEIGHTS_FILE = "weights.safetensors"
 OPTIM_FILE = "optim.safetensors"
@@ -178,8 +180,6 @@ def save_checkpoint(
     _atomic_write(d / WEIGHTS_FILE, lambda p: save_file(weights, p, metadata={"format": FORMAT}))
     _atomic_write(d / OPTIM_FILE, lambda p: save_file(optim_tensors, p, metadata={"format": FORMAT}))
     if config is not None:  # a checkpoint travels (MLflow artifact, storage): no passwords in URLs, no keys
-        from laren.tracking import redact
-
         config = redact(config)
     doc = {
         "format": FORMAT,
@@ -232,18 +232,34 @@ def _unwritable(final: Path, err: OSError) -> CheckpointWriteError:
 
 
 def read_state(directory: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
-    """The parsed ``state.json`` of a complete checkpoint (checksums verified)."""
+    """The parsed ``state.json`` of a complete checkpoint. With ``verify``, its sha256 map must name exactly the
+    tensor files, and the folder must hold exactly those files (plus ``state.json``), each matching its checksum."""
     d = Path(directory)
     sp = d / STATE_FILE
     if not sp.is_file():
         raise CheckpointError(f"{d}: not a complete laren checkpoint ({STATE_FILE} missing)")
-    doc = json.loads(sp.read_text())
-    if doc.get("format") != FORMAT:
-        raise CheckpointError(f"{sp}: unknown checkpoint format {doc.get('format')!r} (expected {FORMAT})")
+    try:
+        doc = json.loads(sp.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{sp}: not valid JSON ({err})") from err
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        fmt = doc.get("format") if isinstance(doc, dict) else None
+        raise CheckpointError(f"{sp}: unknown checkpoint format {fmt!r} (expected {FORMAT})")
     if verify:
-        for name, digest in doc["sha256"].items():
-            if not (d / name).is_file() or _sha256(d / name) != digest:
-                raise CheckpointError(f"{d / name}: missing or does not match the checksum in {STATE_FILE}")
+        sums = doc.get("sha256")
+        expected = {WEIGHTS_FILE, OPTIM_FILE}
+        if not isinstance(sums, dict) or set(sums) != expected:
+            named = sorted(map(str, sums)) if isinstance(sums, dict) else sums
+            raise CheckpointError(f"{sp}: the sha256 map must name exactly {sorted(expected)}, it names {named}")
+        present = {p.name for p in d.iterdir()} - {STATE_FILE}
+        for name in sorted(present - expected):
+            raise CheckpointError(f"{d / name}: not part of the checkpoint (not in the sha256 map of {STATE_FILE})")
+        for name in sorted(expected):
+            f = d / name
+            if f.is_symlink() or not f.is_file():
+                raise CheckpointError(f"{f}: missing or not a regular file (listed in {STATE_FILE})")
+            if _sha256(f) != sums[name]:
+                raise CheckpointError(f"{f}: does not match the checksum in {STATE_FILE}")
     return doc
 
 

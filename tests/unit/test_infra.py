@@ -35,7 +35,7 @@ resources:
 """
 
 CPU_JOB = """\
-name: tiny_smoke_v2
+name: tiny-smoke-v2
 resources:
   num_workers: 3
   cpus_per_worker: 0.5
@@ -133,7 +133,7 @@ def test_rayjob_carries_identity_resources_and_entrypoint(tmp_path):
 def test_fixed_cpu_job_and_name_sanitising(tmp_path):
     path = _write(tmp_path, "tiny.yaml", CPU_JOB)
     run_id = load_job(path).run_id
-    assert run_id.startswith("tiny_smoke_v2-")
+    assert run_id.startswith("tiny-smoke-v2-")
     rj = _by_kind(render_k8s_file(path))["RayJob"]
     name = rj["metadata"]["name"]
     assert DNS1123.match(name) and name == "tiny-smoke-v2-" + run_id.rsplit("-", 1)[1]
