@@ -70,6 +70,41 @@ def model_summary_cmd(job_file) -> None:
         click.echo(f"{name:<24}{n:>14,}{n / 1e6:>9.2f}M  {'yes' if trainable else 'no'}")
 
 
+@model.command("health")
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--seeds", default=1, show_default=True, type=click.IntRange(1, 100), help="Initialisations checked: train.seed, +1, ...")
+@click.option("--tiny", is_flag=True, help="Small channel widths (the quick check of validate / submit); H, J, C, F kept.")
+@click.option("--per-layer", is_flag=True, help="Also print the per-layer CGM figures.")
+def model_health_cmd(job_file, seeds, tiny, per_layer) -> None:
+    """Is JOB_FILE's model alive at initialisation? Builds it as a run does (random prior where its file is absent),
+    runs one SR-loss backward on probe images and prints the health figures with pass/fail per criterion
+    (model-spec 9). Exits 1 on a fail. A grid or sweep checks each distinct row."""
+    from laren.data import storage
+    from laren.models import health
+    from laren.models.prior_io import prior_paths
+    from laren.specs import load_any
+    from laren.submit import run_configs
+
+    failed = False
+    seen = set()
+    for label, cfg in run_configs(load_any(job_file)):
+        m = cfg.model
+        if m.model_dump_json() in seen:
+            continue
+        seen.add(m.model_dump_json())
+        have_prior = bool(m.prior.path) and all(storage.exists(u) for u in prior_paths(m.prior.path))
+        prior = f"prior {m.prior.path}" if have_prior else "random prior (same architecture)"
+        if tiny:
+            m, prior = health.tiny_widths(m), prior + ", tiny widths"
+        click.echo(f"# {cfg.name} ({label}): {prior}; seeds {cfg.train.seed}..{cfg.train.seed + seeds - 1}")
+        reports = [health.check_init(m, cfg.train.seed + k, prior_available=have_prior and not tiny)
+                   for k in range(seeds)]
+        click.echo(health.format_report(reports, per_layer=per_layer))
+        failed |= not all(r.passed for r in reports)
+    click.echo("FAIL: a module is dead or degenerate at initialisation" if failed else "PASS: every criterion")
+    sys.exit(1 if failed else 0)
+
+
 # ==== section: prior (laren prior ...) ====
 
 
@@ -280,11 +315,13 @@ def _address_opt(f):
 @main.command("validate")
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--no-summary", is_flag=True, help="Skip the model parameter table.")
-def validate_cmd(job: str, no_summary: bool) -> None:
-    """Check JOB (a job or sweep YAML): print the resolved config, run id, resources asked for and model summary."""
+@click.option("--no-health", is_flag=True, help="Skip the quick model-health check (`laren model health --tiny`).")
+def validate_cmd(job: str, no_summary: bool, no_health: bool) -> None:
+    """Check JOB (a job or sweep YAML): print the resolved config, run id, resources asked for, model summary, and
+    the quick model-health check (a dead or degenerate GDM / CGM at initialisation is refused)."""
     from laren.submit import validate
 
-    _, text = validate(job, summary=not no_summary)
+    _, text = validate(job, summary=not no_summary, health=not no_health)
     click.echo(text)
 
 

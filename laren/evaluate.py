@@ -83,10 +83,10 @@ def evaluate_model(
     lpips: Optional[torch.nn.Module] = None,
     max_images: Optional[int] = None,
     grid_images: int = 0,
-    autocast_bf16: bool = False,
 ) -> EvalResult:
-    """Run ``model`` over ``batches`` ({"lr", "hr", "key"}) in eval mode; per-image PSNR, SSIM, LPIPS, pixel MSE, and
-    the PSNR of plain bicubic upsampling (the baseline every SR model must beat)."""
+    """Run ``model`` over ``batches`` ({"lr", "hr", "key"}) in eval mode and fp32; per-image PSNR, SSIM, LPIPS, pixel
+    MSE, and the PSNR of plain bicubic upsampling (the baseline every SR model must beat). Every metric reads the
+    output clamped to [-1, 1] (PSNR and SSIM also round it to uint8)."""
     was_training = model.training
     model.eval()
     res = EvalResult(values={k: [] for k in PER_IMAGE if k != "lpips_alex" or lpips is not None})
@@ -100,15 +100,13 @@ def evaluate_model(
                 if room <= 0:
                     break
                 lr, hr, keys = lr[:room], hr[:room], keys[:room]
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast_bf16 and dev.type == "cuda"):
-                sr = model(lr)
-            sr = sr.float()
+            sr = model(lr).float()
             res.values["psnr"] += M.psnr(sr, hr).tolist()
             res.values["ssim"] += M.ssim(sr, hr).tolist()
             res.values["loss_pix"] += (sr - hr).pow(2).flatten(1).mean(1).double().tolist()
             res.values["psnr_bicubic"] += M.psnr(upscale_bicubic(lr, hr.shape[-1]), hr.float()).tolist()
             if lpips is not None:
-                res.values["lpips_alex"] += lpips(sr, hr.float()).tolist()
+                res.values["lpips_alex"] += lpips(sr.clamp(-1.0, 1.0), hr.float()).tolist()
             if res.grid is None and grid_images > 0:
                 res.grid = sample_grid(lr, sr, hr, grid_images)
             res.keys += [str(k) for k in keys]

@@ -211,7 +211,7 @@ def latent_correlation(a_nda, b_ndb) -> np.ndarray:
     """|Pearson ρ| between every dimension of ``a`` and every dimension of ``b`` across the N samples (Fig. 7 maps).
 
     ``ρ_ij = cov(a_i, b_j) / (σ_ai σ_bj)``, population moments in float64. A constant dimension has no defined
-    correlation and gets 0. Returns (Da, Db) in [0, 1]; ``latent_correlation(z, z)[16:21, 1:16]`` is the paper's 5×15 map.
+    correlation and gets 0. Returns (Da, Db) in [0, 1]; ``latent_correlation(z, z)[15:20, 0:15]`` (0-based) is the paper's 5×15 map.
     """
     a = np.asarray(a_nda.detach().cpu() if torch.is_tensor(a_nda) else a_nda, dtype=np.float64)
     b = np.asarray(b_ndb.detach().cpu() if torch.is_tensor(b_ndb) else b_ndb, dtype=np.float64)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from laren.config import ConfigError, RunConfig
+from laren.models import health
 from laren.redact import is_secret_key, redact_text
 from laren.specs import JobSpec, LoadedSweep, load_any
 
@@ -317,8 +318,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def validate(path: Union[str, Path], summary: bool = True) -> tuple[Spec, str]:
-    """Load and check a job or sweep file; return it with the text `laren validate` prints."""
+def validate(path: Union[str, Path], summary: bool = True, health: bool = True) -> tuple[Spec, str]:
+    """Load and check a job or sweep file; return it with the text `laren validate` prints. ``health``: also run the
+    quick model-health check (every distinct model of a train job, grid or sweep at tiny widths; a dead or degenerate
+    GDM / CGM at initialisation is a ConfigError, before any GPU is requested)."""
     path = Path(path)
     spec = load_any(path)
     if isinstance(spec, JobSpec):
@@ -341,7 +344,24 @@ def validate(path: Union[str, Path], summary: bool = True) -> tuple[Spec, str]:
     if summary:
         cfgs = run_configs(spec)
         parts.append(f"# model summary ({cfgs[0][0]})\n" + model_summary_text(cfgs[0][1]))
+    if health and spec_kind(spec) in ("train", "grid", "sweep"):
+        parts.append(_health_text(spec))
     return spec, redact_text("\n\n".join(parts))
+
+
+def _health_text(spec: Spec) -> str:
+    """The quick model-health check (laren/models/health.py); raises ConfigError naming each failing model."""
+    t0 = time.perf_counter()
+    cfgs = [(f"{cfg.name} ({label})", cfg.model, cfg.train.seed) for label, cfg in run_configs(spec)]
+    failures = health.quick_check(cfgs)
+    if failures:
+        raise ConfigError(
+            "model health: a module is dead or degenerate at initialisation (model-spec 9):\n  " + "\n  ".join(failures)
+            + "\nsee `laren model health JOB` for the figures; the v1 switches model.cgm_activation: relu and "
+            "model.gdm.relation_logits: l2 are known to fail"
+        )
+    n = len({c[1].model_dump_json() for c in cfgs})
+    return f"# model health (quick check, tiny widths): PASS, {n} model(s) in {time.perf_counter() - t0:.1f} s"
 
 
 # ----------------------------------------------------------------------------------------------- submit

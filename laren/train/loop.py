@@ -5,7 +5,8 @@
 
 Adam (lr 1e-4, β 0.9/0.999, ε 1e-8) for the trainable modules (encoder, latent head, CGM) and, separately, for the
 StyleGAN2 discriminator D, which starts from the prior's D and is trained. The learning rate is a pure function of
-the step (cosine to ``optim.cosine_min_lr`` over the run), so a resumed run continues the same schedule.
+the step (GLEAN's cosine: floor ``optim.cosine_min_lr``, period ``optim.cosine_period_kimg``, by default twice the run,
+so it ends at about half the initial rate), so a resumed run continues the same schedule.
 
 Distribution: the caller gives a :class:`WorkerContext` (rank, world size, device, a ``report`` barrier and the
 checkpoint to resume from). With world size > 1, ``torch.distributed`` is already initialised (by Ray Train); the loop
@@ -14,7 +15,9 @@ can be used frozen in the generator step without DDP's unused-parameter bookkeep
 collective calls in the same order; MLflow and sample grids happen on rank 0 only (architecture rule 4).
 
 Time is counted in images: ``images_seen = step · batch_size_global``; kimg = images_seen / 1000 (rule 9). Metric
-names: ``train/loss_*``, ``train/lr``, ``perf/images_per_s``, ``data/skipped``, ``val/psnr`` … (rule 10).
+names: ``train/loss_*``, ``train/lr``, ``perf/images_per_s``, ``data/skipped``, ``val/psnr`` … (rule 10). At every
+log step rank 0 also logs the model's health figures, ``health/…`` (laren/models/health.py: live CGM units, the
+mask's share of rho's variance, g's spread, max T, grad/param ratios), from the step's first two LR images.
 
 Legend: B per-rank batch, l LR size, R HR size; images in [-1, 1].
 """
@@ -38,6 +41,7 @@ import torch.distributed as dist
 
 from laren import losses as L
 from laren.config import ConfigError, LossConfig, RunConfig
+from laren.models import health
 from laren.train import state as S
 
 # Test-only fault injection: at step LAREN_TEST_KILL_AT_STEP the rank LAREN_TEST_KILL_RANK (default 1) SIGKILLs its
@@ -69,21 +73,26 @@ class Schedule:
     log_every: int
     eval_every: int
     checkpoint_every: int
+    cosine_period: int = 0  # steps; 0 means 2 x total_steps
 
     @staticmethod
-    def from_kimg(batch_size_global: int, total_kimg: float, log_kimg: float, eval_kimg: float, ckpt_kimg: float) -> "Schedule":
+    def from_kimg(batch_size_global: int, total_kimg: float, log_kimg: float, eval_kimg: float, ckpt_kimg: float,
+                  cosine_period_kimg: Optional[float] = None) -> "Schedule":
         def steps(kimg: float) -> int:
             return max(1, int(round(kimg * 1000.0 / batch_size_global)))
 
-        return Schedule(max(1, math.ceil(total_kimg * 1000.0 / batch_size_global)), steps(log_kimg), steps(eval_kimg), steps(ckpt_kimg))
+        total = max(1, math.ceil(total_kimg * 1000.0 / batch_size_global))
+        period = steps(cosine_period_kimg) if cosine_period_kimg else 2 * total
+        return Schedule(total, steps(log_kimg), steps(eval_kimg), steps(ckpt_kimg), period)
 
 
-def cosine_lr(step: int, total_steps: int, lr: float, min_lr: Optional[float]) -> float:
-    """Cosine annealing from ``lr`` to ``min_lr`` over ``total_steps`` (GLEAN's CosineAnnealingLR shape); constant
-    when ``min_lr`` is None."""
+def cosine_lr(step: int, period_steps: int, lr: float, min_lr: Optional[float]) -> float:
+    """GLEAN's CosineAnnealingLR: from ``lr`` towards ``min_lr`` over ``period_steps`` (T_max), then held at
+    ``min_lr``; constant when ``min_lr`` is None. With the default period of twice the run, the run ends half-way
+    down the curve, at (lr + min_lr) / 2 (GLEAN: T_max 600k over 300k iterations, 1e-4 -> 5e-5)."""
     if min_lr is None:
         return lr
-    t = min(step, total_steps) / max(1, total_steps)
+    t = min(step, period_steps) / max(1, period_steps)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
@@ -281,7 +290,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     t_cfg, rank, world, dev = cfg.train, ctx.rank, ctx.world_size, ctx.device
     check_run_inputs(cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"num_workers": world, "min_workers": None})}))
     sched = Schedule.from_kimg(t_cfg.batch_size_global, t_cfg.total_kimg, t_cfg.log_every_kimg,
-                               t_cfg.eval_every_kimg, t_cfg.checkpoint_every_kimg)
+                               t_cfg.eval_every_kimg, t_cfg.checkpoint_every_kimg, cfg.optim.cosine_period_kimg)
 
     # ---- modules (same seed on every rank -> same init; broadcast anyway)
     torch.manual_seed(t_cfg.seed)
@@ -335,8 +344,8 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
             batch = next(batches)
             lr_img, hr_img = batch["lr"].to(dev, non_blocking=True), batch["hr"].to(dev, non_blocking=True)
             skipped = batches.skipped()
-            cur_lr = cosine_lr(st.step, sched.total_steps, o.lr, o.cosine_min_lr)
-            cur_lr_d = cosine_lr(st.step, sched.total_steps, o.lr_d, o.cosine_min_lr)
+            cur_lr = cosine_lr(st.step, sched.cosine_period, o.lr, o.cosine_min_lr)
+            cur_lr_d = cosine_lr(st.step, sched.cosine_period, o.lr_d, o.cosine_min_lr)
             for g in opt_g.param_groups:
                 g["lr"] = cur_lr
             for g in opt_d.param_groups:
@@ -363,10 +372,12 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
                     "train/lr": cur_lr, "train/lr_d": cur_lr_d, "train/kimg": st.kimg,
                     "perf/images_per_s": sums[len(acc) + 1] / max(dt, 1e-9), "data/skipped": sums[len(acc) + 2],
                 })
+                if rank == 0:  # cheap: one no-grad encoder + head + CGM pass on two images, and the step's gradients
+                    metrics.update({f"health/{k}": v for k, v in health.step_figures(model, lr_img).items()})
                 acc = {k: 0.0 for k in acc}
                 acc_n, img_log, t_log = 0, 0, time.perf_counter()
             if st.step % sched.eval_every == 0 or done:
-                metrics.update(_evaluate(cfg, model, lpips, rank, world, dev, tracker, st.step, t_cfg.bf16))
+                metrics.update(_evaluate(cfg, model, lpips, rank, world, dev, tracker, st.step))
             if metrics:
                 tracker.log_metrics(metrics, step=st.step)
                 last.update(metrics)
@@ -444,7 +455,7 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
 
 
-def _evaluate(cfg: RunConfig, model, lpips, rank: int, world: int, dev, tracker, step: int, bf16: bool) -> dict[str, float]:
+def _evaluate(cfg: RunConfig, model, lpips, rank: int, world: int, dev, tracker, step: int) -> dict[str, float]:
     """Periodic validation over ``data.num_val_images`` (split over ranks, summed); rank 0 logs the sample grid."""
     from laren.data.pipeline import make_eval_loader
     from laren.evaluate import evaluate_model
@@ -454,8 +465,8 @@ def _evaluate(cfg: RunConfig, model, lpips, rank: int, world: int, dev, tracker,
     loader = make_eval_loader(url, cfg.model.prior.resolution, cfg.model.lr_size,
                               max(1, cfg.train.batch_size_global // world), rank=rank, world_size=world,
                               limit=cfg.data.num_val_images)
-    res = evaluate_model(model, loader, dev, lpips=lpips,
-                         grid_images=cfg.train.sample_grid_images if rank == 0 else 0, autocast_bf16=bf16)
+    # fp32, as `laren eval`: validation and test figures of one checkpoint agree (model-spec 9, R5)
+    res = evaluate_model(model, loader, dev, lpips=lpips, grid_images=cfg.train.sample_grid_images if rank == 0 else 0)
     names = ["psnr", "ssim", "loss_pix", "psnr_bicubic"] + (["lpips_alex"] if lpips is not None else [])
     sums = res.sums()
     tot = _sum_across([sums.get(k, 0.0) for k in names] + [float(res.count)], world)
