@@ -101,6 +101,19 @@ def test_same_seed_same_curve_and_resume_continues_it(dataset, tmp_path):
     assert cr == ca[5:]
     assert r["train/loss_g"] == a["train/loss_g"] and r["val/psnr"] == a["val/psnr"]
 
+    # Health figures at every log step (rank 0): the CGM and the GDM are measured, and alive.
+    live = loss_curve(uri, "tiny", "a", "health/cgm_live_min")
+    assert [s for s, _ in live] == list(range(1, 11))
+    assert loss_curve(uri, "tiny", "a", "health/grad_ratio/cgm.query")[-1][1] > 0
+    assert 0 < loss_curve(uri, "tiny", "a", "health/gdm_mask_share")[-1][1] <= 0.6
+
+    # `laren eval` of the final checkpoint on the validation images gives the validation figures (both fp32).
+    from laren.evaluate import run_eval
+
+    ev = run_eval(str(tmp_path / "ck_a" / "checkpoint_000000010"), dataset, str(tmp_path / "ev"), limit=8, batch_size=4)
+    for k in ("psnr", "ssim", "lpips_alex"):
+        assert ev[f"test/{k}"] == pytest.approx(a[f"val/{k}"], abs=1e-6), k
+
 
 def test_training_lowers_pixel_loss(dataset, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -1,0 +1,131 @@
+"""Model health (model-spec 9): the criteria hold at initialisation for every shipped model, with the statistics the
+real upstream modules produce (the real encoder on image-like probe inputs, never N(0, 1) codes); the paper-literal
+v1 switches fail them; the quick check of validate refuses a dead configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from laren.config import ConfigError, ModelConfig
+from laren.models import health
+from laren.specs import JobSpec, load_any
+from laren.submit import run_configs, validate
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((REPO / "jobs").glob("*.yaml")) + sorted((REPO / "sweeps").glob("*.yaml"))
+SEEDS = range(20)
+
+
+def small_widths(m: ModelConfig) -> ModelConfig:
+    """tiny_widths, with the latent width H capped at 32 and the GDM's nodes J at 16, so that 20 seeds of every
+    shipped model run in seconds (the GDM's cost grows with J^2 * H). C, Omega, F, N, the lr size and every switch are
+    the job's. The job's own J and H are checked by `laren validate` (tiny widths) and the full-size face64x test."""
+    t = health.tiny_widths(m)
+    return t.model_copy(update={"prior": t.prior.model_copy(update={"style_dim": min(t.prior.style_dim, 32)}),
+                                "gdm": t.gdm.model_copy(update={"num_nodes": min(t.gdm.num_nodes, 16)})})
+
+
+def shipped_models() -> list[tuple[str, ModelConfig]]:
+    """Every distinct model of every train job, grid row and sweep point under jobs/ and sweeps/, at test widths."""
+    out, seen = [], set()
+    for path in SHIPPED:
+        spec = load_any(path)
+        if isinstance(spec, JobSpec) and spec.kind == "eval":
+            continue
+        for label, cfg in run_configs(spec):
+            m = small_widths(cfg.model)
+            if m.model_dump_json() not in seen:
+                seen.add(m.model_dump_json())
+                out.append((f"{path.stem}:{label}", m))
+    return out
+
+
+SHIPPED_MODELS = shipped_models()
+
+
+def test_the_shipped_models_are_covered():
+    names = " ".join(n for n, _ in SHIPPED_MODELS)
+    assert len(SHIPPED_MODELS) >= 10 and "ablation-face64x" in names and "jcf-face64x" in names and "demo" in names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,model", SHIPPED_MODELS, ids=[n for n, _ in SHIPPED_MODELS])
+def test_every_shipped_model_is_alive_at_init(name, model):
+    """20 seeds per model. The SR loss is replaced by a fixed random function of the noise maps (the generator adds
+    strength * noise to its features: the SR loss reaches each map as a dense gradient map), so a 1024 px generator
+    need not run 20 times per model; the forward figures are those of the real encoder and head."""
+    for seed in SEEDS:
+        rep = health.check_init(model, seed, through_generator=False, head_backward=False)
+        assert rep.passed, (name, seed, rep.checks)
+
+
+def test_demo_alive_through_the_generator_for_20_seeds():
+    """The demo's own model, with the real SR loss through its (random, 32 px) generator."""
+    cfg = load_any(REPO / "jobs" / "demo.yaml").run_config().model
+    for seed in SEEDS:
+        rep = health.check_init(cfg, seed)
+        assert rep.passed, (seed, rep.checks)
+        assert rep.figures["grad_ratio/cgm.query"] > 0 and rep.figures["cgm_noise_differ"] == 1.0
+
+
+def test_v1_switches_reproduce_the_v1_failures():
+    """cgm_activation: relu and relation_logits: l2 (spec v1): rho is a binary gate in every seed, and the CGM is
+    dead (zero gradient to W_Q / W_K / W_t, image-independent noise maps) in some."""
+    cfg = load_any(REPO / "jobs" / "demo.yaml").run_config().model
+    v1 = cfg.model_copy(update={"cgm_activation": "relu", "gdm": cfg.gdm.model_copy(update={"relation_logits": "l2"})})
+    reps = [health.check_init(v1, seed) for seed in range(6)]
+    assert all(r.figures["gdm_mask_share"] > 0.99 for r in reps)
+    dead = [r for r in reps if not r.checks["cgm_grads"][0]]
+    assert dead and all(r.figures["cgm_noise_differ"] == 0.0 for r in dead)
+    assert "query.weight" in dead[0].checks["cgm_grads"][1]
+
+
+def test_validate_refuses_a_dead_model(tmp_path):
+    text = (REPO / "jobs" / "demo.yaml").read_text()
+    text = text.replace("  cgm_relation: rerr\n", "  cgm_relation: rerr\n  cgm_activation: relu\n")
+    text = text.replace("    relation_scale: dim\n", "    relation_scale: dim\n    relation_logits: l2\n")
+    (tmp_path / "dead.yaml").write_text(text.replace("name: demo", "name: dead"))
+    with pytest.raises(ConfigError, match=r"(?s)model health: .*dead \(train\): gdm_mask_share \(0\.99"):
+        validate(tmp_path / "dead.yaml", summary=False)
+    _, ok = validate(REPO / "jobs" / "demo.yaml", summary=False)
+    assert "# model health (quick check, tiny widths): PASS, 1 model(s)" in ok
+
+
+def test_rerr_and_vrr_rows_give_different_image_specific_noise():
+    """Table IV's CGM(ReRR) and CGM(VRR) rows: for the same inputs, their noise maps depend on the image, and differ
+    from each other beyond the projections' biases (v1: both were the biases alone)."""
+    spec = load_any(REPO / "jobs" / "ablation-face64x.yaml")
+    rows = {cfg.model.cgm_relation: small_widths(cfg.model) for _, cfg in run_configs(spec)
+            if cfg.model.noise_source == "cgm" and cfg.model.latent_space == "g" and cfg.model.gdm_relation == "hmrr"}
+    assert set(rows) == {"rerr", "vrr"}
+    lr = health.probe_images(2, rows["rerr"].lr_size, seed=0)
+    parts = {}
+    for rel, m in rows.items():
+        torch.manual_seed(0)
+        from laren.models.build import build_model
+
+        model = build_model(m)
+        with torch.no_grad():
+            z = model.encode(lr)[0]
+            codes = model.cgm.codes(model.latent_codes(z)[0])
+            parts[rel] = [p.weight @ codes[:, i].T for i, p in enumerate(model.cgm.proj)]  # bias-free part of each map
+    for rel, maps in parts.items():
+        assert all((m[:, 0] != m[:, 1]).any() for m in maps), rel  # image-specific
+    assert all((a - b).abs().amax() > 1e-6 * b.abs().amax() for a, b in zip(parts["rerr"], parts["vrr"]))
+
+
+@pytest.mark.slow
+def test_full_size_face64x_forward_is_healthy():
+    """One full-size face64x forward on CPU (encoder, GDM and CGM at the paper's widths; random prior)."""
+    cfg = load_any(REPO / "jobs" / "face64x.yaml").run_config().model
+    cfg = cfg.model_copy(update={"prior": cfg.prior.model_copy(update={"path": None})})
+    torch.manual_seed(0)
+    from laren.models.build import build_model
+
+    model = build_model(cfg)
+    f = health.forward_figures(model, health.probe_images(2, cfg.lr_size))
+    assert f["g_spread"] > 0.05 and f["gdm_mask_share"] <= 0.6 and f["cgm_noise_differ"] >= 0.9, f
+    assert len([k for k in f if k.startswith("cgm_live/")]) == 17
