@@ -121,6 +121,32 @@ def data_pack(src, dest, name, resolution, fmt, quality, shard_size_mb, workers,
                f"{m['resolution']}x{m['resolution']} {m['format']}")
 
 
+@data.command("synth", context_settings={"show_default": True})
+@click.argument("kind", type=click.Choice(["faces"]))
+@click.argument("dest")
+@click.option("--resolution", type=int, required=True, help="Image side R in pixels (>= 16).")
+@click.option("--count", type=int, required=True, help="Number of samples.")
+@click.option("--seed", type=int, default=0, help="Seed of the set: sample i depends only on (seed, i).")
+@click.option("--name", default=None, help="Data set name [default: synth-KIND].")
+@click.option("--shard-size-mb", type=float, default=64.0, help="Close a shard once it reaches this size.")
+@click.option("--workers", type=int, default=0, help="Rendering processes (0: in this process).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def data_synth(kind, dest, resolution, count, seed, name, shard_size_mb, workers, quiet):
+    """Render a procedural data set KIND with known generative factors into WebDataset shards at DEST (a folder or
+    s3://bucket/prefix), as `laren data pack` writes them; each sample's factors are stored beside its image
+    (<key>.factors.json) and the manifest names them."""
+    from laren.data.synth import synth
+
+    try:
+        res = synth(kind, dest, resolution, count, seed=seed, name=name, shard_size_mb=shard_size_mb, workers=workers,
+                    progress=not quiet)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    m = res.manifest
+    click.echo(f"{dest}: {m['num_samples']} {kind} samples (seed {seed}) in {len(m['shards'])} shards, "
+               f"{m['resolution']}x{m['resolution']} png, factors: {', '.join(f['name'] for f in m['factors'])}")
+
+
 @data.command("verify")
 @click.argument("dest")
 @click.option("--decode", is_flag=True, help="Also decode every image and check its size.")
