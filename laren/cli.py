@@ -33,7 +33,7 @@ def model() -> None:
 
 @main.group()
 def prior() -> None:
-    """Import pre-trained StyleGAN2 priors."""
+    """Import or train StyleGAN2 priors."""
 
 
 @main.group()
@@ -83,6 +83,28 @@ def prior_import(src: str, dest: str) -> None:
     st_url, json_url = prior_paths(dest)
     click.echo(f"detected: {meta.describe()}")
     click.echo(f"wrote {st_url} (sha256 {meta.sha256}) and {json_url}")
+
+
+@prior.command("train")
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--storage", "storage_path", default=None, help="Ray Train storage for checkpoints (default <storage.root>/runs).")
+@click.option("--run-id", default=None, help="Run name (default: the job's deterministic <name>-<config hash>).")
+def prior_train(job: str, storage_path, run_id) -> None:
+    """Train the StyleGAN2 prior of JOB.yaml (kind: prior) with Ray Train (local, or the cluster at RAY_ADDRESS) and
+    write it in laren's prior format to gan.output, ready for an SR job's model.prior.path.
+
+    Re-running the same job resumes it from its latest checkpoint and continues the same MLflow run.
+    """
+    import json
+
+    from laren.specs import load_job
+    from laren.train.distributed import run_training
+
+    spec = load_job(job)
+    if spec.kind != "prior":
+        raise click.UsageError(f"{job}: kind is {spec.kind!r}; `laren prior train` runs kind: prior jobs")
+    out = run_training(spec.prior_config(), run_id=run_id, storage_path=storage_path)
+    click.echo(json.dumps(out, indent=1, default=str))
 
 
 # ==== section: data (laren data ...) ====
