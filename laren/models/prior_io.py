@@ -590,7 +590,9 @@ def write_prior(g: Generator, d: Discriminator | None, arch: dict, dest: str, so
     if d is not None:
         tensors.update({f"d.{k}": v.detach().cpu().clone().contiguous() for k, v in d.state_dict().items()})
     tensors["latent_avg"] = g.latent_avg.detach().cpu().clone().contiguous()
-    blob = st_save(tensors, metadata={"format": "laren-prior", "version": "1"})
+    # One metadata entry: safetensors writes its metadata map in no fixed order, so with two the bytes (and sha256) of
+    # the same tensors could differ from one write to the next.
+    blob = st_save(tensors, metadata={"format": "laren-prior/1"})
     st_url, json_url = prior_paths(dest)
     meta = PriorMeta(**arch, has_discriminator=d is not None, source=source, source_format=source_format,
                      sha256=hashlib.sha256(blob).hexdigest(), latent_avg_source=latent_avg_source)
