@@ -344,7 +344,7 @@ def validate(path: Union[str, Path], summary: bool = True) -> tuple[Spec, str]:
 # ----------------------------------------------------------------------------------------------- submit
 
 
-ENTRY = {"train": "train", "eval": "run-eval", "grid": "run-grid", "sweep": "run-sweep"}
+ENTRY = {"train": "train", "eval": "run-eval", "grid": "run-grid", "sweep": "run-sweep", "prior": "prior train"}
 
 
 @dataclass
