@@ -95,15 +95,21 @@ def prior_train(job: str, storage_path, run_id) -> None:
 
     Re-running the same job resumes it from its latest checkpoint and continues the same MLflow run.
     """
+    _train_job(job, "prior", "laren prior train", storage_path, run_id)
+
+
+def _train_job(job: str, kind: str, command: str, storage_path, run_id) -> None:
+    """Run a kind: train or kind: prior job with Ray Train and print its final metrics."""
     import json
 
     from laren.specs import load_job
     from laren.train.distributed import run_training
 
     spec = load_job(job)
-    if spec.kind != "prior":
-        raise click.UsageError(f"{job}: kind is {spec.kind!r}; `laren prior train` runs kind: prior jobs")
-    out = run_training(spec.prior_config(), run_id=run_id, storage_path=storage_path)
+    if spec.kind != kind:
+        raise click.UsageError(f"{job}: kind is {spec.kind!r}; `{command}` runs kind: {kind} jobs")
+    cfg = spec.prior_config() if kind == "prior" else spec.run_config()
+    out = run_training(cfg, run_id=run_id, storage_path=storage_path)
     click.echo(json.dumps(out, indent=1, default=str))
 
 
@@ -262,16 +268,7 @@ def train_cmd(job: str, storage_path, run_id) -> None:
 
     Re-running the same job resumes it from its latest checkpoint and continues the same MLflow run.
     """
-    import json
-
-    from laren.specs import load_job
-    from laren.train.distributed import run_training
-
-    spec = load_job(job)
-    if spec.kind != "train":
-        raise click.UsageError(f"{job}: kind is {spec.kind!r}; `laren train` runs kind: train jobs")
-    out = run_training(spec.run_config(), run_id=run_id, storage_path=storage_path)
-    click.echo(json.dumps(out, indent=1, default=str))
+    _train_job(job, "train", "laren train", storage_path, run_id)
 
 
 @main.command("eval")

@@ -48,7 +48,7 @@ from laren.config import ConfigError, PriorRunConfig
 from laren.models.stylegan2 import Discriminator, Generator
 from laren.train import state as S
 from laren.train.loop import (DataStream, Schedule, WorkerContext, _allreduce_grads, _broadcast_module, _check_data,
-                              _checkpoint, _maybe_kill_for_test, _params, _seed_all, _sum_across, flatten)
+                              _checkpoint, _maybe_kill_for_test, _params, _sum_across, flatten, resume_or_seed)
 
 log = logging.getLogger("laren.train")
 
@@ -131,25 +131,16 @@ def gan_step(nets: GanNets, d: Discriminator, opt_g, opt_d, real: torch.Tensor, 
         fake = g(_latents(g, b, gan.style_mixing, dev))
     logit_real, logit_fake = d(aug(real)), d(aug(fake))
     loss_d = L.d_loss(logit_real, logit_fake)
-    opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
-    _allreduce_grads(_params(opt_d), world)
-    opt_d.step()
+    _descend(opt_d, loss_d, world)
     r1 = zero
     if gan.r1_gamma > 0 and step % gan.r1_every == 0:
         x = real.detach().requires_grad_(True)
         r1 = L.r1_penalty(d(aug(x)), x)
-        opt_d.zero_grad(set_to_none=True)
-        (r1 * (gan.r1_gamma / 2 * gan.r1_every)).backward()
-        _allreduce_grads(_params(opt_d), world)
-        opt_d.step()
+        _descend(opt_d, r1 * (gan.r1_gamma / 2 * gan.r1_every), world)
     # -- G (D frozen)
     d.requires_grad_(False)
     loss_g = F.softplus(-d(aug(g(_latents(g, b, gan.style_mixing, dev))))).mean()
-    opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    _allreduce_grads(_params(opt_g), world)
-    opt_g.step()
+    _descend(opt_g, loss_g, world)
     pl = zero
     if gan.pl_weight > 0 and step % gan.pl_every == 0:
         w = _latents(g, max(1, b // 2), 0.0, dev).detach().requires_grad_(True)
@@ -160,12 +151,17 @@ def gan_step(nets: GanNets, d: Discriminator, opt_g, opt_d, real: torch.Tensor, 
             mean_len = mean_len / world
         nets.pl_mean.copy_(nets.pl_mean.lerp(mean_len, gan.pl_decay))
         pl = (lengths - nets.pl_mean).pow(2).mean()
-        opt_g.zero_grad(set_to_none=True)
-        (pl * gan.pl_weight * gan.pl_every).backward()
-        _allreduce_grads(_params(opt_g), world)
-        opt_g.step()
+        _descend(opt_g, pl * gan.pl_weight * gan.pl_every, world)
     return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "r1": r1.detach(), "pl": pl.detach(),
             "d_real": logit_real.detach().mean(), "d_fake": logit_fake.detach().mean()}
+
+
+def _descend(opt: torch.optim.Optimizer, loss: torch.Tensor, world: int) -> None:
+    """One optimizer step on ``loss`` with gradients averaged over ranks."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    _allreduce_grads(_params(opt), world)
+    opt.step()
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -274,15 +270,7 @@ def prior_worker(cfg: PriorRunConfig, ctx: WorkerContext) -> dict[str, Any]:
     opt_d = _adam(d.parameters(), gan, gan.r1_every if gan.r1_gamma > 0 else None)
     optimizers = {"g": opt_g, "d": opt_d}
 
-    st = S.TrainState()
-    if ctx.resume_dir:
-        st = S.load_checkpoint(ctx.resume_dir, nets, d, optimizers)
-        if len(st.rng) == world:
-            S.restore_rng(st.rng[rank])
-        else:
-            _seed_all(t_cfg.seed + 7919 * rank + st.step)
-    else:
-        _seed_all(t_cfg.seed + 7919 * rank)
+    st = resume_or_seed(ctx, nets, d, optimizers, t_cfg.seed)
     start_step = st.step
     if rank == 0 and start_step == 0:
         tracker.log_params({**flatten(cfg.to_dict()), "run_id": ctx.run_id or cfg.run_id, "world_size": world})
