@@ -46,7 +46,6 @@ from laren import losses as L
 from laren.augment import diff_augment
 from laren.config import ConfigError, PriorRunConfig
 from laren.models.stylegan2 import Discriminator, Generator
-from laren.train import state as S
 from laren.train.loop import (DataStream, Schedule, WorkerContext, _allreduce_grads, _broadcast_module, _check_data,
                               _checkpoint, _maybe_kill_for_test, _params, _sum_across, flatten, resume_or_seed)
 
