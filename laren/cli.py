@@ -40,7 +40,7 @@ def model() -> None:
 
 @main.group()
 def prior() -> None:
-    """Import pre-trained StyleGAN2 priors."""
+    """Import or train StyleGAN2 priors."""
 
 
 @main.group()
@@ -127,6 +127,34 @@ def prior_import(src: str, dest: str) -> None:
     click.echo(f"wrote {st_url} (sha256 {meta.sha256}) and {json_url}")
 
 
+@prior.command("train")
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--storage", "storage_path", default=None, help="Ray Train storage for checkpoints (default <storage.root>/runs).")
+@click.option("--run-id", default=None, help="Run name (default: the job's deterministic <name>-<config hash>).")
+def prior_train(job: str, storage_path, run_id) -> None:
+    """Train the StyleGAN2 prior of JOB.yaml (kind: prior) with Ray Train (local, or the cluster at RAY_ADDRESS) and
+    write it in laren's prior format to gan.output, ready for an SR job's model.prior.path.
+
+    Re-running the same job resumes it from its latest checkpoint and continues the same MLflow run.
+    """
+    _train_job(job, "prior", "laren prior train", storage_path, run_id)
+
+
+def _train_job(job: str, kind: str, command: str, storage_path, run_id) -> None:
+    """Run a kind: train or kind: prior job with Ray Train and print its final metrics."""
+    import json
+
+    from laren.specs import load_job
+    from laren.train.distributed import run_training
+
+    spec = load_job(job)
+    if spec.kind != kind:
+        raise click.UsageError(f"{job}: kind is {spec.kind!r}; `{command}` runs kind: {kind} jobs")
+    cfg = spec.prior_config() if kind == "prior" else spec.run_config()
+    out = run_training(cfg, run_id=run_id, storage_path=storage_path)
+    click.echo(json.dumps(out, indent=1, default=str))
+
+
 # ==== section: data (laren data ...) ====
 
 
@@ -161,6 +189,32 @@ def data_pack(src, dest, name, resolution, fmt, quality, shard_size_mb, workers,
     click.echo(f"{dest}: {m['num_samples']} samples in {len(m['shards'])} shards "
                f"({res.shards_written} written, {res.shards_kept} kept), {len(m['rejected'])} inputs rejected, "
                f"{m['resolution']}x{m['resolution']} {m['format']}")
+
+
+@data.command("synth", context_settings={"show_default": True})
+@click.argument("kind", type=click.Choice(["faces"]))
+@click.argument("dest")
+@click.option("--resolution", type=int, required=True, help="Image side R in pixels (>= 16).")
+@click.option("--count", type=int, required=True, help="Number of samples.")
+@click.option("--seed", type=int, default=0, help="Seed of the set: sample i depends only on (seed, i).")
+@click.option("--name", default=None, help="Data set name [default: synth-KIND].")
+@click.option("--shard-size-mb", type=float, default=64.0, help="Close a shard once it reaches this size.")
+@click.option("--workers", type=int, default=0, help="Rendering processes (0: in this process).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def data_synth(kind, dest, resolution, count, seed, name, shard_size_mb, workers, quiet):
+    """Render a procedural data set KIND with known generative factors into WebDataset shards at DEST (a folder or
+    s3://bucket/prefix), as `laren data pack` writes them; each sample's factors are stored beside its image
+    (<key>.factors.json) and the manifest names them."""
+    from laren.data.synth import synth
+
+    try:
+        res = synth(kind, dest, resolution, count, seed=seed, name=name, shard_size_mb=shard_size_mb, workers=workers,
+                    progress=not quiet)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    m = res.manifest
+    click.echo(f"{dest}: {m['num_samples']} {kind} samples (seed {seed}) in {len(m['shards'])} shards, "
+               f"{m['resolution']}x{m['resolution']} png, factors: {', '.join(f['name'] for f in m['factors'])}")
 
 
 @data.command("verify")
@@ -256,16 +310,7 @@ def train_cmd(job: str, storage_path, run_id) -> None:
 
     Re-running the same job resumes it from its latest checkpoint and continues the same MLflow run.
     """
-    import json
-
-    from laren.specs import load_job
-    from laren.train.distributed import run_training
-
-    spec = load_job(job)
-    if spec.kind != "train":
-        raise click.UsageError(f"{job}: kind is {spec.kind!r}; `laren train` runs kind: train jobs")
-    out = run_training(spec.run_config(), run_id=run_id, storage_path=storage_path)
-    click.echo(json.dumps(out, indent=1, default=str))
+    _train_job(job, "train", "laren train", storage_path, run_id)
 
 
 @main.command("eval")

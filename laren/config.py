@@ -296,6 +296,58 @@ class RunConfig(Section):
         return f"{self.name}-{self.config_hash()}"
 
 
+# ----------------------------------------------------------------------------------------------- prior training
+
+
+class PriorTrainConfig(Section):
+    """StyleGAN2 training of a prior (job kind ``prior``; :mod:`laren.train.prior`). The architecture is
+    ``model.prior``; the data, schedule (``train``), storage, tracking and resources sections are those of SR jobs."""
+
+    lr: float = Field(0.002, gt=0, le=1, description="Adam learning rate of G and D (StyleGAN2: 0.002).")
+    betas: tuple[float, float] = Field((0.0, 0.99), description="Adam betas of G and D (StyleGAN2: 0, 0.99).")
+    r1_gamma: float = Field(10.0, ge=0, le=1e4, description="R1 weight gamma on real images (lazy; 0 disables).")
+    r1_every: int = Field(16, ge=1, le=1000, description="Lazy R1: every this many D steps, scaled by it.")
+    pl_weight: float = Field(0.0, ge=0, le=100, description="Path-length regularisation weight (StyleGAN2: 2; 0 disables).")
+    pl_every: int = Field(4, ge=1, le=1000, description="Lazy path-length regularisation interval (G steps).")
+    pl_decay: float = Field(0.01, gt=0, lt=1, description="Decay of the path-length running mean.")
+    style_mixing: float = Field(0.9, ge=0, le=1, description="Probability of style mixing (two z, one crossover layer).")
+    ema_kimg: float = Field(10.0, gt=0, le=1e4, description="Half-life of the EMA generator in kimg.")
+    ema_rampup: Optional[float] = Field(
+        0.05, description="EMA half-life at most this fraction of the images seen so far (StyleGAN2-ADA; None: off)."
+    )
+    diffaugment: list[Literal["translation", "color"]] = Field(
+        default_factory=list, description="DiffAugment policies applied to every image D sees (small data sets)."
+    )
+    metric_images: int = Field(
+        512, ge=0, le=100000,
+        description="Real and generated images of the factor-FD metric at each evaluation (0: off; the data set "
+        "must be written by `laren data synth`, whose factors train the feature network).",
+    )
+    regressor_steps: int = Field(600, ge=1, le=100000, description="Training steps of the factor regressor (batch 64).")
+    grid_images: int = Field(16, ge=1, le=256, description="Fixed-z EMA samples in each logged grid.")
+    output: str = Field(
+        "", description="Where the prior is written (DEST.safetensors + DEST.json, laren's prior format); empty: "
+        "<storage.root>/priors/<job name>."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "PriorTrainConfig":
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
+        if self.ema_rampup is not None and not 0 < self.ema_rampup <= 1:
+            raise ValueError(f"ema_rampup must be in (0, 1] or null, got {self.ema_rampup}")
+        return self
+
+
+class PriorRunConfig(RunConfig):
+    """A prior-training run: a run config plus its GAN settings."""
+
+    gan: PriorTrainConfig = Field(default_factory=PriorTrainConfig, description="GAN training.")
+
+    def output_url(self) -> str:
+        return self.gan.output or self.storage.root.rstrip("/") + f"/priors/{self.name}"
+
+
 # ----------------------------------------------------------------------------------------------- loading
 
 

@@ -11,6 +11,7 @@ Legend: B batch, 3 RGB, H×W image size; images are in [-1, 1]. D logits are (B,
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -152,3 +153,21 @@ def d_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
     The caller passes ``d_fake = D(ŷ.detach())`` so that no gradient reaches the generator.
     """
     return F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+
+
+# ----------------------------------------------------------------------------------------------- prior training (GAN)
+
+
+def r1_penalty(d_real: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al.): mean over the batch of ``|∇_x D(x)|²`` at real images ``real`` (which must require grad and
+    produce ``d_real``); differentiable (create_graph) so that it can be minimised. Scalar."""
+    (grad,) = torch.autograd.grad(d_real.sum(), real, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
+def path_lengths(img: torch.Tensor, wplus: torch.Tensor) -> torch.Tensor:
+    """StyleGAN2 path lengths ``|J_w^T y|`` (B,) for y ~ N(0, 1/(H W)) image-space noise; ``img`` (B, 3, H, W) made
+    from ``wplus`` (B, N, S), which must require grad. Differentiable (create_graph)."""
+    noise = torch.randn_like(img) / math.sqrt(img.shape[2] * img.shape[3])
+    (grad,) = torch.autograd.grad((img * noise).sum(), wplus, create_graph=True)
+    return grad.pow(2).sum(2).mean(1).sqrt()

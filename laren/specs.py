@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
-from laren.config import ConfigError, RunConfig, Section, load_yaml, parse_section
+from laren.config import ConfigError, PriorRunConfig, PriorTrainConfig, RunConfig, Section, load_yaml, parse_section
 
 _NAME = re.compile(r"[a-z][a-z0-9-]*")
 
@@ -104,9 +104,11 @@ class Variant(Section):
 class JobSpec(RunConfig):
     """A job file: a run config plus its kind; grids add rows, eval jobs name what to evaluate."""
 
-    kind: Literal["train", "eval", "grid"] = Field(
-        "train", description="train: one run; eval: evaluate a trained run's checkpoint; grid: one child run per variant."
+    kind: Literal["train", "eval", "grid", "prior"] = Field(
+        "train", description="train: one run; eval: evaluate a trained run's checkpoint; grid: one child run per variant; "
+        "prior: train a StyleGAN2 prior (`laren prior train`).",
     )
+    gan: Optional[PriorTrainConfig] = Field(None, description="kind: prior: GAN training settings (defaults when omitted).")
     variants: list[Variant] = Field(default_factory=list, description="Grid rows (kind: grid), run as child runs of one parent.")
     checkpoint: str = Field(
         "",
@@ -130,18 +132,28 @@ class JobSpec(RunConfig):
             raise ValueError("kind: eval needs checkpoint: a train job file, a run id or a checkpoint URL")
         if self.kind != "eval" and self.checkpoint:
             raise ValueError(f"checkpoint is only used by kind: eval (this job is kind: {self.kind})")
+        if self.kind != "prior" and self.gan is not None:
+            raise ValueError(f"gan is only used by kind: prior (this job is kind: {self.kind})")
         return self
 
     def run_config(self) -> RunConfig:
         """The job's run config (for a grid: the shared base of its rows)."""
-        d = self.model_dump(mode="json", exclude={"kind", "variants", "checkpoint"})
+        d = self.model_dump(mode="json", exclude={"kind", "variants", "checkpoint", "gan"})
         return RunConfig.model_validate(d)
+
+    def prior_config(self) -> PriorRunConfig:
+        """kind: prior: the run config with its GAN settings."""
+        d = self.model_dump(mode="json", exclude={"kind", "variants", "checkpoint", "gan"})
+        return PriorRunConfig.model_validate({**d, "gan": (self.gan or PriorTrainConfig()).model_dump(mode="json")})
 
     def config_hash(self) -> str:
         """train: the run config's hash (training computes the same id); eval/grid: a hash of the whole spec."""
         if self.kind == "train":
             return self.run_config().config_hash()
+        if self.kind == "prior":
+            return self.prior_config().config_hash()
         d = self.to_dict()
+        d.pop("gan", None)
         for k in ("storage", "tracking", "description"):
             d.pop(k, None)
         return _short_hash(d)

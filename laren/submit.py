@@ -367,7 +367,7 @@ def _health_text(spec: Spec) -> str:
 # ----------------------------------------------------------------------------------------------- submit
 
 
-ENTRY = {"train": "train", "eval": "run-eval", "grid": "run-grid", "sweep": "run-sweep"}
+ENTRY = {"train": "train", "eval": "run-eval", "grid": "run-grid", "sweep": "run-sweep", "prior": "prior train"}
 
 
 @dataclass

@@ -254,18 +254,20 @@ def encode_image(img: Image.Image, fmt: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _process(job: tuple) -> tuple[int, Optional[bytes], str, tuple[int, int]]:
+def _process(job: tuple) -> "Sample":
     index, src, kind, item, resolution, fmt, quality = job
+    meta = {"source": item, "index": index, "orig_size": [0, 0]}
     try:
         data = _read_input(src, kind, item)
     except InputError as err:
         return index, None, f"refused: {err}", (0, 0)
     except Exception as err:
-        return index, None, f"unreadable: {type(err).__name__}: {err}", (0, 0)
+        return Sample(index, None, meta, f"unreadable: {type(err).__name__}: {err}")
     img, reason, orig = prepare_image(data, resolution)
+    meta["orig_size"] = list(orig)
     if img is None:
-        return index, None, reason, orig
-    return index, encode_image(img, fmt, quality), "", orig
+        return Sample(index, None, meta, reason)
+    return Sample(index, encode_image(img, fmt, quality), meta)
 
 
 # ------------------------------------------------------------------------------------------------ manifest
@@ -339,10 +341,11 @@ class _ShardWriter:
         self.tar = tarfile.open(fileobj=self.fobj, mode="w", format=tarfile.USTAR_FORMAT)
         self.count = 0
 
-    def add(self, key: str, ext: str, image: bytes, meta: dict) -> None:
-        self.tar.addfile(_tarinfo(f"{key}.{ext}", len(image)), io.BytesIO(image))
+    def add(self, key: str, ext: str, image: bytes, meta: dict, extra: Optional[dict[str, bytes]] = None) -> None:
+        """``<key>.<ext>`` (the image), ``<key>.json`` (meta), then ``<key>.<name>`` for each extra member."""
         js = json.dumps(meta, sort_keys=True).encode()
-        self.tar.addfile(_tarinfo(f"{key}.json", len(js)), io.BytesIO(js))
+        for name, data in ((ext, image), ("json", js), *sorted((extra or {}).items())):
+            self.tar.addfile(_tarinfo(f"{key}.{name}", len(data)), io.BytesIO(data))
         self.count += 1
 
     def nbytes(self) -> int:
@@ -374,14 +377,19 @@ class _ShardWriter:
                 os.unlink(self.tmp)
 
 
-def pack(src: str, dest: str, name: str, resolution: int, fmt: str = "png", quality: int = 95,
-         shard_size_mb: float = 512.0, workers: int = 0, progress: bool = True,
-         on_shard: Optional[Callable[[dict], None]] = None) -> PackResult:
-    """Pack ``src`` into shards + manifest at ``dest`` (local folder or s3://bucket/prefix). See the module docstring.
+@dataclass
+class Sample:
+    """One input's outcome: the encoded image (None: rejected for ``reason``), its ``<key>.json`` meta (``source``
+    names the input) and extra members ``{ext: bytes}`` stored beside it (e.g. ``factors.json``)."""
 
-    workers: processes decoding / resizing / encoding (0 or 1: in this process). ``on_shard`` is called with each
-    finished shard's manifest entry (after the manifest lists it).
-    """
+    index: int
+    payload: Optional[bytes]
+    meta: dict
+    reason: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def check_settings(name: str, resolution: int, fmt: str, quality: int, shard_size_mb: float) -> None:
     if fmt not in ("png", "jpg"):
         raise ValueError(f"--format must be png or jpg, got {fmt!r}")
     if not 1 <= quality <= 100:
@@ -392,6 +400,17 @@ def pack(src: str, dest: str, name: str, resolution: int, fmt: str = "png", qual
         raise ValueError(f"--shard-size-mb must be > 0, got {shard_size_mb}")
     if "." in name or "/" in name or not name:
         raise ValueError(f"--name must be a non-empty name without '.' or '/', got {name!r}")
+
+
+def pack(src: str, dest: str, name: str, resolution: int, fmt: str = "png", quality: int = 95,
+         shard_size_mb: float = 512.0, workers: int = 0, progress: bool = True,
+         on_shard: Optional[Callable[[dict], None]] = None) -> PackResult:
+    """Pack ``src`` into shards + manifest at ``dest`` (local folder or s3://bucket/prefix). See the module docstring.
+
+    workers: processes decoding / resizing / encoding (0 or 1: in this process). ``on_shard`` is called with each
+    finished shard's manifest entry (after the manifest lists it).
+    """
+    check_settings(name, resolution, fmt, quality, shard_size_mb)
     kind = detect_source(src)
     items = list_inputs(src, kind)
     if not items:
@@ -399,6 +418,21 @@ def pack(src: str, dest: str, name: str, resolution: int, fmt: str = "png", qual
     settings = {"name": name, "resolution": resolution, "format": fmt, "quality": quality if fmt == "jpg" else None,
                 "shard_size_mb": shard_size_mb, "source": os.path.abspath(src), "source_kind": kind,
                 "num_inputs": len(items)}
+    def jobs(start: int) -> Iterator[tuple]:
+        return ((i, src, kind, items[i], resolution, fmt, quality) for i in range(start, len(items)))
+
+    result = write_samples(dest, settings, jobs, _process, workers, progress, on_shard)
+    if result.manifest["num_samples"] == 0:
+        raise ValueError(f"{src}: every input was rejected (see {manifest_url(dest)}, 'rejected'); "
+                         f"is --resolution {resolution} larger than the images?")
+    return result
+
+
+def write_samples(dest: str, settings: dict, jobs: Callable[[int], Iterator], process: Callable[[Any], Sample],
+                  workers: int = 0, progress: bool = True, on_shard: Optional[Callable[[dict], None]] = None) -> PackResult:
+    """The shard writer behind every data set: ``process`` (in ``workers`` processes) turns each job of ``jobs(start)``
+    (inputs ``start`` .. ``settings["num_inputs"]``) into a :class:`Sample`, written in input order to shards + manifest
+    at ``dest``; resumable (``start`` is where a previous run with the same ``settings`` stopped)."""
     storage.ensure_local_dir(dest)
     if not storage.is_s3(dest):  # temp shards of a killed run
         for f in os.listdir(storage._local(dest)):
@@ -411,39 +445,40 @@ def pack(src: str, dest: str, name: str, resolution: int, fmt: str = "png", qual
         log.info("%s: already complete (%d shards, %d samples)", dest, len(m["shards"]), m["num_samples"])
         return result
 
-    limit = int(shard_size_mb * 1024 * 1024)
+    total = settings["num_inputs"]
+    limit = int(settings["shard_size_mb"] * 1024 * 1024)
     start = m["inputs_done"]
-    jobs = ((i, src, kind, items[i], resolution, fmt, quality) for i in range(start, len(items)))
     tmpdir = storage._local(dest) if not storage.is_s3(dest) else None
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) if workers and workers > 1 else None
-    results: Iterator = _ordered_results(pool, jobs, items, 4 * workers) if pool else map(_process, jobs)
+    results: Iterator = _ordered_results(pool, process, jobs(start), 4 * workers) if pool else map(process, jobs(start))
 
     from tqdm import tqdm
 
-    bar = tqdm(total=len(items), initial=start, unit="img", desc=f"pack {name}", disable=not progress)
+    bar = tqdm(total=total, initial=start, unit="img", desc=f"pack {settings['name']}", disable=not progress)
     writer: Optional[_ShardWriter] = None
     pending_rejected: list[dict] = []
-    ext = "jpg" if fmt == "jpg" else "png"
+    ext = "jpg" if settings["format"] == "jpg" else "png"
     try:
-        for index, payload, reason, orig in results:
+        for sample in results:
+            index = sample.index
             bar.update(1)
-            if payload is None:
-                rej = {"input": items[index], "index": index, "reason": reason}
+            if sample.payload is None:
+                rej = {"input": sample.meta.get("source"), "index": index, "reason": sample.reason}
                 pending_rejected.append(rej)
                 result.rejected_now.append(rej)
-                log.warning("rejected %s: %s", items[index], reason)
+                log.warning("rejected %s: %s", rej["input"], sample.reason)
                 continue
             if writer is None:
                 writer = _ShardWriter(dest, len(m["shards"]), index, tmpdir or tempfile.gettempdir())
-            writer.add(f"{index:08d}", ext, payload, {"source": items[index], "index": index, "orig_size": list(orig)})
+            writer.add(f"{index:08d}", ext, sample.payload, sample.meta, sample.extra)
             if writer.nbytes() >= limit:
                 _close_shard(dest, m, writer, index + 1, pending_rejected, result, on_shard)
                 writer = None
         if writer is not None:
-            _close_shard(dest, m, writer, len(items), pending_rejected, result, on_shard)
+            _close_shard(dest, m, writer, total, pending_rejected, result, on_shard)
             writer = None
         m["rejected"].extend(pending_rejected)
-        m["inputs_done"] = len(items)
+        m["inputs_done"] = total
         m["complete"] = True
         _write_manifest(dest, m)
     finally:
@@ -452,9 +487,6 @@ def pack(src: str, dest: str, name: str, resolution: int, fmt: str = "png", qual
             writer.abort()
         if pool is not None:
             _stop_pool(pool)
-    if m["num_samples"] == 0:
-        raise ValueError(f"{src}: every input was rejected (see {manifest_url(dest)}, 'rejected'); "
-                         f"is --resolution {resolution} larger than the images?")
     return result
 
 
@@ -462,31 +494,37 @@ class WorkerDiedError(ValueError):
     """A pack worker process died or hung; nothing of its inputs was written, finished shards are kept."""
 
 
-def _ordered_results(pool: ProcessPoolExecutor, jobs: Iterator[tuple], items: list[str], window: int) -> Iterator:
-    """``_process`` over ``jobs`` in the pool, in order, at most ``window`` in flight. A worker that dies (BrokenProcessPool)
-    or one image that takes longer than IMAGE_TIMEOUT_S ends the pack with an error naming the inputs in flight."""
+def _ordered_results(pool: ProcessPoolExecutor, process: Callable[[Any], "Sample"], jobs: Iterator[tuple],
+                     window: int) -> Iterator:
+    """``process`` over ``jobs`` in the pool, in order, at most ``window`` in flight. A worker that dies
+    (BrokenProcessPool) or one input that takes longer than IMAGE_TIMEOUT_S ends the pack with an error naming the
+    inputs in flight (a job is ``(index, ...)``; its input is named by its last path-like field, else by its index)."""
     inflight: collections.deque = collections.deque()
     jobs = iter(jobs)
-    index = -1
+    current = None
     try:
         while True:
             while len(inflight) < window:
                 job = next(jobs, None)
                 if job is None:
                     break
-                inflight.append((job[0], pool.submit(_process, job)))
+                inflight.append((job, pool.submit(process, job)))
             if not inflight:
                 return
-            index, fut = inflight.popleft()
+            current, fut = inflight.popleft()
             yield fut.result(timeout=IMAGE_TIMEOUT_S)
-            index = -1
+            current = None
     except (BrokenProcessPool, FutureTimeout) as err:
-        held = ([items[index]] if index >= 0 else []) + [items[i] for i, _ in inflight]
+        held = [_job_name(j) for j in ([current] if current is not None else []) + [j for j, _ in inflight]]
         what = "a worker process died (killed for memory, or crashed in a decoder)" \
             if isinstance(err, BrokenProcessPool) else f"decoding took longer than {IMAGE_TIMEOUT_S:.0f} s"
         raise WorkerDiedError(f"pack stopped: {what} while processing one of {len(held)} inputs starting at "
                               f"{held[0] if held else '?'!r} (also {held[1:4]}); finished shards are kept: remove or "
                               "fix the input and re-run the same command to resume") from None
+
+
+def _job_name(job: tuple) -> str:
+    return next((x for x in reversed(job[1:]) if isinstance(x, str) and ("/" in x or "." in x)), f"input #{job[0]}")
 
 
 def _stop_pool(pool: ProcessPoolExecutor) -> None:
@@ -514,7 +552,7 @@ def _close_shard(dest, m, writer, end_input, pending_rejected, result, on_shard)
 
 def _resume_state(dest: str, settings: dict) -> dict:
     """The manifest to continue from: the existing one (same settings, shards checked) or a fresh one."""
-    fresh = {"format_version": FORMAT_VERSION, **settings, "resize": RESIZE_DOC, "inputs_done": 0, "complete": False,
+    fresh = {"format_version": FORMAT_VERSION, "resize": RESIZE_DOC, **settings, "inputs_done": 0, "complete": False,
              "num_samples": 0, "shards": [], "rejected": []}
     if not storage.exists(manifest_url(dest)):
         return fresh

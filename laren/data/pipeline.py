@@ -218,8 +218,11 @@ class TrainLoader(_Loader):
     def __iter__(self):
         self.stream.epoch = self.epoch  # workers copy the stream when the DataLoader iterator starts
         self.epoch += 1
+        # A private generator: starting the iterator draws a base seed, which must not come from (and shift) the
+        # training process's global torch RNG, or a resumed run would not repeat its random draws.
         dl = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                        prefetch_factor=2 if self.num_workers else None, persistent_workers=False)
+                        prefetch_factor=2 if self.num_workers else None, persistent_workers=False,
+                        generator=torch.Generator().manual_seed(self.epoch))
         it = iter(dl)
         n = 0
         try:

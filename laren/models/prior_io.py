@@ -55,7 +55,7 @@ class PriorMeta:
     channel_max: int
     has_discriminator: bool
     source: str
-    source_format: str  # "rosinality" | "nvidia" | "mmagic"
+    source_format: str  # "rosinality" | "nvidia" | "mmagic" | "laren" (trained by `laren prior train`)
     sha256: str = ""
     latent_avg_source: str = "checkpoint"  # "checkpoint" | "computed" (mean of 4096 mapped z, seed 0)
 
@@ -345,7 +345,15 @@ def build_from_state(g_sd, d_sd, latent_avg, source: str, limit_bytes: int):
 
 
 def read_prior_source(src: str) -> tuple[Generator, Discriminator | None, dict, str, str]:
-    """Checkpoint file -> (G, D | None, arch, source_format, latent_avg_source). Runs no code from the file."""
+    """Checkpoint file -> (G, D | None, arch, source_format, latent_avg_source). Runs no code from the file.
+
+    A laren prior (``X.safetensors`` beside ``X.json``, e.g. one written by `laren prior train`) is read as it is:
+    its tensors, architecture and latent_avg come back unchanged (source format ``laren``)."""
+    if str(src).endswith((".safetensors", ".json")):
+        g, d, meta = load_prior(src)
+        arch = {k: getattr(meta, k) for k in ("resolution", "style_dim", "mapping_layers", "channel_multiplier",
+                                              "channel_base", "channel_max")}
+        return g, d, arch, "laren", meta.latent_avg_source
     data = _read(src, what="source checkpoint",
                  hint="give the path of a rosinality .pt, NVIDIA stylegan2-ada .pkl or mmagic .pth file")
     obj = read_checkpoint_object(data, src)
@@ -417,18 +425,27 @@ def prior_paths(url: str) -> tuple[str, str]:
 
 
 def import_prior(src: str, dest: str) -> PriorMeta:
-    """Read SRC (rosinality / NVIDIA / mmagic), write DEST.safetensors then DEST.json; return the metadata."""
+    """Read SRC (rosinality / NVIDIA / mmagic, or a laren prior), write DEST.safetensors then DEST.json; return the
+    metadata."""
+    g, d, arch, fmt, how = read_prior_source(str(src))
+    return write_prior(g, d, arch, dest, source=str(src), source_format=fmt, latent_avg_source=how)
+
+
+def write_prior(g: Generator, d: Discriminator | None, arch: dict, dest: str, source: str, source_format: str,
+                latent_avg_source: str) -> PriorMeta:
+    """Write G (with its ``latent_avg``) and D in laren's prior format: DEST.safetensors, then DEST.json."""
     from safetensors.torch import save as st_save
 
-    g, d, arch, fmt, how = read_prior_source(str(src))
-    tensors = {f"g.{k}": v.detach().clone().contiguous() for k, v in g.state_dict().items()}
+    tensors = {f"g.{k}": v.detach().cpu().clone().contiguous() for k, v in g.state_dict().items()}
     if d is not None:
-        tensors.update({f"d.{k}": v.detach().clone().contiguous() for k, v in d.state_dict().items()})
-    tensors["latent_avg"] = g.latent_avg.detach().clone().contiguous()
-    blob = st_save(tensors, metadata={"format": "laren-prior", "version": "1"})
+        tensors.update({f"d.{k}": v.detach().cpu().clone().contiguous() for k, v in d.state_dict().items()})
+    tensors["latent_avg"] = g.latent_avg.detach().cpu().clone().contiguous()
+    # One metadata entry: safetensors writes its metadata map in no fixed order, so with two the bytes (and sha256) of
+    # the same tensors could differ from one write to the next.
+    blob = st_save(tensors, metadata={"format": "laren-prior/1"})
     st_url, json_url = prior_paths(dest)
-    meta = PriorMeta(**arch, has_discriminator=d is not None, source=str(src), source_format=fmt,
-                     sha256=hashlib.sha256(blob).hexdigest(), latent_avg_source=how)
+    meta = PriorMeta(**arch, has_discriminator=d is not None, source=source, source_format=source_format,
+                     sha256=hashlib.sha256(blob).hexdigest(), latent_avg_source=latent_avg_source)
     _write(st_url, blob)
     _write(json_url, meta.to_json().encode())  # written last: its presence means the prior is complete
     return meta
@@ -460,5 +477,5 @@ def load_prior(url: str) -> tuple[Generator, Discriminator | None, PriorMeta]:
     return g.eval(), d, meta
 
 
-__all__ = ["PriorMeta", "UnsafePickleError", "import_prior", "load_prior", "read_prior_source",
+__all__ = ["PriorMeta", "UnsafePickleError", "import_prior", "write_prior", "load_prior", "read_prior_source",
            "detect_generator", "fit_channel_table", "to_rosinality", "read_checkpoint_object", "prior_paths"]

@@ -27,8 +27,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from laren.config import RunConfig
+from laren.config import PriorRunConfig, RunConfig
 from laren.train.loop import KILL_MARKER_ENV, KILL_RANK_ENV, KILL_STEP_ENV, WorkerContext, check_run_inputs, train_worker
+from laren.train.prior import check_prior_inputs, prior_worker
 
 log = logging.getLogger("laren.train")
 
@@ -66,7 +67,14 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     if cfg.model.prior.path:
         prior = cfg.model.prior.model_copy(update={"path": _absolute(cfg.model.prior.path)})
         upd["model"] = cfg.model.model_copy(update={"prior": prior})
+    if isinstance(cfg, PriorRunConfig):
+        upd["gan"] = cfg.gan.model_copy(update={"output": _absolute(cfg.output_url())})
     return cfg.model_copy(update=upd)
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """User errors of an SR run or (PriorRunConfig) a prior run, before any worker starts."""
+    (check_prior_inputs if isinstance(cfg, PriorRunConfig) else check_run_inputs)(cfg)
 
 
 def runs_root(cfg: RunConfig, storage_path: Optional[str] = None) -> str:
@@ -202,7 +210,8 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = RunConfig.model_validate(loop_config["config"])
+    prior = loop_config.get("kind") == "prior"
+    cfg = (PriorRunConfig if prior else RunConfig).model_validate(loop_config["config"])
     rc = ray.train.get_context()
     device = ray.train.torch.get_device()
 
@@ -218,7 +227,7 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
             rank=rank, world_size=world, device=device, report=report,
             resume_dir=tmp, run_id=loop_config["run_id"], parent_run_id=loop_config.get("parent_run_id"),
         )
-        train_worker(cfg, ctx)
+        (prior_worker if prior else train_worker)(cfg, ctx)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -236,7 +245,7 @@ def make_trainer(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     run_id = run_id or cfg.run_id
-    check_run_inputs(cfg)
+    check_inputs(cfg)
     rcfg = resolve_paths(cfg)
     res = cfg.resources
     workers: Any = res.num_workers if res.min_workers is None else (res.min_workers, res.num_workers)
@@ -260,6 +269,7 @@ def make_trainer(
     return TorchTrainer(
         _train_fn,
         train_loop_config={"config": rcfg.to_dict(), "run_id": run_id, "parent_run_id": parent_run_id,
+                           "kind": "prior" if isinstance(cfg, PriorRunConfig) else "train",
                            "run_dir": runs_root(rcfg, storage_path).rstrip("/") + "/" + run_id},
         scaling_config=scaling,
         run_config=run_config,
@@ -293,7 +303,7 @@ def run_training(
 ) -> dict[str, Any]:
     """Train ``cfg`` with Ray Train; returns the final metrics, ``checkpoint`` (URL of the latest checkpoint) and
     ``run_id``. Re-running the same config resumes the run from its latest checkpoint."""
-    check_run_inputs(cfg)  # user errors before Ray (or any worker) starts
+    check_inputs(cfg)  # user errors before Ray (or any worker) starts
     ensure_ray()
     trainer = make_trainer(cfg, run_id, parent_run_id, extra_callbacks, storage_path)
     result = trainer.fit()

@@ -306,16 +306,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     opt_d = torch.optim.Adam(disc.parameters(), lr=o.lr_d, betas=tuple(o.betas), eps=o.eps)
     optimizers = {"g": opt_g, "d": opt_d}
 
-    # ---- resume
-    st = S.TrainState()
-    if ctx.resume_dir:
-        st = S.load_checkpoint(ctx.resume_dir, model, disc, optimizers)
-        if len(st.rng) == world:
-            S.restore_rng(st.rng[rank])
-        else:  # a resized worker group: fresh, but reproducible, per-rank streams
-            _seed_all(t_cfg.seed + 7919 * rank + st.step)
-    else:
-        _seed_all(t_cfg.seed + 7919 * rank)
+    st = resume_or_seed(ctx, model, disc, optimizers, t_cfg.seed)
     start_step = st.step
 
     # ---- tracking (rank 0; a NullTracker elsewhere). Start-or-resume by run name: a restart continues the run.
@@ -447,6 +438,20 @@ def train_step(model, disc, vgg, opt_g, opt_d, lr_img: torch.Tensor, hr_img: tor
 def _params(opt: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
     """The optimizer's parameters, in the order they were given to it."""
     return [p for group in opt.param_groups for p in group["params"]]
+
+
+def resume_or_seed(ctx: WorkerContext, model, disc, optimizers: dict, seed: int) -> S.TrainState:
+    """The state to start from: ``ctx.resume_dir``'s (weights, optimizers, step, data position, this rank's RNG) or a
+    fresh one with per-rank seeds."""
+    if not ctx.resume_dir:
+        _seed_all(seed + 7919 * ctx.rank)
+        return S.TrainState()
+    st = S.load_checkpoint(ctx.resume_dir, model, disc, optimizers)
+    if len(st.rng) == ctx.world_size:
+        S.restore_rng(st.rng[ctx.rank])
+    else:  # a resized worker group: fresh, but reproducible, per-rank streams
+        _seed_all(seed + 7919 * ctx.rank + st.step)
+    return st
 
 
 def _seed_all(seed: int) -> None:
