@@ -260,7 +260,7 @@ def _process(job: tuple) -> "Sample":
     try:
         data = _read_input(src, kind, item)
     except InputError as err:
-        return index, None, f"refused: {err}", (0, 0)
+        return Sample(index, None, meta, f"refused: {err}")
     except Exception as err:
         return Sample(index, None, meta, f"unreadable: {type(err).__name__}: {err}")
     img, reason, orig = prepare_image(data, resolution)
