@@ -174,14 +174,13 @@ def _resume_copy(ck, run_dir: Optional[str], only: Optional[str] = None) -> tupl
     )
 
 
-def _agreed_resume_copy(ck, run_dir: Optional[str], rank: int, world_size: int, device) -> Optional[str]:
+def _agreed_resume_copy(ck, run_dir: Optional[str], rank: int, device) -> Optional[str]:
     """:func:`_resume_copy` on rank 0, whose choice (or error) every other rank follows, so that all ranks resume from
     the same checkpoint (or all start fresh, or all fail) even if storage changes or a download fails on one."""
-    import torch.distributed as dist
-
+    from laren.train import collectives as C
     from laren.train import state as S
 
-    if world_size <= 1 or not dist.is_available() or not dist.is_initialized():
+    if not C.active():
         return _resume_copy(ck, run_dir)[0]
     tmp, choice = None, [None, None]  # [checkpoint name, error text]
     if rank == 0:
@@ -189,7 +188,7 @@ def _agreed_resume_copy(ck, run_dir: Optional[str], rank: int, world_size: int, 
             tmp, choice[0] = _resume_copy(ck, run_dir)
         except S.CheckpointError as err:
             choice[1] = str(err)
-    dist.broadcast_object_list(choice, src=0, device=device if dist.get_backend() == "nccl" else None)
+    choice = C.broadcast_object(choice, device)
     if choice[1]:
         raise S.CheckpointError(choice[1])
     if rank != 0 and choice[0]:
@@ -212,7 +211,7 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
         ray.train.report(clean, checkpoint=ck, checkpoint_dir_name=name if ck else None)
 
     rank, world = rc.get_world_rank(), rc.get_world_size()
-    tmp = _agreed_resume_copy(ray.train.get_checkpoint(), loop_config.get("run_dir"), rank, world, device)
+    tmp = _agreed_resume_copy(ray.train.get_checkpoint(), loop_config.get("run_dir"), rank, device)
     try:
         ctx = WorkerContext(
             rank=rank, world_size=world, device=device, report=report,
