@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from laren.config import ConfigError, RunConfig
+from laren.plan import check_rules
 from laren.redact import is_secret_key, redact_text
 from laren.specs import JobSpec, LoadedSweep, load_any
 
@@ -323,6 +324,11 @@ def validate(path: Union[str, Path], summary: bool = True) -> tuple[Spec, str]:
     spec = load_any(path)
     if isinstance(spec, JobSpec):
         _check_eval_target(spec, path)
+    for label, cfg in run_configs(spec):
+        try:
+            check_rules(cfg)
+        except ConfigError as err:
+            raise ConfigError(f"invalid config in {path} ({label}):\n  {err}") from None
     import yaml
 
     parts = [f"# {path}: kind {spec_kind(spec)}", f"run id: {spec.run_id}"]

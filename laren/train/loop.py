@@ -38,6 +38,7 @@ import torch
 
 from laren import losses as L
 from laren.config import ConfigError, LossConfig, RunConfig
+from laren.plan import check_rules
 from laren.train import collectives as C
 from laren.train import state as S
 
@@ -89,7 +90,7 @@ def cosine_lr(step: int, total_steps: int, lr: float, min_lr: Optional[float]) -
 
 
 def check_run_inputs(cfg: RunConfig) -> None:
-    """User errors found before any worker starts: missing weights files, data URLs, batch split."""
+    """User errors found before any worker starts: missing weights files, data URLs, cross-field rules."""
     if cfg.loss.perceptual_weight > 0 and not cfg.loss.random_backbone_for_tests:
         if not cfg.loss.vgg16_path:
             raise ConfigError(
@@ -108,12 +109,7 @@ def check_run_inputs(cfg: RunConfig) -> None:
     if cfg.model.prior.path:
         _check_prior(cfg)
     _check_data(cfg)
-    n = cfg.resources.num_workers
-    if cfg.train.batch_size_global % n:
-        raise ConfigError(f"train.batch_size_global ({cfg.train.batch_size_global}) must be a multiple of resources.num_workers ({n})")
-    b = cfg.train.batch_size_global // n
-    if cfg.loss.adversarial_weight > 0 and b > 4 and b % 4:
-        raise ConfigError(f"per-worker batch {b} must be <= 4 or a multiple of 4 (StyleGAN2 D minibatch stddev)")
+    check_rules(cfg)  # elastic sizes, model combination
 
 
 def _check_prior(cfg: RunConfig) -> None:
