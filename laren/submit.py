@@ -42,7 +42,8 @@ RESUMABLE = ("FAILED", "STOPPED")
 # Environment a job needs to find storage, tracking and S3 (passed to the job's runtime env). Never credentials: Ray's
 # dashboard and Jobs API return a job's runtime env to anyone who asks. A local head gets the local services' keys in
 # its own environment (start_services); a cluster through its own mechanism (instance roles, k8s Secrets, node env).
-JOB_ENV_KEYS = ("LAREN_STORAGE", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL")
+JOB_ENV_KEYS = ("LAREN_STORAGE", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL",
+                "LAREN_CACHE")
 
 
 # ----------------------------------------------------------------------------------------------- project and services

@@ -35,7 +35,7 @@ log = logging.getLogger("laren.train")
 # Environment forwarded from the driver to the training workers (names only; never secrets: a cluster's workers get
 # their credentials from their own environment or instance role, and a local Ray instance inherits the driver's).
 FORWARDED_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_TRACKING_URI", "LAREN_STORAGE",
+    "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_TRACKING_URI", "LAREN_STORAGE", "LAREN_CACHE",
     KILL_STEP_ENV, KILL_RANK_ENV, KILL_MARKER_ENV,
 )
 

@@ -98,9 +98,9 @@ def check_run_inputs(cfg: RunConfig) -> None:
                 f"ImageNet VGG16 state dict; download {L.VGG16_URL} and set loss.vgg16_path to the file "
                 "(or set loss.perceptual_weight: 0)."
             )
-        if not Path(cfg.loss.vgg16_path).expanduser().is_file():
+        if not _weights_exist(cfg.loss.vgg16_path):
             L.load_vgg16(cfg.loss.vgg16_path)  # raises FileNotFoundError naming the file and how to obtain it
-    if cfg.eval.alexnet_path and not Path(cfg.eval.alexnet_path).expanduser().is_file():
+    if cfg.eval.alexnet_path and not _weights_exist(cfg.eval.alexnet_path):
         from laren.metrics import _load_alexnet_state
 
         _load_alexnet_state(cfg.eval.alexnet_path)  # raises FileNotFoundError naming the file and how to obtain it
@@ -110,6 +110,13 @@ def check_run_inputs(cfg: RunConfig) -> None:
         _check_prior(cfg)
     _check_data(cfg)
     check_rules(cfg)  # elastic sizes, model combination
+
+
+def _weights_exist(url: str) -> bool:
+    """A weights file (local path or s3:// URL) is there; nothing is downloaded."""
+    from laren.data import storage
+
+    return storage.exists(url) if storage.is_s3(url) else Path(url).expanduser().is_file()
 
 
 def _check_prior(cfg: RunConfig) -> None:

@@ -352,6 +352,12 @@ def test_dockerfile_pins_and_installs_without_dev_extras():
     assert "https://download.pytorch.org/whl/cu12" in text and "TORCH_VERSION=2.13.0" in text
     runs = " ".join(re.findall(r"^RUN (.+?)(?<!\\)$", text.replace("\\\n", " "), re.M | re.S))
     assert "pip install -c constraints.txt ." in runs
+    # Everything `make setup` installs, from the same constraints (the dev extras aside).
+    make = (REPO / "Makefile").read_text()
+    setup = [a for a in re.findall(r"pip install -q (.+?) >", make) if a != "--upgrade pip"]
+    wanted = ["pip install " + a.replace(" -e '.[dev]'", " .") for a in setup]
+    assert setup and all(w in runs for w in wanted), wanted
+    assert re.search(r'pip install --index-url "\$\{TORCH_INDEX_URL\}" -c constraints.txt', runs)
     assert "[dev]" not in text and "pip install torchvision" not in text
     # Job drivers start in the project dir, where rendered RayJobs mount jobs/.
     assert re.findall(r"^WORKDIR (\S+)$", text, re.M)[-1] == PROJECT_DIR
