@@ -33,6 +33,7 @@ from laren.config import ConfigError, RunConfig
 from laren.plan import check_rules
 from laren.redact import is_secret_key, redact_text
 from laren.specs import JobSpec, LoadedSweep, load_any
+from laren.tracking import check_tracking_auth
 
 STATE_DIR = ".laren"
 SERVICES_FILE = "services.json"
@@ -459,9 +460,10 @@ def submit(path: Union[str, Path], address: Optional[str] = None, working_dir: O
     spec, _ = validate(path, summary=False)
     root = Path(working_dir).resolve() if working_dir else project_root(path.parent)
     wd = root
+    job_env = _job_env(root, env)
+    check_tracking_auth(job_env["MLFLOW_TRACKING_URI"], experiment_name(spec))  # refused credentials: an error now
     rel = job_file_in_project(path, wd)
     run_id, kind = spec.run_id, spec_kind(spec)
-    job_env = _job_env(root, env)
     target = resolve_address(address, root)
     if kind in ("train", "grid") and (target is None or _is_local(target)):
         _check_inputs_here(spec, root, job_env)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from laren.config import RunConfig
+from laren.tracking import check_tracking_auth
 from laren.train.loop import KILL_MARKER_ENV, KILL_RANK_ENV, KILL_STEP_ENV, WorkerContext, check_run_inputs, train_worker
 
 log = logging.getLogger("laren.train")
@@ -216,6 +217,7 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
         ctx = WorkerContext(
             rank=rank, world_size=world, device=device, report=report,
             resume_dir=tmp, run_id=loop_config["run_id"], parent_run_id=loop_config.get("parent_run_id"),
+            run_dir=loop_config.get("run_dir"),
         )
         train_worker(cfg, ctx)
     finally:
@@ -293,6 +295,7 @@ def run_training(
     """Train ``cfg`` with Ray Train; returns the final metrics, ``checkpoint`` (URL of the latest checkpoint) and
     ``run_id``. Re-running the same config resumes the run from its latest checkpoint."""
     check_run_inputs(cfg)  # user errors before Ray (or any worker) starts
+    check_tracking_auth(cfg.tracking.tracking_uri, cfg.tracking.experiment or cfg.name)
     ensure_ray()
     trainer = make_trainer(cfg, run_id, parent_run_id, extra_callbacks, storage_path)
     result = trainer.fit()

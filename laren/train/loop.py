@@ -61,6 +61,7 @@ class WorkerContext:
     checkpoint_root: Optional[str] = None  # without a report function: rank 0 writes checkpoints here (plain Python)
     run_id: str = ""
     parent_run_id: Optional[str] = None
+    run_dir: Optional[str] = None  # the run's storage folder (default <storage.root>/runs/<run id>)
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     """
     from laren.evaluate import make_lpips
     from laren.models.build import build_discriminator, build_model
-    from laren.tracking import make_tracker
+    from laren.tracking import make_tracker, tracking_buffer_url
 
     t_cfg, rank, world, dev = cfg.train, ctx.rank, ctx.world_size, ctx.device
     check_run_inputs(cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"num_workers": world, "min_workers": None})}))
@@ -277,6 +278,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
         rank, cfg.tracking.tracking_uri, cfg.tracking.experiment or cfg.name, ctx.run_id or cfg.run_id,
         parent_run_id=ctx.parent_run_id, tags={"laren.job": cfg.name, "laren.kind": "train"},
         system_metrics=cfg.tracking.system_metrics, system_metrics_interval_s=cfg.tracking.system_metrics_interval_s,
+        buffer_url=tracking_buffer_url(cfg, ctx.run_id or cfg.run_id, ctx.run_dir),
     )
     if rank == 0 and start_step == 0:
         tracker.log_params({**flatten(cfg.to_dict()), "run_id": ctx.run_id or cfg.run_id, "world_size": world})
