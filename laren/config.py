@@ -41,6 +41,12 @@ class PriorConfig(Section):
     mapping_layers: int = Field(8, ge=1, le=32, description="Depth of the mapping MLP (8 for official weights).")
     channel_multiplier: int = Field(2, ge=1, le=64, description="StyleGAN2 channel multiplier (2 for FFHQ-1024 config-f, 1 for some 256 models).")
     channel_max: int = Field(512, ge=1, le=4096, description="Cap on feature channels per resolution (512 for official weights; small in tests).")
+    channel_table_base: Optional[int] = Field(
+        None, ge=1, le=1 << 24,
+        description="channel_base of a non-stock channel table, channels(r) = min(channel_table_base // r, channel_max), "
+        "as `laren prior import` records it (PriorMeta.channel_base); None: the stock 16384 * channel_multiplier. "
+        "Filled in from the prior's metadata when a run is planned.",
+    )
     source: str = Field(
         "",
         description="Human note: which pre-trained checkpoint this job expects and where to obtain it.",
@@ -54,8 +60,9 @@ class PriorConfig(Section):
         return self
 
     def channel_base(self) -> int:
-        """NVIDIA-style ``channels(r) = min(channel_base / r, channel_max)``; rosinality's stock table."""
-        return 16384 * self.channel_multiplier
+        """NVIDIA-style ``channels(r) = min(channel_base / r, channel_max)``: ``channel_table_base``, else rosinality's
+        stock table."""
+        return self.channel_table_base or 16384 * self.channel_multiplier
 
 
 class EncoderConfig(Section):
@@ -283,10 +290,21 @@ class RunConfig(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def config_hash(self) -> str:
-        """Hash of the resolved config, excluding where it runs (storage, tracking, resources)."""
+        """Hash of the resolved config, excluding where it runs (storage, tracking) and how it is described; equal
+        before and after ``resolve_paths`` and a run plan (local paths by :func:`_path_identity`; with a prior, its
+        path stands for its architecture)."""
         d = self.to_dict()
         for k in ("storage", "tracking", "description"):
             d.pop(k, None)
+        prior = d["model"]["prior"]
+        if prior["path"]:  # the prior's metadata is its architecture (a run plan copies it into these fields)
+            for k in ("mapping_layers", "channel_multiplier", "channel_max", "channel_table_base"):
+                prior.pop(k)
+            prior["path"] = _path_identity(prior["path"])
+        elif prior["channel_table_base"] is None:  # unset: the ids of runs from before the field stay
+            prior.pop("channel_table_base")
+        for section, key in (("data", "train_url"), ("data", "val_url"), ("loss", "vgg16_path"), ("eval", "alexnet_path")):
+            d[section][key] = _path_identity(d[section][key])
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:8]
 
@@ -294,6 +312,15 @@ class RunConfig(Section):
     def run_id(self) -> str:
         """Deterministic identity: the Ray submission id, Ray Train run name and MLflow run name."""
         return f"{self.name}-{self.config_hash()}"
+
+
+def _path_identity(p: Optional[str]) -> Optional[str]:
+    """A local input path as the same text before and after it is made absolute (``resolve_paths``): relative to the
+    working directory when it lies under it, else absolute; URLs unchanged. So a run id is stable under resolution."""
+    if not p or "://" in p:
+        return p
+    a, cwd = os.path.abspath(os.path.expanduser(p)), os.path.abspath(os.getcwd())
+    return os.path.relpath(a, cwd) if a.startswith(cwd + os.sep) else a
 
 
 # ----------------------------------------------------------------------------------------------- loading

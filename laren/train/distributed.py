@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from laren.config import RunConfig
+from laren.plan import build_plan, write_plan
 from laren.tracking import check_tracking_auth
 from laren.train.loop import KILL_MARKER_ENV, KILL_RANK_ENV, KILL_STEP_ENV, WorkerContext, check_run_inputs, train_worker
 
@@ -50,7 +51,7 @@ def _absolute(url: str) -> str:
         return "sqlite:///" + str(Path(path).expanduser().resolve()) if not path.startswith("/") else url
     if "://" in url:
         return url
-    return str(Path(url).expanduser().resolve())
+    return os.path.abspath(os.path.expanduser(url))  # links kept: the run id's path identity (config.py) sees the same
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
@@ -238,7 +239,10 @@ def make_trainer(
 
     run_id = run_id or cfg.run_id
     check_run_inputs(cfg)
-    rcfg = resolve_paths(cfg)
+    run_dir = runs_root(resolve_paths(cfg), storage_path).rstrip("/") + "/" + run_id
+    plan = build_plan(cfg, run_id, run_dir)  # the workers get the plan's config: resolved once, here
+    write_plan(plan)
+    rcfg = plan.run_config()
     res = cfg.resources
     workers: Any = res.num_workers if res.min_workers is None else (res.min_workers, res.num_workers)
     per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
@@ -260,8 +264,7 @@ def make_trainer(
     )
     return TorchTrainer(
         _train_fn,
-        train_loop_config={"config": rcfg.to_dict(), "run_id": run_id, "parent_run_id": parent_run_id,
-                           "run_dir": runs_root(rcfg, storage_path).rstrip("/") + "/" + run_id},
+        train_loop_config={"config": plan.config, "run_id": run_id, "parent_run_id": parent_run_id, "run_dir": run_dir},
         scaling_config=scaling,
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
