@@ -290,21 +290,12 @@ class RunConfig(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def config_hash(self) -> str:
-        """Hash of the resolved config, excluding where it runs (storage, tracking) and how it is described; equal
-        before and after ``resolve_paths`` and a run plan (local paths by :func:`_path_identity`; with a prior, its
-        path stands for its architecture)."""
+        """Hash of the resolved config, excluding where it runs (storage, tracking, resources)."""
         d = self.to_dict()
         for k in ("storage", "tracking", "description"):
             d.pop(k, None)
-        prior = d["model"]["prior"]
-        if prior["path"]:  # the prior's metadata is its architecture (a run plan copies it into these fields)
-            for k in ("mapping_layers", "channel_multiplier", "channel_max", "channel_table_base"):
-                prior.pop(k)
-            prior["path"] = _path_identity(prior["path"])
-        elif prior["channel_table_base"] is None:  # unset: the ids of runs from before the field stay
-            prior.pop("channel_table_base")
-        for section, key in (("data", "train_url"), ("data", "val_url"), ("loss", "vgg16_path"), ("eval", "alexnet_path")):
-            d[section][key] = _path_identity(d[section][key])
+        if d["model"]["prior"]["channel_table_base"] is None:  # unset: the ids of runs from before the field stay
+            d["model"]["prior"].pop("channel_table_base")
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:8]
 
@@ -312,15 +303,6 @@ class RunConfig(Section):
     def run_id(self) -> str:
         """Deterministic identity: the Ray submission id, Ray Train run name and MLflow run name."""
         return f"{self.name}-{self.config_hash()}"
-
-
-def _path_identity(p: Optional[str]) -> Optional[str]:
-    """A local input path as the same text before and after it is made absolute (``resolve_paths``): relative to the
-    working directory when it lies under it, else absolute; URLs unchanged. So a run id is stable under resolution."""
-    if not p or "://" in p:
-        return p
-    a, cwd = os.path.abspath(os.path.expanduser(p)), os.path.abspath(os.getcwd())
-    return os.path.relpath(a, cwd) if a.startswith(cwd + os.sep) else a
 
 
 # ----------------------------------------------------------------------------------------------- loading

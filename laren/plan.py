@@ -8,7 +8,8 @@ rules checked while it is built (`laren validate`, `submit`, `train`, `sweep`).
 The prior's metadata is the one description of its architecture: the plan copies it into ``model.prior`` (mapping
 layers and the channel table, ``channel_table_base`` for a non-stock one), so that the config a checkpoint records
 rebuilds the same generator in `laren eval` and `laren upscale`. The run id is the id of the config as the job
-gives it (``cfg.run_id``), computed once here; everything after uses the plan's.
+gives it (``cfg.run_id``, which hashes local paths as written), computed once here and carried by the plan: the
+resolved config (absolute paths, the prior's table) would hash differently.
 
 Elastic sizes. The global batch is fixed; Ray Train may start any worker count in ``resources.min_workers ..
 resources.num_workers``. Every count in that range must divide ``train.batch_size_global`` and, when D is trained

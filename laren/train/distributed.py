@@ -51,7 +51,7 @@ def _absolute(url: str) -> str:
         return "sqlite:///" + str(Path(path).expanduser().resolve()) if not path.startswith("/") else url
     if "://" in url:
         return url
-    return os.path.abspath(os.path.expanduser(url))  # links kept: the run id's path identity (config.py) sees the same
+    return str(Path(url).expanduser().resolve())
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:

@@ -67,17 +67,3 @@ def test_submit_refuses_before_ray(tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["submit", str(p)])
     assert res.exit_code == 2 and "model.noise_source" in res.output, res.output
 
-
-def test_run_id_is_stable_under_path_resolution(tmp_path, monkeypatch):
-    from laren.config import RunConfig
-    from laren.train.distributed import resolve_paths
-
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "data").mkdir()
-    cfg = RunConfig.model_validate({"name": "t", "model": copy.deepcopy(TINY_MODEL),
-                                    "data": {"train_url": "./data/train", "val_url": str(tmp_path.parent / "elsewhere")},
-                                    "loss": {"vgg16_path": "~/w/vgg16.pth"}, "storage": {"root": "./st"}})
-    r = resolve_paths(cfg)
-    assert r.data.train_url == str(tmp_path / "data" / "train") and r.run_id == cfg.run_id
-    other = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train_url": "./data/other"})})
-    assert other.run_id != cfg.run_id  # another input is another run
