@@ -243,7 +243,8 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     from laren.tracking import make_tracker, tracking_buffer_url
 
     t_cfg, rank, world, dev = cfg.train, ctx.rank, ctx.world_size, ctx.device
-    check_run_inputs(cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"num_workers": world, "min_workers": None})}))
+    if ctx.run_dir is None:  # else the driver planned the run (laren.plan): inputs and rules were checked there
+        check_run_inputs(cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"num_workers": world, "min_workers": None})}))
     sched = Schedule.from_kimg(t_cfg.batch_size_global, t_cfg.total_kimg, t_cfg.log_every_kimg,
                                t_cfg.eval_every_kimg, t_cfg.checkpoint_every_kimg)
 
