@@ -7,9 +7,13 @@ encoder / GDM / CGM) and discriminator step (Adam on D).
 
 Figures (one JSON object per compile setting, also written to --out):
   images_per_s    batch / median step time over --steps timed steps after --warmup steps (CUDA-synchronised)
-  flops_per_step  counted, not estimated: ``torch.utils.flop_counter.FlopCounterMode`` around one whole step
-                  (forward and backward of G and D, VGG16 included; matmuls and convolutions, the ops it counts)
-  mfu             flops_per_step x steps/s / peak; peak = --peak-tflops (790 TFLOP/s: H200 dense bf16)
+  flops_per_step  counted, not estimated: ``torch.utils.flop_counter.FlopCounterMode`` around one whole step at
+                  batch 1 (forward and backward of G and D, VGG16 included; matmuls and convolutions), times the
+                  batch. At batch B torch's counter over-counts the backward of the modulated convolutions (batched
+                  as grouped convolutions, groups = B): it counts their weight gradient as if every group saw the
+                  whole input. Every op of the step is per-sample, so batch 1 x B is the exact count.
+  mfu             flops_per_step x steps/s / peak; peak: the device's dense bf16 peak from its name
+                  (:func:`peak_bf16_tflops`: H200 SXM 989, H200 NVL 835, H100 SXM 989, ...), or --peak-tflops
   peak_mem_gib    torch.cuda.max_memory_allocated over the timed steps (CPU: not measured, null)
   compile_s       torch.compile: time of the first (compiling) steps
 
@@ -87,17 +91,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def count_flops(step: Step) -> int:
+#: Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by device-name substring, most specific first (NVIDIA data
+#: sheets: the sparse figures halved).
+PEAK_BF16_TFLOPS = (("H200 NVL", 835.0), ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),
+                    ("GH200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0))
+
+
+def peak_bf16_tflops(device_name: str):
+    """The dense bf16 peak of a device from its name (``torch.cuda.get_device_name``), or None when unknown."""
+    for key, peak in PEAK_BF16_TFLOPS:
+        if key in device_name:
+            return peak
+    return None
+
+
+def count_flops(mcfg, loss, batch: int, device: torch.device, bf16: bool) -> int:
+    """FLOPs of one training step at ``batch``: counted on a batch-1 step (eager), times ``batch`` (docstring)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    compiled = step.fwd_g, step.fwd_d
-    step.fwd_g, step.fwd_d = step.model, step.disc  # count on the eager modules: the same math, no compiled graphs
-    try:
-        with FlopCounterMode(display=False) as fc:
-            step()
-    finally:
-        step.fwd_g, step.fwd_d = compiled
-    return int(fc.get_total_flops())
+    step = Step(mcfg, loss, 1, device, bf16, False)
+    with FlopCounterMode(display=False) as fc:
+        step()
+    del step
+    return int(fc.get_total_flops()) * batch
 
 
 def run(mcfg, loss, batch: int, device: torch.device, bf16: bool, compile_: bool, warmup: int, steps: int,
@@ -109,7 +125,7 @@ def run(mcfg, loss, batch: int, device: torch.device, bf16: bool, compile_: bool
     _sync(device)
     warm_s = time.perf_counter() - t0
     if flops is None:
-        flops = count_flops(step)
+        flops = count_flops(mcfg, loss, batch, device, bf16)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -122,7 +138,8 @@ def run(mcfg, loss, batch: int, device: torch.device, bf16: bool, compile_: bool
     s = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     out = {"compile": compile_, "batch": batch, "bf16": bf16, "step_s": s, "images_per_s": batch / s,
-           "flops_per_step": flops, "tflops_per_s": flops / s / 1e12, "mfu": flops / s / (peak_tflops * 1e12),
+           "flops_per_step": flops, "tflops_per_s": flops / s / 1e12, "peak_tflops": peak_tflops,
+           "mfu": flops / s / (peak_tflops * 1e12) if peak_tflops else None,
            "peak_mem_gib": peak, ("compile_s" if compile_ else "warmup_s"): warm_s, "timed_steps": steps}
     del step
     if device.type == "cuda":
@@ -138,7 +155,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--warmup", type=int, default=None, help="default 3 (1 with --tiny)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps, default 10 (2 with --tiny)")
     ap.add_argument("--compile", choices=["off", "on", "both"], default="both")
-    ap.add_argument("--peak-tflops", type=float, default=790.0, help="accelerator peak for MFU (H200 dense bf16: 790)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="accelerator peak for MFU (default: from the device name, e.g. H200 SXM 989, H200 NVL 835)")
     ap.add_argument("--no-bf16", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "gpu_check.json"))
     args = ap.parse_args(argv)
@@ -155,19 +173,21 @@ def main(argv=None) -> list[dict]:
         torch.backends.cudnn.benchmark = True
     mcfg, loss = load_setup(args.tiny)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops or peak_bf16_tflops(name)
     print(f"device {name}, torch {torch.__version__}, model {'tiny' if args.tiny else 'face64x (16 -> 1024)'}, "
           f"batch {batch}, bf16 {bf16}", flush=True)
     results: list[dict] = []
     flops = None
     for comp in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
-        r = run(mcfg, loss, batch, device, bf16, comp, warmup, steps, args.peak_tflops, flops)
+        r = run(mcfg, loss, batch, device, bf16, comp, warmup, steps, peak, flops)
         flops = r["flops_per_step"]
         r["device"] = name
         results.append(r)
         mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "n/a"
         print(f"compile {'on ' if comp else 'off'}: {r['images_per_s']:.2f} images/s, {r['step_s'] * 1e3:.1f} ms/step, "
               f"{r['flops_per_step'] / 1e12:.3f} TFLOP/step, {r['tflops_per_s']:.1f} TFLOP/s, "
-              f"MFU {100 * r['mfu']:.2f}% of {args.peak_tflops:g}, peak {mem}", flush=True)
+              f"MFU {'n/a' if r['mfu'] is None else format(100 * r['mfu'], '.2f') + '%'} of {peak or 'unknown'} TFLOP/s, "
+              f"peak {mem}", flush=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")
     return results

@@ -610,5 +610,43 @@ def render_k8s_cmd(job_file, image, namespace, env_configmap, env_secret, servic
         click.echo(text, nl=False)
 
 
+# ==== section: tracking ====
+
+
+@main.group("tracking")
+def tracking_group() -> None:
+    """MLflow records of runs."""
+
+
+@tracking_group.command("sync")
+@click.argument("run")
+@click.option("--storage", envvar="LAREN_STORAGE", default="./.laren/storage", show_default=True,
+              help="Storage root of the run (env LAREN_STORAGE); a job file's storage.root when RUN is one.")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow server (env MLFLOW_TRACKING_URI).")
+def tracking_sync_cmd(run, storage, tracking_uri) -> None:
+    """Replay what an MLflow outage left unsent by RUN (a run id or its job file) into MLflow."""
+    from laren.tracking import sync_buffers, tracking_buffer_url
+
+    if run.endswith((".yaml", ".yml")):
+        from laren.specs import load_job
+
+        cfg = load_job(run).run_config()
+        run, url = cfg.run_id, tracking_buffer_url(cfg, cfg.run_id)
+        tracking_uri = tracking_uri or cfg.tracking.tracking_uri
+    else:
+        from laren.data import storage as st
+
+        url = st.join(storage, "runs", run, "tracking-buffer")
+    if not tracking_uri:
+        raise ConfigError("no MLflow server: set MLFLOW_TRACKING_URI or --tracking-uri")
+    try:
+        done = sync_buffers(url, tracking_uri)
+    except ConnectionError as err:
+        click.echo(f"error: {redact_text(str(err))}", err=True)
+        sys.exit(1)
+    click.echo(f"{run}: {len(done)} buffer file(s) replayed into MLflow at {redact_text(tracking_uri)}"
+               if done else f"{run}: nothing to replay under {redact_text(url)}")
+
+
 if __name__ == "__main__":
     main()

@@ -41,6 +41,12 @@ class PriorConfig(Section):
     mapping_layers: int = Field(8, ge=1, le=32, description="Depth of the mapping MLP (8 for official weights).")
     channel_multiplier: int = Field(2, ge=1, le=64, description="StyleGAN2 channel multiplier (2 for FFHQ-1024 config-f, 1 for some 256 models).")
     channel_max: int = Field(512, ge=1, le=4096, description="Cap on feature channels per resolution (512 for official weights; small in tests).")
+    channel_table_base: Optional[int] = Field(
+        None, ge=1, le=1 << 24,
+        description="channel_base of a non-stock channel table, channels(r) = min(channel_table_base // r, channel_max), "
+        "as `laren prior import` records it (PriorMeta.channel_base); None: the stock 16384 * channel_multiplier. "
+        "Filled in from the prior's metadata when a run is planned.",
+    )
     source: str = Field(
         "",
         description="Human note: which pre-trained checkpoint this job expects and where to obtain it.",
@@ -54,8 +60,9 @@ class PriorConfig(Section):
         return self
 
     def channel_base(self) -> int:
-        """NVIDIA-style ``channels(r) = min(channel_base / r, channel_max)``; rosinality's stock table."""
-        return 16384 * self.channel_multiplier
+        """NVIDIA-style ``channels(r) = min(channel_base / r, channel_max)``: ``channel_table_base``, else rosinality's
+        stock table."""
+        return self.channel_table_base or 16384 * self.channel_multiplier
 
 
 class EncoderConfig(Section):
@@ -287,6 +294,8 @@ class RunConfig(Section):
         d = self.to_dict()
         for k in ("storage", "tracking", "description"):
             d.pop(k, None)
+        if d["model"]["prior"]["channel_table_base"] is None:  # unset: the ids of runs from before the field stay
+            d["model"]["prior"].pop("channel_table_base")
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:8]
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from laren.data import storage
+
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 
 # torchvision VGG16 "D" configuration up to conv4_3: numbers are conv output channels, "M" a 2x2 max-pool.
@@ -80,20 +82,22 @@ def _load_vgg_state(vgg: VGG16Features, state: dict[str, torch.Tensor], source: 
 def load_vgg16(path: str | Path | None) -> VGG16Features:
     """The frozen conv4_3 feature stack from a torchvision VGG16 state dict (``loss.vgg16_path``).
 
-    Read with ``torch.load(weights_only=True)``: no pickled code runs. Nothing is downloaded.
+    ``path``: a local file or an ``s3://`` URL (cached once per node). Read with ``torch.load(weights_only=True)``: no
+    pickled code runs.
     """
     if path is None:
         raise ValueError(
             f"loss.vgg16_path is not set but loss.perceptual_weight > 0: download torchvision's VGG16 weights "
             f"({VGG16_URL}) and set loss.vgg16_path to the file, or set loss.perceptual_weight: 0."
         )
-    p = Path(path).expanduser()
-    if not p.is_file():
+    try:
+        p = storage.local_copy(path)  # a local file, or an s3:// object cached once per node
+    except FileNotFoundError:
         raise FileNotFoundError(
-            f"VGG16 weights not found: {p} (loss.vgg16_path). The perceptual loss needs torchvision's ImageNet VGG16 "
-            f"state dict: download {VGG16_URL} and set loss.vgg16_path to the file "
+            f"VGG16 weights not found: {path} (loss.vgg16_path). The perceptual loss needs torchvision's ImageNet "
+            f"VGG16 state dict: download {VGG16_URL} and set loss.vgg16_path to the file or its s3:// URL "
             f"(or set loss.perceptual_weight: 0 to train without it)."
-        )
+        ) from None
     state = torch.load(p, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{p}: expected a state dict (name -> tensor), got {type(state).__name__}.")

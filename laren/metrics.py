@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from laren.data import storage
+
 ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
 
 
@@ -184,12 +186,14 @@ class LPIPS(nn.Module):
 
 
 def _load_alexnet_state(path: str | Path) -> dict[str, torch.Tensor]:
-    p = Path(path).expanduser()
-    if not p.is_file():
+    try:
+        p = storage.local_copy(path)  # a local file, or an s3:// object cached once per node
+    except FileNotFoundError:
         raise FileNotFoundError(
-            f"AlexNet weights not found: {p} (eval.alexnet_path). LPIPS needs torchvision's ImageNet AlexNet state "
-            f"dict: download {ALEXNET_URL} and set eval.alexnet_path to the file (or leave it unset to skip LPIPS)."
-        )
+            f"AlexNet weights not found: {path} (eval.alexnet_path). LPIPS needs torchvision's ImageNet AlexNet state "
+            f"dict: download {ALEXNET_URL} and set eval.alexnet_path to the file or its s3:// URL (or leave it unset "
+            "to skip LPIPS)."
+        ) from None
     state = torch.load(p, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{p}: expected a state dict (name -> tensor), got {type(state).__name__}.")

@@ -22,6 +22,7 @@ on a laptop. Everything cluster-specific comes from the job's ``resources`` sect
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shlex
@@ -33,6 +34,7 @@ from typing import Any, Optional
 import yaml
 
 from laren.config import ConfigError
+from laren.plan import check_rules
 from laren.specs import JobSpec, load_job
 
 RAY_VERSION = "2.60.0"
@@ -48,6 +50,14 @@ JOBS_DIR = f"{PROJECT_DIR}/jobs"
 LOCAL_PATH_FIELDS = ("data.train_url", "data.val_url", "model.prior.path", "loss.vgg16_path", "eval.alexnet_path")
 #: laren command per job kind when the jobs section (laren.submit.ENTRY) is not available.
 _FALLBACK_ENTRY = {"train": "train", "eval": "eval", "grid": "train"}
+#: ``resources.gpu_type`` (Ray's accelerator type) -> the ``nvidia.com/gpu.product`` label NVIDIA's GPU feature discovery
+#: puts on such nodes. A type not listed gets no nodeSelector (give --gpu-label-value): a made-up value matches no node.
+GPU_PRODUCT_LABELS = {
+    "H100": "NVIDIA-H100-80GB-HBM3", "H200": "NVIDIA-H200", "A100": "NVIDIA-A100-SXM4-80GB", "A10G": "NVIDIA-A10G",
+    "L4": "NVIDIA-L4", "L40S": "NVIDIA-L40S", "V100": "Tesla-V100-SXM2-16GB",
+}
+#: KubeRay's limit on RayJob names (utils.MaxRayJobNameLength: 53 for a RayCluster, minus the 6 characters it appends).
+MAX_RAYJOB_NAME = 47
 #: Label keys laren puts on what it renders (select with ``kubectl get rayjobs -l laren.io/job=face64x``).
 LABEL_JOB = "laren.io/job"
 LABEL_RUN = "laren.io/run-id"
@@ -89,6 +99,18 @@ def dns1123(name: str, max_len: int = 63) -> str:
         s = (head[:keep].rstrip("-") + "-" + tail) if keep > 0 and tail else s[:max_len]
         s = s.strip("-")
     return s
+
+
+def rayjob_name(run_id: str) -> str:
+    """The RayJob name of a run: a DNS-1035 label of <= 47 characters, as KubeRay requires (job names start with a
+    lowercase letter: a config rule), keeping the config hash when the name is cut."""
+    return dns1123(run_id, MAX_RAYJOB_NAME)
+
+
+def _quoted_resources(res: dict[str, float]) -> str:
+    """A ``rayStartParams.resources`` value: KubeRay passes it to ``ray start --resources=<value>`` as it is, so the
+    JSON travels in double quotes with its own quotes escaped."""
+    return '"' + json.dumps(res).replace('"', '\\"') + '"'
 
 
 def command_for(kind: str) -> str:
@@ -152,7 +174,7 @@ def render_k8s(job: JobSpec, job_file: str | Path, job_text: str, opts: K8sOptio
     ``extra_files`` (basename -> text) travel beside it (an eval job's train job file).
     """
     run_id = job.run_id
-    name = dns1123(run_id)
+    name = rayjob_name(run_id)
     r = job.resources
     file_name = Path(job_file).name
     if not re.fullmatch(r"[A-Za-z0-9._-]+", file_name):
@@ -166,11 +188,14 @@ def render_k8s(job: JobSpec, job_file: str | Path, job_text: str, opts: K8sOptio
 
     gpus = 1 if r.use_gpu else 0
     worker_cpus = max(1, math.ceil(r.cpus_per_worker))
-    gpu_label = opts.gpu_label_value or r.gpu_type
+    gpu_label = opts.gpu_label_value or GPU_PRODUCT_LABELS.get(r.gpu_type or "")
     node_selector = {opts.gpu_label_key: gpu_label} if (r.use_gpu and gpu_label) else {}
     elastic = r.min_workers is not None and r.min_workers < r.num_workers
     group = "gpu-workers" if r.use_gpu else "cpu-workers"
 
+    worker_params = {"num-cpus": str(worker_cpus), "num-gpus": str(gpus)}
+    if r.use_gpu and r.gpu_type:  # the autoscaler learns from this which group serves Ray Train's accelerator_type
+        worker_params["resources"] = _quoted_resources({f"accelerator_type:{r.gpu_type}": 1})
     head = _container("ray-head", opts.image, opts.head_cpus, opts.head_memory, 0, opts)
     head["ports"] = [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
                      {"containerPort": 10001, "name": "client"}]
@@ -191,7 +216,7 @@ def render_k8s(job: JobSpec, job_file: str | Path, job_text: str, opts: K8sOptio
                 "minReplicas": r.min_workers if r.min_workers is not None else r.num_workers,
                 "maxReplicas": r.num_workers,
                 # One training worker per pod: Ray sees exactly the CPUs and GPU the worker reserves.
-                "rayStartParams": {"num-cpus": str(worker_cpus), "num-gpus": str(gpus)},
+                "rayStartParams": worker_params,
                 "template": {"metadata": {"labels": labels},
                              "spec": _pod_spec(worker, configmap, opts, node_selector, bool(gpus))},
             }
@@ -274,6 +299,12 @@ def render_k8s_file(path: str | Path, opts: K8sOptions = K8sOptions(), warn=None
     text = path.read_text()
     raw = yaml.safe_load(text)
     check_cluster_storage(raw, str(path))
+    if job.kind in ("train", "grid"):  # cross-field rules (elastic sizes, model combination) before a cluster starts
+        for cfg in [job.run_config()] if job.kind == "train" else [c for _, c in job.rows()]:
+            try:
+                check_rules(cfg)
+            except ConfigError as err:
+                raise ConfigError(f"invalid config in {path}:\n  {err}") from None
     if warn is not None:
         for dotted, v in local_paths(raw):
             warn(f"{path}: {dotted} is a local path ({v}); the pods see it relative to {PROJECT_DIR} only if a shared "

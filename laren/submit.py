@@ -31,8 +31,10 @@ from typing import Any, Iterator, Optional, Union
 
 from laren.config import ConfigError, RunConfig
 from laren.models import health
+from laren.plan import check_rules
 from laren.redact import is_secret_key, redact_text
 from laren.specs import JobSpec, LoadedSweep, load_any
+from laren.tracking import check_tracking_auth
 
 STATE_DIR = ".laren"
 SERVICES_FILE = "services.json"
@@ -42,7 +44,8 @@ RESUMABLE = ("FAILED", "STOPPED")
 # Environment a job needs to find storage, tracking and S3 (passed to the job's runtime env). Never credentials: Ray's
 # dashboard and Jobs API return a job's runtime env to anyone who asks. A local head gets the local services' keys in
 # its own environment (start_services); a cluster through its own mechanism (instance roles, k8s Secrets, node env).
-JOB_ENV_KEYS = ("LAREN_STORAGE", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL")
+JOB_ENV_KEYS = ("LAREN_STORAGE", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL",
+                "LAREN_CACHE")
 
 
 # ----------------------------------------------------------------------------------------------- project and services
@@ -326,6 +329,11 @@ def validate(path: Union[str, Path], summary: bool = True, health: bool = True) 
     spec = load_any(path)
     if isinstance(spec, JobSpec):
         _check_eval_target(spec, path)
+    for label, cfg in run_configs(spec):
+        try:
+            check_rules(cfg)
+        except ConfigError as err:
+            raise ConfigError(f"invalid config in {path} ({label}):\n  {err}") from None
     import yaml
 
     parts = [f"# {path}: kind {spec_kind(spec)}", f"run id: {spec.run_id}"]
@@ -472,9 +480,10 @@ def submit(path: Union[str, Path], address: Optional[str] = None, working_dir: O
     spec, _ = validate(path, summary=False)
     root = Path(working_dir).resolve() if working_dir else project_root(path.parent)
     wd = root
+    job_env = _job_env(root, env)
+    check_tracking_auth(job_env["MLFLOW_TRACKING_URI"], experiment_name(spec))  # refused credentials: an error now
     rel = job_file_in_project(path, wd)
     run_id, kind = spec.run_id, spec_kind(spec)
-    job_env = _job_env(root, env)
     target = resolve_address(address, root)
     if kind in ("train", "grid") and (target is None or _is_local(target)):
         _check_inputs_here(spec, root, job_env)

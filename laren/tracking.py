@@ -17,7 +17,12 @@ crash; ecosystem notes, section 2), so this module is our own small rank-0 logge
 - **Never kills training.** If the server is unreachable, params, tags and metrics are buffered in memory (bounded:
   oldest metrics dropped first), and texts, images and artifact paths are queued (bounded by count and bytes); one
   warning is logged per outage. Every later call retries at most once per ``retry_interval_s`` and flushes everything
-  on success.
+  on success. If the server is still down when the run finishes, what is unsent (params, tags, metrics, texts,
+  images, the end status) is written as JSON to ``<run dir>/tracking-buffer/`` in the run's storage;
+  ``laren tracking sync RUN`` replays it into the same MLflow run (by name) and deletes it.
+- **Refused credentials stop the run.** HTTP 401 / 403 (``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD`` wrong or
+  missing) is no outage: :class:`TrackingAuthError`, one line, at once; ``laren submit`` and ``laren train`` check it
+  before anything is queued (:func:`check_tracking_auth`).
 
 HTTP settings (read by MLflow at each request; set here only when the user has not set them, so a down server costs a
 few seconds, not MLflow's default of minutes of retries):
@@ -29,6 +34,9 @@ few seconds, not MLflow's default of minutes of retries):
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import logging
 import os
 import re
@@ -42,6 +50,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 import yaml
 
+from laren.config import ConfigError
 from laren.redact import has_password, is_secret_key, redact, redact_text
 
 
@@ -77,9 +86,10 @@ _PERMANENT_CODES = {
     "RESOURCE_ALREADY_EXISTS",
     "RESOURCE_DOES_NOT_EXIST",
     "INVALID_STATE",
-    "PERMISSION_DENIED",
-    "UNAUTHENTICATED",
 }
+# ... and these for credentials it refuses: no retry can help either, and nothing may be dropped, so the run stops.
+_AUTH_CODES = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}
+BUFFER_DIR = "tracking-buffer"  # under the run's storage folder: what an MLflow outage left unsent
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -112,6 +122,46 @@ class TrackingConfigError(ValueError):
     """A user error in the tracking settings (raised, unlike server trouble, which is buffered)."""
 
 
+class TrackingAuthError(TrackingConfigError, ConfigError):
+    """The MLflow server refused the credentials (HTTP 401 / 403): a user error, raised at once, never buffered."""
+
+
+def auth_error(tracking_uri: str, experiment: str, status: int) -> TrackingAuthError:
+    what = "401 Unauthorized" if status == 401 else "403 Forbidden"
+    return TrackingAuthError(
+        f"MLflow at {redact_text(tracking_uri)} refused the credentials (HTTP {what}): set MLFLOW_TRACKING_USERNAME and "
+        f"MLFLOW_TRACKING_PASSWORD (on a cluster: from the Secret laren-credentials) to a user that may write to "
+        f"experiment {experiment!r}"
+    )
+
+
+def _auth_status(err: BaseException) -> Optional[int]:
+    """401 / 403 when ``err`` is the server refusing the credentials, else None."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        return _AUTH_CODES.get(err.error_code)
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    return status if status in (401, 403) else None
+
+
+def check_tracking_auth(tracking_uri: str, experiment: str = "", timeout_s: float = 5.0) -> None:
+    """Before a run is queued: an http(s) MLflow server that refuses this environment's credentials is an error
+    (:class:`TrackingAuthError`); an unreachable one is not (the run buffers, see the module docstring)."""
+    import requests
+
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    user, pw = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    try:
+        r = requests.get(tracking_uri.rstrip("/") + "/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                         auth=(user, pw or "") if user else None, timeout=timeout_s)
+    except requests.RequestException:
+        return
+    if r.status_code in (401, 403):
+        raise auth_error(tracking_uri, experiment, r.status_code)
+
+
 def _is_permanent(err: BaseException) -> bool:
     from mlflow.exceptions import MlflowException
 
@@ -129,6 +179,7 @@ class _Pending:
     what: str
     nbytes: int
     call: Callable[[str], None]  # takes the run id
+    record: Optional[dict] = None  # the same call as JSON-able data, for the buffer file (None: cannot be replayed)
 
 
 # ----------------------------------------------------------------------------------------------- trackers
@@ -164,7 +215,8 @@ class Tracker(NullTracker):
     missing), ``run_name`` (the job's run id), ``parent_run_id`` (MLflow run id of a sweep/grid parent),
     ``tags`` (extra run tags), ``system_metrics`` (CPU/GPU/memory as ``system/*`` metrics every
     ``system_metrics_interval_s``), ``retry_interval_s`` (least time between attempts while the server is down),
-    ``max_buffered_metrics`` and ``max_queued_bytes`` (memory bounds of the outage buffers).
+    ``max_buffered_metrics`` and ``max_queued_bytes`` (memory bounds of the outage buffers), ``buffer_url`` (a
+    storage folder: what is still unsent when the run finishes is written there, for ``laren tracking sync``).
     """
 
     def __init__(
@@ -181,6 +233,7 @@ class Tracker(NullTracker):
         max_buffered_metrics: int = 100_000,
         max_queued_bytes: int = 256 * 2**20,
         max_queued_items: int = 256,
+        buffer_url: Optional[str] = None,
     ) -> None:
         from mlflow.tracking import MlflowClient
 
@@ -222,6 +275,7 @@ class Tracker(NullTracker):
         self.dropped_items = 0
         self._logged_params: dict[str, str] = {}
         self._lock = threading.RLock()
+        self.buffer_url = buffer_url
         self.flush()
 
     # ------------------------------------------------------------------ run identity
@@ -334,6 +388,9 @@ class Tracker(NullTracker):
             except TrackingConfigError:
                 raise
             except Exception as err:
+                status = _auth_status(err)
+                if status:
+                    raise auth_error(self.tracking_uri, self.experiment, status) from None
                 self._outage(err)
                 return False
             if self._down:
@@ -421,9 +478,7 @@ class Tracker(NullTracker):
         """The resolved run config as the ``resolved_config.yaml`` artifact (credentials redacted). Params are separate:
         ``log_params(config)``."""
         text = yaml.safe_dump(redact(dict(config)), sort_keys=False)
-        self._enqueue(
-            _Pending("resolved_config.yaml", len(text), lambda rid: self.client.log_text(rid, text, "resolved_config.yaml"))
-        )
+        self._enqueue(_text_item(self.client, text, "resolved_config.yaml"))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log scalar metrics at ``step`` (names like ``train/loss_pix``, ``val/psnr``)."""
@@ -449,13 +504,7 @@ class Tracker(NullTracker):
             raise ValueError(f"image key {key!r}: use letters, digits and _ - . / space only")
         img = img.copy()  # the caller may reuse its buffer before an outage ends
         step, ts = int(step), _now_ms()
-        self._enqueue(
-            _Pending(
-                f"image {key}@{step}",
-                img.nbytes,
-                lambda rid: self.client.log_image(rid, img, key=key, step=step, timestamp=ts, synchronous=True),
-            )
-        )
+        self._enqueue(_image_item(self.client, img, key, step, ts))
 
     def log_artifact(self, local_path: str | os.PathLike, artifact_path: Optional[str] = None) -> None:
         """Upload a file or directory. During an outage the *path* is queued; it is uploaded later if it still exists."""
@@ -486,15 +535,97 @@ class Tracker(NullTracker):
                 except Exception as err:
                     log.debug("system metrics monitor finish: %s", err)
             if self.run_id is None or not ok:
+                where = self._write_buffer(status)
                 log.warning(
-                    "MLflow at %s unreachable at finish: %d metric values, %d params and %d queued items not sent",
+                    "MLflow at %s unreachable at finish: %d metric values, %d params and %d queued items not sent%s",
                     self.tracking_uri, len(self._metrics), len(self._params), len(self._queue),
+                    f"; written to {where}: replay them with `laren tracking sync {self.run_name}`" if where else "",
                 )
+                if where:
+                    return
             if self.run_id is not None:
                 try:
                     self.client.set_terminated(self.run_id, status=status)
                 except Exception as err:
                     log.warning("MLflow: could not mark run %s %s: %s", self.run_name, status, err)
+
+
+    def _write_buffer(self, status: str) -> Optional[str]:
+        """The unsent params, tags, metrics and queued texts / images as one JSON file under ``buffer_url`` (its URL),
+        or None without a ``buffer_url`` or when the storage fails too."""
+        if not self.buffer_url:
+            return None
+        from laren.data import storage
+
+        doc = {
+            "format": "laren-tracking-buffer", "version": 1, "experiment": self.experiment, "run_name": self.run_name,
+            "parent_run_id": self.parent_run_id, "run_tags": self._extra_tags, "mlflow_run_id": self.run_id,
+            "status": status, "params": self._params, "tags": self._tags,
+            "metrics": [[m.key, m.value, m.timestamp, m.step] for m in self._metrics],
+            "items": [i.record for i in self._queue if i.record is not None],
+            "not_replayable": [i.what for i in self._queue if i.record is None],
+        }
+        url = storage.join(self.buffer_url, f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.json")
+        try:
+            storage.write_bytes(url, json.dumps(doc).encode())
+        except Exception as err:  # noqa: BLE001 - nothing else can be done; said in the warning
+            log.warning("could not write the MLflow outage buffer to %s: %s", url, err)
+            return None
+        return url
+
+
+def _text_item(client, text: str, name: str) -> _Pending:
+    return _Pending(name, len(text), lambda rid: client.log_text(rid, text, name), {"kind": "text", "name": name, "text": text})
+
+
+def _image_item(client, img: np.ndarray, key: str, step: int, ts: int) -> _Pending:
+    buf = io.BytesIO()
+    np.save(buf, img, allow_pickle=False)
+    rec = {"kind": "image", "key": key, "step": step, "timestamp": ts, "npy": base64.b64encode(buf.getvalue()).decode()}
+    return _Pending(f"image {key}@{step}", img.nbytes,
+                    lambda rid: client.log_image(rid, img, key=key, step=step, timestamp=ts, synchronous=True), rec)
+
+
+def tracking_buffer_url(cfg, run_id: str, run_dir: Optional[str] = None) -> str:
+    """Where a run's unsent tracking records go: ``<run dir>/tracking-buffer`` (run dir: ``<storage.root>/runs/<id>``)."""
+    from laren.data import storage
+
+    return storage.join(run_dir or storage.join(cfg.storage.root, "runs", run_id), BUFFER_DIR)
+
+
+def sync_buffers(buffer_url: str, tracking_uri: str) -> list[str]:
+    """Replay every buffer file under ``buffer_url`` (written by a run whose MLflow server stayed down) into MLflow,
+    oldest first: the run is found (or created) by its name, its params, tags, metrics (original steps and times),
+    texts and images are sent, and it is marked with the status it ended with. Each file is deleted once all of it
+    is sent. Returns the URLs replayed; an error (naming the file) if the server is still unreachable."""
+    from mlflow.entities import Metric
+
+    from laren.data import storage
+
+    done = []
+    for url in [u for u in storage.list_files(buffer_url) if u.endswith(".json")]:
+        doc = json.loads(storage.read_bytes(url))
+        if not isinstance(doc, dict) or doc.get("format") != "laren-tracking-buffer":
+            raise ValueError(f"{url}: not a laren tracking buffer")
+        t = Tracker(tracking_uri, doc["experiment"], doc["run_name"], doc.get("parent_run_id"), doc.get("run_tags"),
+                    system_metrics=False)
+        with t._lock:
+            t._params.update({k: v for k, v in doc["params"].items() if not t._already_logged(k, v)})
+            t._tags.update(doc["tags"])
+            t._metrics.extend(Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in doc["metrics"])
+            for rec in doc["items"]:
+                if rec["kind"] == "text":
+                    t._queue.append(_text_item(t.client, rec["text"], rec["name"]))
+                else:
+                    img = np.load(io.BytesIO(base64.b64decode(rec["npy"])), allow_pickle=False)
+                    t._queue.append(_image_item(t.client, img, rec["key"], rec["step"], rec["timestamp"]))
+            if not t.flush(force=True):
+                raise ConnectionError(f"MLflow at {redact_text(tracking_uri)} is still unreachable; {url} is kept, "
+                                      "run `laren tracking sync` again later")
+        t.finish(doc["status"] if doc["status"] != "RUNNING" else "FINISHED")
+        storage.delete(url)
+        done.append(url)
+    return done
 
 
 def make_tracker(rank: int, *args: Any, **kwargs: Any) -> NullTracker:

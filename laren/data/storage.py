@@ -16,6 +16,8 @@ Importing this module registers the ``s3`` scheme with WebDataset's ``gopen``, s
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import io
 import logging
 import os
@@ -32,7 +34,7 @@ log = logging.getLogger("laren.data")
 
 __all__ = [
     "is_s3", "split_s3", "join", "read_bytes", "write_bytes", "open_read", "exists", "list_files", "delete",
-    "upload_file", "download_file", "s3_client", "size", "register_webdataset_s3",
+    "upload_file", "download_file", "s3_client", "size", "register_webdataset_s3", "local_copy",
 ]
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024  # bytes; S3 parts must be >= 5 MiB (except the last)
@@ -342,6 +344,44 @@ def delete(url: str | os.PathLike) -> None:
         os.unlink(_local(u))
     except FileNotFoundError:
         pass
+
+
+# ------------------------------------------------------------------------------------------------ node cache
+
+
+def cache_dir() -> Path:
+    """Where :func:`local_copy` keeps objects: ``LAREN_CACHE`` or ``~/.cache/laren`` (one per node)."""
+    return Path(os.environ.get("LAREN_CACHE") or Path.home() / ".cache" / "laren")
+
+
+def local_copy(url: str | os.PathLike) -> str:
+    """A local file holding ``url``: a local path itself (``~`` expanded), an S3 object downloaded once per node.
+
+    The cache entry is keyed by the URL and the object's ETag (its content hash for single-part uploads), so a
+    replaced object is fetched again; the download is atomic and serialised by a lock file, so the workers of one
+    node download it once and never read a partial file. FileNotFoundError (naming the URL) when it is absent.
+    """
+    u = str(url)
+    if not is_s3(u):
+        p = os.path.expanduser(_local(u))
+        if not os.path.isfile(p):
+            raise _not_found(u)
+        return p
+    bucket, key = split_s3(u)
+    try:
+        etag = str(s3_client().head_object(Bucket=bucket, Key=key)["ETag"]).strip('"')
+    except Exception as err:
+        if _is_missing(err):
+            raise _not_found(u) from None
+        raise
+    digest = hashlib.sha256(f"{u}\n{etag}".encode()).hexdigest()[:24]
+    dest = cache_dir() / "objects" / f"{digest}-{os.path.basename(key) or 'object'}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{dest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not dest.is_file():
+            download_file(u, dest)
+    return str(dest)
 
 
 # ------------------------------------------------------------------------------------------------ WebDataset

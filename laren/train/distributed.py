@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from laren.config import PriorRunConfig, RunConfig
+from laren.plan import build_plan, write_plan
+from laren.tracking import check_tracking_auth
 from laren.train.loop import KILL_MARKER_ENV, KILL_RANK_ENV, KILL_STEP_ENV, WorkerContext, check_run_inputs, train_worker
 from laren.train.prior import check_prior_inputs, prior_worker
 
@@ -36,7 +38,7 @@ log = logging.getLogger("laren.train")
 # Environment forwarded from the driver to the training workers (names only; never secrets: a cluster's workers get
 # their credentials from their own environment or instance role, and a local Ray instance inherits the driver's).
 FORWARDED_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_TRACKING_URI", "LAREN_STORAGE",
+    "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_TRACKING_URI", "LAREN_STORAGE", "LAREN_CACHE",
     KILL_STEP_ENV, KILL_RANK_ENV, KILL_MARKER_ENV,
 )
 
@@ -182,14 +184,13 @@ def _resume_copy(ck, run_dir: Optional[str], only: Optional[str] = None) -> tupl
     )
 
 
-def _agreed_resume_copy(ck, run_dir: Optional[str], rank: int, world_size: int, device) -> Optional[str]:
+def _agreed_resume_copy(ck, run_dir: Optional[str], rank: int, device) -> Optional[str]:
     """:func:`_resume_copy` on rank 0, whose choice (or error) every other rank follows, so that all ranks resume from
     the same checkpoint (or all start fresh, or all fail) even if storage changes or a download fails on one."""
-    import torch.distributed as dist
-
+    from laren.train import collectives as C
     from laren.train import state as S
 
-    if world_size <= 1 or not dist.is_available() or not dist.is_initialized():
+    if not C.active():
         return _resume_copy(ck, run_dir)[0]
     tmp, choice = None, [None, None]  # [checkpoint name, error text]
     if rank == 0:
@@ -197,7 +198,7 @@ def _agreed_resume_copy(ck, run_dir: Optional[str], rank: int, world_size: int, 
             tmp, choice[0] = _resume_copy(ck, run_dir)
         except S.CheckpointError as err:
             choice[1] = str(err)
-    dist.broadcast_object_list(choice, src=0, device=device if dist.get_backend() == "nccl" else None)
+    choice = C.broadcast_object(choice, device)
     if choice[1]:
         raise S.CheckpointError(choice[1])
     if rank != 0 and choice[0]:
@@ -221,11 +222,12 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
         ray.train.report(clean, checkpoint=ck, checkpoint_dir_name=name if ck else None)
 
     rank, world = rc.get_world_rank(), rc.get_world_size()
-    tmp = _agreed_resume_copy(ray.train.get_checkpoint(), loop_config.get("run_dir"), rank, world, device)
+    tmp = _agreed_resume_copy(ray.train.get_checkpoint(), loop_config.get("run_dir"), rank, device)
     try:
         ctx = WorkerContext(
             rank=rank, world_size=world, device=device, report=report,
             resume_dir=tmp, run_id=loop_config["run_id"], parent_run_id=loop_config.get("parent_run_id"),
+            run_dir=loop_config.get("run_dir"),
         )
         (prior_worker if prior else train_worker)(cfg, ctx)
     finally:
@@ -246,6 +248,9 @@ def make_trainer(
 
     run_id = run_id or cfg.run_id
     check_inputs(cfg)
+    run_dir = runs_root(resolve_paths(cfg), storage_path).rstrip("/") + "/" + run_id
+    plan = build_plan(cfg, run_id, run_dir)  # the workers get the plan's config: resolved once, here
+    write_plan(plan)
     rcfg = resolve_paths(cfg)
     res = cfg.resources
     workers: Any = res.num_workers if res.min_workers is None else (res.min_workers, res.num_workers)
@@ -268,9 +273,8 @@ def make_trainer(
     )
     return TorchTrainer(
         _train_fn,
-        train_loop_config={"config": rcfg.to_dict(), "run_id": run_id, "parent_run_id": parent_run_id,
-                           "kind": "prior" if isinstance(cfg, PriorRunConfig) else "train",
-                           "run_dir": runs_root(rcfg, storage_path).rstrip("/") + "/" + run_id},
+        train_loop_config={"config": plan.config, "run_id": run_id, "parent_run_id": parent_run_id, "run_dir": run_dir,
+                           "kind": "prior" if isinstance(cfg, PriorRunConfig) else "train"},
         scaling_config=scaling,
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
@@ -304,6 +308,7 @@ def run_training(
     """Train ``cfg`` with Ray Train; returns the final metrics, ``checkpoint`` (URL of the latest checkpoint) and
     ``run_id``. Re-running the same config resumes the run from its latest checkpoint."""
     check_inputs(cfg)  # user errors before Ray (or any worker) starts
+    check_tracking_auth(cfg.tracking.tracking_uri, cfg.tracking.experiment or cfg.name)
     ensure_ray()
     trainer = make_trainer(cfg, run_id, parent_run_id, extra_callbacks, storage_path)
     result = trainer.fit()

@@ -9,7 +9,8 @@ the step (GLEAN's cosine: floor ``optim.cosine_min_lr``, period ``optim.cosine_p
 so it ends at about half the initial rate), so a resumed run continues the same schedule.
 
 Distribution: the caller gives a :class:`WorkerContext` (rank, world size, device, a ``report`` barrier and the
-checkpoint to resume from). With world size > 1, ``torch.distributed`` is already initialised (by Ray Train); the loop
+checkpoint to resume from). Under Ray Train, ``torch.distributed`` is already initialised (every world size, 1
+included); every collective goes through :mod:`laren.train.collectives` with its tensors on the step's device. The loop
 averages gradients with one coalesced all-reduce per module after each backward (as StyleGAN2-ADA does), so that D
 can be used frozen in the generator step without DDP's unused-parameter bookkeeping. Every rank makes the same
 collective calls in the same order; MLflow and sample grids happen on rank 0 only (architecture rule 4).
@@ -37,11 +38,12 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from laren import losses as L
 from laren.config import ConfigError, LossConfig, RunConfig
 from laren.models import health
+from laren.plan import check_rules
+from laren.train import collectives as C
 from laren.train import state as S
 
 # Test-only fault injection: at step LAREN_TEST_KILL_AT_STEP the rank LAREN_TEST_KILL_RANK (default 1) SIGKILLs its
@@ -63,6 +65,7 @@ class WorkerContext:
     checkpoint_root: Optional[str] = None  # without a report function: rank 0 writes checkpoints here (plain Python)
     run_id: str = ""
     parent_run_id: Optional[str] = None
+    run_dir: Optional[str] = None  # the run's storage folder (default <storage.root>/runs/<run id>)
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ def cosine_lr(step: int, period_steps: int, lr: float, min_lr: Optional[float]) 
 
 
 def check_run_inputs(cfg: RunConfig) -> None:
-    """User errors found before any worker starts: missing weights files, data URLs, batch split."""
+    """User errors found before any worker starts: missing weights files, data URLs, cross-field rules."""
     if cfg.loss.perceptual_weight > 0 and not cfg.loss.random_backbone_for_tests:
         if not cfg.loss.vgg16_path:
             raise ConfigError(
@@ -105,9 +108,9 @@ def check_run_inputs(cfg: RunConfig) -> None:
                 f"ImageNet VGG16 state dict; download {L.VGG16_URL} and set loss.vgg16_path to the file "
                 "(or set loss.perceptual_weight: 0)."
             )
-        if not Path(cfg.loss.vgg16_path).expanduser().is_file():
+        if not _weights_exist(cfg.loss.vgg16_path):
             L.load_vgg16(cfg.loss.vgg16_path)  # raises FileNotFoundError naming the file and how to obtain it
-    if cfg.eval.alexnet_path and not Path(cfg.eval.alexnet_path).expanduser().is_file():
+    if cfg.eval.alexnet_path and not _weights_exist(cfg.eval.alexnet_path):
         from laren.metrics import _load_alexnet_state
 
         _load_alexnet_state(cfg.eval.alexnet_path)  # raises FileNotFoundError naming the file and how to obtain it
@@ -116,12 +119,14 @@ def check_run_inputs(cfg: RunConfig) -> None:
     if cfg.model.prior.path:
         _check_prior(cfg)
     _check_data(cfg)
-    n = cfg.resources.num_workers
-    if cfg.train.batch_size_global % n:
-        raise ConfigError(f"train.batch_size_global ({cfg.train.batch_size_global}) must be a multiple of resources.num_workers ({n})")
-    b = cfg.train.batch_size_global // n
-    if cfg.loss.adversarial_weight > 0 and b > 4 and b % 4:
-        raise ConfigError(f"per-worker batch {b} must be <= 4 or a multiple of 4 (StyleGAN2 D minibatch stddev)")
+    check_rules(cfg)  # elastic sizes, model combination
+
+
+def _weights_exist(url: str) -> bool:
+    """A weights file (local path or s3:// URL) is there; nothing is downloaded."""
+    from laren.data import storage
+
+    return storage.exists(url) if storage.is_s3(url) else Path(url).expanduser().is_file()
 
 
 def _check_prior(cfg: RunConfig) -> None:
@@ -173,47 +178,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- collectives
-
-
-def _allreduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
-    """Average gradients over ranks with one flat all-reduce (params without a grad contribute zeros)."""
-    if world_size <= 1 or not params:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset: offset + n].view_as(p).clone()
-        offset += n
-
-
-def _broadcast_module(module: torch.nn.Module, world_size: int) -> None:
-    if world_size > 1:
-        for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src=0)
-
-
-def _sum_across(values: list[float], world_size: int) -> list[float]:
-    if world_size <= 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _gather_rng(world_size: int) -> list[dict[str, Any]]:
-    mine = S.capture_rng()
-    if world_size <= 1:
-        return [mine]
-    out: list[Any] = [None] * world_size
-    dist.all_gather_object(out, mine)
     return out
 
 
@@ -285,10 +249,11 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     """
     from laren.evaluate import make_lpips
     from laren.models.build import build_discriminator, build_model
-    from laren.tracking import make_tracker
+    from laren.tracking import make_tracker, tracking_buffer_url
 
     t_cfg, rank, world, dev = cfg.train, ctx.rank, ctx.world_size, ctx.device
-    check_run_inputs(cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"num_workers": world, "min_workers": None})}))
+    if ctx.run_dir is None:  # else the driver planned the run (laren.plan): inputs and rules were checked there
+        check_run_inputs(cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"num_workers": world, "min_workers": None})}))
     sched = Schedule.from_kimg(t_cfg.batch_size_global, t_cfg.total_kimg, t_cfg.log_every_kimg,
                                t_cfg.eval_every_kimg, t_cfg.checkpoint_every_kimg, cfg.optim.cosine_period_kimg)
 
@@ -296,8 +261,8 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     torch.manual_seed(t_cfg.seed)
     model = build_model(cfg.model, device="cpu").to(dev)
     disc = build_discriminator(cfg.model).to(dev)
-    _broadcast_module(model, world)
-    _broadcast_module(disc, world)
+    C.broadcast_module(model, dev)
+    C.broadcast_module(disc, dev)
     vgg = None
     if cfg.loss.perceptual_weight > 0:
         vgg = (L.random_vgg16(t_cfg.seed) if cfg.loss.random_backbone_for_tests else L.load_vgg16(cfg.loss.vgg16_path)).to(dev)
@@ -314,6 +279,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
         rank, cfg.tracking.tracking_uri, cfg.tracking.experiment or cfg.name, ctx.run_id or cfg.run_id,
         parent_run_id=ctx.parent_run_id, tags={"laren.job": cfg.name, "laren.kind": "train"},
         system_metrics=cfg.tracking.system_metrics, system_metrics_interval_s=cfg.tracking.system_metrics_interval_s,
+        buffer_url=tracking_buffer_url(cfg, ctx.run_id or cfg.run_id, ctx.run_dir),
     )
     if rank == 0 and start_step == 0:
         tracker.log_params({**flatten(cfg.to_dict()), "run_id": ctx.run_id or cfg.run_id, "world_size": world})
@@ -355,7 +321,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
             done = st.step >= sched.total_steps
             metrics: dict[str, float] = {}
             if st.step % sched.log_every == 0 or done:
-                sums = _sum_across([acc[k] for k in acc] + [float(acc_n), float(img_log), skipped], world)
+                sums = C.sum_across([acc[k] for k in acc] + [float(acc_n), float(img_log), skipped], dev)
                 n = max(sums[len(acc)], 1.0)
                 dt = time.perf_counter() - t_log
                 metrics.update({f"train/{k}": sums[i] / n for i, k in enumerate(acc)})
@@ -399,8 +365,8 @@ def train_step(model, disc, vgg, opt_g, opt_d, lr_img: torch.Tensor, hr_img: tor
     """One generator step, then one discriminator step (Eq. 5; see the module docstring), on one batch.
 
     ``model`` and ``disc`` may be ``torch.compile`` wrappers of the modules the optimizers hold; ``vgg`` is None when
-    ``loss_cfg.perceptual_weight`` is 0; ``autocast`` holds the keyword arguments of ``torch.autocast``. With
-    ``world_size`` > 1 the gradients are averaged over ranks after each backward. Returns the scalar tensors
+    ``loss_cfg.perceptual_weight`` is 0; ``autocast`` holds the keyword arguments of ``torch.autocast``. When a process
+    group exists the gradients are averaged over ranks after each backward (``world_size`` is kept for callers). Returns the scalar tensors
     ``loss_g``, ``loss_pix``, ``loss_per``, ``loss_adv``, ``loss_d``, ``d_real``, ``d_fake`` (D terms are 0 when
     ``loss_cfg.adversarial_weight`` is 0: D is then not trained).
     """
@@ -416,7 +382,7 @@ def train_step(model, disc, vgg, opt_g, opt_d, lr_img: torch.Tensor, hr_img: tor
                   + loss_cfg.adversarial_weight * l_adv.float())
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
-    _allreduce_grads(_params(opt_g), world_size)
+    C.allreduce_mean_grads(_params(opt_g), lr_img.device)
     opt_g.step()
 
     # -- discriminator step
@@ -428,7 +394,7 @@ def train_step(model, disc, vgg, opt_g, opt_d, lr_img: torch.Tensor, hr_img: tor
             l_d = L.d_loss(logit_real.float(), logit_fake.float())
         opt_d.zero_grad(set_to_none=True)
         l_d.backward()
-        _allreduce_grads(_params(opt_d), world_size)
+        C.allreduce_mean_grads(_params(opt_d), lr_img.device)
         opt_d.step()
         d_real, d_fake = logit_real.detach().float().mean(), logit_fake.detach().float().mean()
     return {"loss_g": loss_g, "loss_pix": l_pix, "loss_per": l_per, "loss_adv": l_adv,
@@ -474,7 +440,7 @@ def _evaluate(cfg: RunConfig, model, lpips, rank: int, world: int, dev, tracker,
     res = evaluate_model(model, loader, dev, lpips=lpips, grid_images=cfg.train.sample_grid_images if rank == 0 else 0)
     names = ["psnr", "ssim", "loss_pix", "psnr_bicubic"] + (["lpips_alex"] if lpips is not None else [])
     sums = res.sums()
-    tot = _sum_across([sums.get(k, 0.0) for k in names] + [float(res.count)], world)
+    tot = C.sum_across([sums.get(k, 0.0) for k in names] + [float(res.count)], dev)
     n = tot[-1]
     if rank == 0 and res.grid is not None:
         tracker.log_image(res.grid, "val/samples", step)
@@ -483,7 +449,7 @@ def _evaluate(cfg: RunConfig, model, lpips, rank: int, world: int, dev, tracker,
 
 def _checkpoint(cfg, ctx: WorkerContext, model, disc, optimizers, st: S.TrainState, metrics: dict[str, float]) -> None:
     """Every rank contributes its RNG state; rank 0 writes the checkpoint; every rank calls ``report`` (a barrier)."""
-    st.rng = _gather_rng(ctx.world_size)
+    st.rng = C.gather_objects(S.capture_rng(), ctx.device)
     d = None
     name = f"checkpoint_{st.step:09d}"
     if ctx.rank == 0 and ctx.report is None and ctx.checkpoint_root:

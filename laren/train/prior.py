@@ -12,7 +12,7 @@ Per step, on a batch x of real images (B per rank), with z ~ N(0, I) mapped to W
     EMA      G_ema <- G + beta (G_ema - G), beta = 0.5^(B_global / (1000 ema_kimg)) (half-life capped by ema_rampup)
 
 Adam with StyleGAN2's lazy-regularisation correction: lr * c and betas^c with c = k / (k + 1) for interval k.
-Gradients are averaged over ranks with one all-reduce per backward (``loop._allreduce_grads``).
+Gradients are averaged over ranks with one all-reduce per backward (``collectives.allreduce_mean_grads``).
 
 Evaluation (rank 0, every ``train.eval_every_kimg``): a grid of G_ema samples from fixed z and fixed noise
 (``prior/samples``) and, on a synthetic set, the factor-FD (:mod:`laren.factor_fd`) between ``gan.metric_images``
@@ -46,8 +46,9 @@ from laren import losses as L
 from laren.augment import diff_augment
 from laren.config import ConfigError, PriorRunConfig
 from laren.models.stylegan2 import Discriminator, Generator
-from laren.train.loop import (DataStream, Schedule, WorkerContext, _allreduce_grads, _broadcast_module, _check_data,
-                              _checkpoint, _maybe_kill_for_test, _params, _sum_across, flatten, resume_or_seed)
+from laren.train import collectives as C
+from laren.train.loop import (DataStream, Schedule, WorkerContext, _check_data, _checkpoint, _maybe_kill_for_test, _params,
+                              flatten, resume_or_seed)
 
 log = logging.getLogger("laren.train")
 
@@ -144,10 +145,7 @@ def gan_step(nets: GanNets, d: Discriminator, opt_g, opt_d, real: torch.Tensor, 
     if gan.pl_weight > 0 and step % gan.pl_every == 0:
         w = _latents(g, max(1, b // 2), 0.0, dev).detach().requires_grad_(True)
         lengths = L.path_lengths(g(w), w)
-        mean_len = lengths.detach().mean()
-        if world > 1:
-            torch.distributed.all_reduce(mean_len)
-            mean_len = mean_len / world
+        mean_len = C.mean_across(lengths.detach().mean(), dev)
         nets.pl_mean.copy_(nets.pl_mean.lerp(mean_len, gan.pl_decay))
         pl = (lengths - nets.pl_mean).pow(2).mean()
         _descend(opt_g, pl * gan.pl_weight * gan.pl_every, world)
@@ -159,7 +157,7 @@ def _descend(opt: torch.optim.Optimizer, loss: torch.Tensor, world: int) -> None
     """One optimizer step on ``loss`` with gradients averaged over ranks."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    _allreduce_grads(_params(opt), world)
+    C.allreduce_mean_grads(_params(opt), loss.device)
     opt.step()
 
 
@@ -263,8 +261,8 @@ def prior_worker(cfg: PriorRunConfig, ctx: WorkerContext) -> dict[str, Any]:
         regressor = _regressor_shell(cfg) if ctx.resume_dir or rank != 0 else fit_regressor(cfg, tracker)
     nets = GanNets(g, regressor).to(dev)
     d = d.to(dev)
-    _broadcast_module(nets, world)
-    _broadcast_module(d, world)
+    C.broadcast_module(nets, dev)
+    C.broadcast_module(d, dev)
     opt_g = _adam(g.parameters(), gan, gan.pl_every if gan.pl_weight > 0 else None)
     opt_d = _adam(d.parameters(), gan, gan.r1_every if gan.r1_gamma > 0 else None)
     optimizers = {"g": opt_g, "d": opt_d}
@@ -306,7 +304,7 @@ def prior_worker(cfg: PriorRunConfig, ctx: WorkerContext) -> dict[str, Any]:
             done = st.step >= sched.total_steps
             metrics: dict[str, float] = {}
             if st.step % sched.log_every == 0 or done:
-                sums = _sum_across([float(acc[k]) for k in names] + [float(acc_n), float(img_log), batches.skipped()], world)
+                sums = C.sum_across([float(acc[k]) for k in names] + [float(acc_n), float(img_log), batches.skipped()], dev)
                 n = max(sums[len(names)], 1.0)
                 metrics.update({f"train/{k}": sums[i] / n for i, k in enumerate(names)})
                 metrics.update({"train/kimg": st.kimg, "data/skipped": sums[len(names) + 2],

@@ -159,3 +159,54 @@ def test_mlflow_server_down_for_a_while_metrics_arrive_afterwards(tmp_path):
         assert "resolved_config.yaml" in {a.path for a in c.list_artifacts(run.info.run_id)}
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_mlflow_server_down_until_the_end_loses_nothing_after_sync(tmp_path):
+    """The MLflow server is stopped at step 5 (after its evaluation was logged) and stays down until the run has ended. The unsent records (params,
+    metrics, sample grids, the run's end status) are written to the run's storage folder; once the server is back,
+    `laren tracking sync RUN` replays them, and the run's metrics equal an uninterrupted run's."""
+    from click.testing import CliRunner
+    from mlflow.tracking import MlflowClient
+
+    from laren.cli import main
+    from laren.services import MLflowServer
+
+    data = make_tiny_dataset(str(tmp_path / "shards"), tmp_path)
+    storage_root = str(tmp_path / "storage")
+    ref_uri = f"sqlite:///{tmp_path}/ref.db"
+    run_loop(tiny_config(data, ref_uri, storage=dict(root=storage_root)), "mlflow-down")
+    server = MLflowServer(tmp_path / "mlflow").start()
+    try:
+        cfg = tiny_config(data, server.uri, storage=dict(root=storage_root))
+        hook = Hooked(tmp_path / "ck", {5: server.stop})
+        out = run_loop(cfg, "mlflow-down", report=hook)
+        assert out["step"] == 10
+        buffers = list((tmp_path / "storage" / "runs" / "mlflow-down" / "tracking-buffer").glob("*.json"))
+        assert len(buffers) == 1
+        server.start()
+        c = MlflowClient(server.uri)
+        run = c.search_runs([c.get_experiment_by_name("tiny").experiment_id], "attributes.run_name = 'mlflow-down'")[0]
+        assert run.info.status == "RUNNING" and max(m.step for m in c.get_metric_history(run.info.run_id, "train/loss_g")) == 5
+
+        res = CliRunner().invoke(main, ["tracking", "sync", "mlflow-down", "--storage", storage_root, "--tracking-uri", server.uri])
+        assert res.exit_code == 0 and "1 buffer file(s) replayed" in res.output, res.output
+        assert not list(buffers[0].parent.glob("*.json"))  # replayed once: a second sync has nothing to do
+        run = c.get_run(run.info.run_id)
+        assert run.info.status == "FINISHED"
+        assert loss_curve(server.uri, "tiny", "mlflow-down") == loss_curve(ref_uri, "tiny", "mlflow-down")
+        ref = MlflowClient(ref_uri)
+        ref_run = ref.search_runs([ref.get_experiment_by_name("tiny").experiment_id], "attributes.run_name = 'mlflow-down'")[0]
+        for key in ref_run.data.metrics:
+            if key.startswith("perf/"):  # timings differ between two runs
+                continue
+            got = [(m.step, m.value) for m in sorted(c.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+            want = [(m.step, m.value) for m in sorted(ref.get_metric_history(ref_run.info.run_id, key), key=lambda m: m.step)]
+            assert got == want, key
+        assert [m.step for m in c.get_metric_history(run.info.run_id, "perf/images_per_s")] == list(range(1, 11))
+        images = [a.path for a in c.list_artifacts(run.info.run_id, "images")]
+        assert sum("val" in p and p.endswith(".png") for p in images) >= 2, images  # the step-10 grid came by sync
+        res = CliRunner().invoke(main, ["tracking", "sync", "mlflow-down", "--storage", storage_root, "--tracking-uri", server.uri])
+        assert res.exit_code == 0 and "nothing to replay" in res.output
+    finally:
+        server.stop()

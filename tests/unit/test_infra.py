@@ -27,8 +27,8 @@ kind: train
 model:
   lr_size: 16
 resources:
-  num_workers: 8
-  min_workers: 4
+  num_workers: 2
+  min_workers: 1
   use_gpu: true
   cpus_per_worker: 8
   gpu_type: H100
@@ -36,6 +36,8 @@ resources:
 
 CPU_JOB = """\
 name: tiny-smoke-v2
+train:
+  batch_size_global: 12
 resources:
   num_workers: 3
   cpus_per_worker: 0.5
@@ -104,18 +106,19 @@ def test_rayjob_carries_identity_resources_and_entrypoint(tmp_path):
     # The carried file is the same job: it loads to the same run id in the pod.
     assert load_job(_write(tmp_path / "..", "pod-copy-face64x.yaml", cm["data"]["face64x.yaml"])).run_id == run_id
 
-    # Resources: one GPU worker per pod, elastic 4..8 with the in-tree autoscaler.
+    # Resources: one GPU worker per pod, elastic 1..2 with the in-tree autoscaler.
     cs = spec["rayClusterSpec"]
     _check_pod_templates(cs)
     assert cs["enableInTreeAutoscaling"] is True
     (g,) = cs["workerGroupSpecs"]
-    assert (g["replicas"], g["minReplicas"], g["maxReplicas"]) == (8, 4, 8)
-    assert g["rayStartParams"] == {"num-cpus": "8", "num-gpus": "1"}
+    assert (g["replicas"], g["minReplicas"], g["maxReplicas"]) == (2, 1, 2)
+    # Ray's accelerator_type resource: the autoscaler knows which group serves Ray Train's accelerator_type.
+    assert g["rayStartParams"] == {"num-cpus": "8", "num-gpus": "1", "resources": '"{\\"accelerator_type:H100\\": 1}"'}
     w = g["template"]["spec"]
     c = w["containers"][0]
     assert c["image"] == "reg.example/laren:9-gpu"
     assert c["resources"]["limits"] == {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": 1}
-    assert w["nodeSelector"] == {"nvidia.com/gpu.product": "H100"}
+    assert w["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}  # the label NVIDIA's GFD sets
     assert any(t["key"] == "nvidia.com/gpu" for t in w["tolerations"])
     # The head trains nothing.
     head = cs["headGroupSpec"]
@@ -155,11 +158,11 @@ def test_render_is_deterministic_and_follows_the_config(tmp_path):
     a = to_yaml(render_k8s_file(_write(tmp_path, "face64x.yaml", ELASTIC_GPU_JOB)))
     assert a == to_yaml(render_k8s_file(tmp_path / "face64x.yaml"))
     # Resources are part of the run config: more workers is a different run (and RayJob).
-    b = render_k8s_file(_write(tmp_path, "face64x.yaml", ELASTIC_GPU_JOB.replace("num_workers: 8", "num_workers: 16")))
+    b = render_k8s_file(_write(tmp_path, "face64x.yaml", ELASTIC_GPU_JOB.replace("min_workers: 1", "min_workers: 2")))
     rj_a = _by_kind(list(yaml.safe_load_all(a)))["RayJob"]
     rj_b = _by_kind(b)["RayJob"]
     assert rj_a["metadata"]["name"] != rj_b["metadata"]["name"]
-    assert rj_b["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplicas"] == 16
+    assert rj_b["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["minReplicas"] == 2
 
 
 def test_rendered_files_hold_no_credentials(tmp_path, monkeypatch):
@@ -254,6 +257,62 @@ def test_cli_render_k8s(tmp_path):
     assert r.exit_code == 2 and "not found" in r.output
 
 
+# ------------------------------------------------------------------------------------------------ KubeRay CRD schema
+
+RAYJOB_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # DNS-1035 label (KubeRay validateRayJobMetadata)
+
+
+def _strict(schema):
+    """The CRD schema with unknown fields refused where it lists its fields (kubectl --validate=strict), so a
+    misspelt or misplaced key fails the test instead of being pruned by the API server."""
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+        return out
+    return [_strict(v) for v in schema] if isinstance(schema, list) else schema
+
+
+@pytest.fixture(scope="module")
+def rayjob_schema():
+    """KubeRay v1.7.0's RayJob openAPIV3Schema (tests/fixtures/kuberay/README.md)."""
+    return _strict(json.loads((REPO / "tests" / "fixtures" / "kuberay" / "ray.io_rayjobs.v1.schema.json").read_text()))
+
+
+def test_rendered_and_static_manifests_satisfy_the_kuberay_crd(tmp_path, rayjob_schema):
+    import jsonschema
+
+    rayjobs = [_by_kind(render_k8s_file(_write(tmp_path, f, t)))["RayJob"]
+               for f, t in (("face64x.yaml", ELASTIC_GPU_JOB), ("tiny.yaml", CPU_JOB))]
+    rayjobs.append(_by_kind(list(yaml.safe_load_all((INFRA / "k8s" / "rayjob.example.yaml").read_text())))["RayJob"])
+    for rj in rayjobs:
+        jsonschema.validate(json.loads(json.dumps(rj)), rayjob_schema)
+        assert RAYJOB_NAME.match(rj["metadata"]["name"]) and len(rj["metadata"]["name"]) <= 47
+    (rc,) = list(yaml.safe_load_all((INFRA / "k8s" / "raycluster.yaml").read_text()))
+    jsonschema.validate(rc["spec"], rayjob_schema["properties"]["spec"]["properties"]["rayClusterSpec"])
+    bad = copy.deepcopy(rayjobs[0])
+    bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["rayStartParam"] = {}  # a misspelt key is caught
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, rayjob_schema)
+
+
+def test_rayjob_names_start_with_a_letter_and_fit_kuberay(tmp_path):
+    for name in ("a-very-long-ablation-job-name-for-the-sixty-four-times-face-prior", "x"):
+        rj = _by_kind(render_k8s_file(_write(tmp_path, "j.yaml", f"name: {name}\n")))["RayJob"]
+        n = rj["metadata"]["name"]
+        assert RAYJOB_NAME.match(n) and len(n) <= 47 and n.endswith(rj["spec"]["jobId"].rsplit("-", 1)[1]), n
+
+
+def test_unknown_gpu_type_gets_no_made_up_label(tmp_path):
+    rj = _by_kind(render_k8s_file(_write(tmp_path, "g.yaml", ELASTIC_GPU_JOB.replace("H100", "MI300X"))))["RayJob"]
+    assert "nodeSelector" not in rj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+
+
+def test_render_refuses_worker_counts_that_cannot_train(tmp_path):
+    with pytest.raises(ConfigError, match="resources.min_workers"):
+        render_k8s_file(_write(tmp_path, "e.yaml", ELASTIC_GPU_JOB.replace("num_workers: 2", "num_workers: 8")))
+
+
 # ------------------------------------------------------------------------------------------------ static manifests
 
 
@@ -314,6 +373,17 @@ def test_aws_cluster_yaml_passes_ray_validation():
     assert any(v["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot" for v in workers.values())
     assert all(v["node_config"]["IamInstanceProfile"]["Name"] for v in types.values()), "S3 through an instance profile"
     assert raw["docker"]["image"].endswith("laren:0.1.0-gpu")
+    # Instance sizes as AWS sells them (vCPUs, GPUs), so Ray can place every GPU's worker and its CPUs.
+    sizes = {"p5.48xlarge": (192, 8), "g5.2xlarge": (8, 1), "m6i.2xlarge": (8, 0)}
+    for name, t in types.items():
+        assert (t["resources"]["CPU"], t["resources"]["GPU"]) == sizes[t["node_config"]["InstanceType"]], name
+    assert "," not in raw["provider"]["availability_zone"]  # one zone
+    # The head launches workers: its profile's role has the autoscaler's EC2 rights and may pass the workers' role.
+    head_profile = types[raw["head_node_type"]]["node_config"]["IamInstanceProfile"]["Name"]
+    assert head_profile != types["gpu-spot"]["node_config"]["IamInstanceProfile"]["Name"]
+    pol = json.loads((INFRA / "aws" / "head-ec2-policy.json").read_text())
+    actions = {a for st in pol["Statement"] for a in st["Action"]}
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:DescribeInstances", "ec2:CreateTags", "iam:PassRole"} <= actions
 
 
 @pytest.mark.parametrize(
@@ -352,6 +422,12 @@ def test_dockerfile_pins_and_installs_without_dev_extras():
     assert "https://download.pytorch.org/whl/cu12" in text and "TORCH_VERSION=2.13.0" in text
     runs = " ".join(re.findall(r"^RUN (.+?)(?<!\\)$", text.replace("\\\n", " "), re.M | re.S))
     assert "pip install -c constraints.txt ." in runs
+    # Everything `make setup` installs, from the same constraints (the dev extras aside).
+    make = (REPO / "Makefile").read_text()
+    setup = [a for a in re.findall(r"pip install -q (.+?) >", make) if a != "--upgrade pip"]
+    wanted = ["pip install " + a.replace(" -e '.[dev]'", " .") for a in setup]
+    assert setup and all(w in runs for w in wanted), wanted
+    assert re.search(r'pip install --index-url "\$\{TORCH_INDEX_URL\}" -c constraints.txt', runs)
     assert "[dev]" not in text and "pip install torchvision" not in text
     # Job drivers start in the project dir, where rendered RayJobs mount jobs/.
     assert re.findall(r"^WORKDIR (\S+)$", text, re.M)[-1] == PROJECT_DIR

@@ -64,3 +64,12 @@ def test_webdataset_s3_scheme_registered():
     import webdataset  # noqa: F401
 
     assert sys.modules["webdataset.gopen"].gopen_schemes["s3"] is storage._gopen_s3
+
+
+def test_local_copy_of_a_local_file_is_the_file(tmp_path, monkeypatch):
+    p = tmp_path / "w.pth"
+    p.write_bytes(b"x")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert storage.local_copy(str(p)) == str(p) and storage.local_copy("~/w.pth") == str(p)
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        storage.local_copy(str(tmp_path / "nope.pth"))

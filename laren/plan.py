@@ -1,0 +1,135 @@
+"""The run plan: one resolved, immutable description of a run, built before anything is queued, and the cross-field
+rules checked while it is built (`laren validate`, `submit`, `train`, `sweep`).
+
+    build_plan(cfg, run_id)  -> RunPlan(run_id, config (paths absolute, prior architecture from its metadata), inputs,
+                                        resources, run_dir, tracking_uri (no password))
+    write_plan(plan)         -> <run dir>/plan.json in the run's storage (Ray Train workers get plan.config)
+
+The prior's metadata is the one description of its architecture: the plan copies it into ``model.prior`` (mapping
+layers and the channel table, ``channel_table_base`` for a non-stock one), so that the config a checkpoint records
+rebuilds the same generator in `laren eval` and `laren upscale`. The run id is the id of the config as the job
+gives it (``cfg.run_id``, which hashes local paths as written), computed once here and carried by the plan: the
+resolved config (absolute paths, the prior's table) would hash differently.
+
+Elastic sizes. The global batch is fixed; Ray Train may start any worker count in ``resources.min_workers ..
+resources.num_workers``. Every count in that range must divide ``train.batch_size_global`` and, when D is trained
+(``loss.adversarial_weight`` > 0), leave a per-GPU batch that StyleGAN2 D's minibatch stddev accepts: its group is
+min(B, 4) and B must be <= 4 or a multiple of 4 (laren/models/stylegan2.py, Discriminator), and B >= 2, because the
+standard deviation over a group of 1 sample is the constant sqrt(1e-8): the feature would tell D nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from laren.config import ConfigError, RunConfig
+from laren.data import storage
+from laren.models.build import _check_combination
+from laren.redact import redact_text
+
+STDDEV_GROUP = 4  # laren.models.stylegan2.Discriminator.stddev_group
+MIN_STDDEV_BATCH = 2  # a group of one sample has a constant stddev
+
+
+def worker_counts(cfg: RunConfig) -> range:
+    """Every worker count Ray Train may start for ``cfg``."""
+    r = cfg.resources
+    return range(r.min_workers or r.num_workers, r.num_workers + 1)
+
+
+def _bad_split(batch: int, n: int, adversarial: bool) -> str:
+    if batch % n:
+        return f"{n} workers do not divide train.batch_size_global ({batch})"
+    b = batch // n
+    if adversarial and b < MIN_STDDEV_BATCH and batch >= MIN_STDDEV_BATCH:
+        return f"{n} workers leave a per-GPU batch of {b}: D's minibatch stddev over one sample is a constant"
+    if adversarial and b > STDDEV_GROUP and b % STDDEV_GROUP:
+        return f"{n} workers leave a per-GPU batch of {b}, not <= {STDDEV_GROUP} or a multiple of it (D's minibatch stddev)"
+    return ""
+
+
+def check_elastic(cfg: RunConfig) -> None:
+    """Refuse a worker range holding a count that cannot train ``cfg`` (see the module docstring)."""
+    batch, adv = cfg.train.batch_size_global, cfg.loss.adversarial_weight > 0
+    bad = [(n, why) for n in worker_counts(cfg) if (why := _bad_split(batch, n, adv))]
+    if not bad:
+        return
+    ok = [n for n in range(1, cfg.resources.num_workers + 1) if not _bad_split(batch, n, adv)]
+    field = "resources.min_workers" if cfg.resources.min_workers else "resources.num_workers"
+    raise ConfigError(
+        f"{field}: the worker range {worker_counts(cfg).start}..{cfg.resources.num_workers} holds counts that cannot "
+        f"train this job ({'; '.join(why for _, why in bad[:3])}); worker counts that can, up to num_workers: "
+        f"{ok or 'none'}. Choose resources.min_workers and resources.num_workers among them (or change "
+        "train.batch_size_global)"
+    )
+
+
+def check_rules(cfg: RunConfig) -> None:
+    """Every cross-field rule of one run config: the model combination and the elastic sizes."""
+    _check_combination(cfg.model)
+    check_elastic(cfg)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run is, resolved once (see the module docstring)."""
+
+    run_id: str
+    config: dict[str, Any]
+    inputs: dict[str, str] = field(default_factory=dict)  # dotted field -> URL
+    resources: dict[str, Any] = field(default_factory=dict)
+    run_dir: str = ""
+    tracking_uri: str = ""
+
+    def run_config(self) -> RunConfig:
+        return RunConfig.model_validate(self.config)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": "laren-run-plan", "version": 1, **asdict(self)}, indent=1, sort_keys=True)
+
+
+def resolve_prior(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``model.prior``'s architecture read from the prior's metadata (.json); a job whose resolution or
+    style width differs from the prior's is an error naming the field."""
+    from laren.models.prior_io import PriorMeta, prior_paths
+
+    p = cfg.model.prior
+    if not p.path:
+        return cfg
+    json_url = prior_paths(p.path)[1]
+    if not storage.exists(json_url):
+        raise FileNotFoundError(f"model.prior.path: {json_url}: prior metadata (.json) not found; create it with "
+                                "`laren prior import SRC DEST`")
+    meta = PriorMeta.from_json(storage.read_bytes(json_url).decode(), json_url)
+    for name in ("resolution", "style_dim"):
+        if int(getattr(p, name)) != int(getattr(meta, name)):
+            raise ConfigError(f"model.prior.{name}: the job says {getattr(p, name)} but the prior at {p.path} has "
+                              f"{getattr(meta, name)}; set model.prior.{name}: {getattr(meta, name)}")
+    arch = {"mapping_layers": meta.mapping_layers, "channel_multiplier": meta.channel_multiplier,
+            "channel_max": meta.channel_max, "channel_table_base": meta.channel_base}
+    model = cfg.model.model_copy(update={"prior": p.model_copy(update=arch)})
+    return cfg.model_copy(update={"model": model})
+
+
+def build_plan(cfg: RunConfig, run_id: Optional[str] = None, run_dir: Optional[str] = None) -> RunPlan:
+    """The plan of ``cfg`` (rules checked, paths absolute, prior architecture from its metadata)."""
+    from laren.train.distributed import resolve_paths, runs_root  # function-local: it imports this module (via loop)
+
+    check_rules(cfg)
+    run_id = run_id or cfg.run_id
+    rcfg = resolve_prior(resolve_paths(cfg))
+    inputs = {k: v for k, v in (("data.train_url", rcfg.data.train_url), ("data.val_url", rcfg.data.val_url),
+                                ("model.prior.path", rcfg.model.prior.path), ("loss.vgg16_path", rcfg.loss.vgg16_path),
+                                ("eval.alexnet_path", rcfg.eval.alexnet_path)) if v}
+    return RunPlan(run_id=run_id, config=rcfg.to_dict(), inputs=inputs, resources=rcfg.resources.model_dump(mode="json"),
+                   run_dir=run_dir or storage.join(runs_root(rcfg), run_id),
+                   tracking_uri=redact_text(rcfg.tracking.tracking_uri))
+
+
+def write_plan(plan: RunPlan) -> str:
+    """``<run dir>/plan.json`` (atomic); returns its URL."""
+    url = storage.join(plan.run_dir, "plan.json")
+    storage.write_bytes(url, plan.to_json().encode())
+    return url
