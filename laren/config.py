@@ -313,7 +313,8 @@ class PriorTrainConfig(Section):
     ``model.prior``; the data, schedule (``train``), storage, tracking and resources sections are those of SR jobs."""
 
     lr: float = Field(0.002, gt=0, le=1, description="Adam learning rate of G and D (StyleGAN2: 0.002).")
-    betas: tuple[float, float] = Field((0.0, 0.99), description="Adam betas of G and D (StyleGAN2: 0, 0.99).")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.0, 0.99), description="Adam betas of G and D (StyleGAN2: 0, 0.99).")
     r1_gamma: float = Field(10.0, ge=0, le=1e4, description="R1 weight gamma on real images (lazy; 0 disables).")
     r1_every: int = Field(16, ge=1, le=1000, description="Lazy R1: every this many D steps, scaled by it.")
     pl_weight: float = Field(0.0, ge=0, le=100, description="Path-length regularisation weight (StyleGAN2: 2; 0 disables).")
@@ -322,7 +323,7 @@ class PriorTrainConfig(Section):
     style_mixing: float = Field(0.9, ge=0, le=1, description="Probability of style mixing (two z, one crossover layer).")
     ema_kimg: float = Field(10.0, gt=0, le=1e4, description="Half-life of the EMA generator in kimg.")
     ema_rampup: Optional[float] = Field(
-        0.05, description="EMA half-life at most this fraction of the images seen so far (StyleGAN2-ADA; None: off)."
+        0.05, gt=0, le=1, description="EMA half-life at most this fraction of the images seen so far (StyleGAN2-ADA; None: off)."
     )
     diffaugment: list[Literal["translation", "color"]] = Field(
         default_factory=list, description="DiffAugment policies applied to every image D sees (small data sets)."

@@ -27,7 +27,7 @@ from typing import Any, Optional
 from laren.config import ConfigError, RunConfig
 from laren.data import storage
 from laren.models.build import _check_combination
-from laren.redact import redact_text
+from laren.redact import redact, redact_text
 
 STDDEV_GROUP = 4  # laren.models.stylegan2.Discriminator.stddev_group
 MIN_STDDEV_BATCH = 2  # a group of one sample has a constant stddev
@@ -87,7 +87,8 @@ class RunPlan:
         return RunConfig.model_validate(self.config)
 
     def to_json(self) -> str:
-        return json.dumps({"format": "laren-run-plan", "version": 1, **asdict(self)}, indent=1, sort_keys=True)
+        """The plan as written to storage: credentials redacted (a tracking URI's password never reaches a file)."""
+        return json.dumps({"format": "laren-run-plan", "version": 1, **redact(asdict(self))}, indent=1, sort_keys=True)
 
 
 def resolve_prior(cfg: RunConfig) -> RunConfig:

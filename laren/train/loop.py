@@ -329,8 +329,10 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
                     "train/lr": cur_lr, "train/lr_d": cur_lr_d, "train/kimg": st.kimg,
                     "perf/images_per_s": sums[len(acc) + 1] / max(dt, 1e-9), "data/skipped": sums[len(acc) + 2],
                 })
-                if rank == 0:  # cheap: one no-grad encoder + head + CGM pass on two images, and the step's gradients
-                    metrics.update({f"health/{k}": v for k, v in health.step_figures(model, lr_img).items()})
+                if rank == 0:  # cheap: one no-grad encoder + head + CGM pass on two images, and the step's gradients;
+                    # logged here, not returned: the run's final metrics are the same on every rank
+                    tracker.log_metrics({f"health/{k}": v for k, v in health.step_figures(model, lr_img).items()},
+                                        step=st.step)
                 acc = {k: 0.0 for k in acc}
                 acc_n, img_log, t_log = 0, 0, time.perf_counter()
             if st.step % sched.eval_every == 0 or done:
