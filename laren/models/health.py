@@ -41,7 +41,7 @@ from laren.models.laren import LarenSR
 __all__ = ["probe_images", "forward_figures", "grad_figures", "check_init", "quick_check", "tiny_widths", "HealthReport",
            "CRITERIA"]
 
-# name -> (description, test); the figures each criterion reads are those of forward_figures / grad_figures.
+# criterion -> what it requires (judged in _judge from the figures of forward_figures / grad_figures).
 CRITERIA = {
     "g_spread": "std_d(g)/|mean_d(g)| > 0.05 (g is not one number repeated over the attributes)",
     "gdm_mask_share": "the mask explains <= 60 % of rho's variance (HMRR is not a binary gate)",
@@ -170,7 +170,7 @@ def check_init(cfg: ModelConfig, seed: int, prior_available: bool = False, batch
     else:
         maps = model.cgm(latents) if model.cgm is not None else []
         gen = torch.Generator().manual_seed(seed)
-        loss = sum((m * torch.randn(m.shape, generator=gen)).mean() for m in maps) + latents.sum() * 0
+        loss = sum((m * torch.randn(m.shape, generator=gen)).mean() for m in maps) + latents.sum() * 0  # a tensor even without maps
     if loss.requires_grad:  # false only when nothing before the generator is trained in this check
         loss.backward()
     rep.figures.update(grad_figures(model))
