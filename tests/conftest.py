@@ -53,3 +53,22 @@ def ray_head(tmp_path_factory):
     os.environ.update(RayHead.env())
     with RayHead(tmp_path_factory.mktemp("ray"), num_cpus=4) as head:
         yield head
+
+
+def rosinality_checkpoint() -> Path:
+    """The rosinality-format checkpoint ``{"g_ema": state dict, "latent_avg"}`` of the 32 px StyleGAN2 fixture, written
+    once per process with ``torch.save`` from its tensors (tests/fixtures/stylegan2/rosinality-32px.safetensors), so
+    that no pickled weights file is tracked in git."""
+    import tempfile
+    from collections import OrderedDict
+
+    import torch
+    from safetensors.torch import load_file
+
+    out = Path(tempfile.gettempdir()) / f"laren-fixture-{os.getpid()}" / "rosinality-32px.pt"
+    if not out.is_file():
+        flat = load_file(str(FIXTURES / "stylegan2" / "rosinality-32px.safetensors"))
+        g = OrderedDict((k[len("g_ema."):], v) for k, v in flat.items() if k.startswith("g_ema."))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"g_ema": g, "latent_avg": flat["latent_avg"]}, out)
+    return out

@@ -10,6 +10,8 @@ import json
 
 import numpy as np
 import pytest
+
+from tests.conftest import rosinality_checkpoint
 from click.testing import CliRunner
 from PIL import Image
 
@@ -26,7 +28,7 @@ def test_run_on_non_stock_prior_reloads_in_eval_and_upscale(tmp_path, fixtures_d
     from laren.train.loop import WorkerContext, train_worker
 
     dest = tmp_path / "priors" / "p32"
-    res = CliRunner().invoke(main, ["prior", "import", str(fixtures_dir / "stylegan2" / "rosinality-32px.pt"), str(dest)])
+    res = CliRunner().invoke(main, ["prior", "import", str(rosinality_checkpoint()), str(dest)])
     assert res.exit_code == 0, res.output
     data = make_tiny_dataset(str(tmp_path / "shards"), tmp_path)
     model = copy.deepcopy(TINY_MODEL)

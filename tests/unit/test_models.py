@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import rosinality_checkpoint
 import torch
 from click.testing import CliRunner
 
@@ -300,7 +302,7 @@ def test_parameter_summary_is_instant_and_allocates_nothing():
 
 @pytest.fixture(scope="module")
 def imported_prior(tmp_path_factory):
-    src = FIXTURES / "stylegan2" / "rosinality-32px.pt"
+    src = rosinality_checkpoint()
     from laren.models.prior_io import import_prior
 
     dest = tmp_path_factory.mktemp("priors") / "rosinality-32px"

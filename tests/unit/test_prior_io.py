@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import rosinality_checkpoint
 import torch
 from torch import nn
 
@@ -26,7 +28,7 @@ from laren.models.prior_io import UnsafePickleError, fit_channel_table, import_p
 from laren.models.stylegan2 import Discriminator
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "stylegan2"
-CKPT = FIXTURES / "rosinality-32px.pt"
+CKPT = rosinality_checkpoint()
 CASES = FIXTURES / "rosinality-32px-cases.npz"
 
 

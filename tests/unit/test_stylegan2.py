@@ -10,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import rosinality_checkpoint
 import torch
 
 from laren.models.stylegan2 import Discriminator, Generator, channel_table
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "stylegan2"
-CKPT = FIXTURES / "rosinality-32px.pt"
+CKPT = rosinality_checkpoint()
 CASES = FIXTURES / "rosinality-32px-cases.npz"
 FIXTURE_ARCH = dict(resolution=32, style_dim=64, mapping_layers=2, channel_multiplier=1, channel_base=512, channel_max=64)
 
