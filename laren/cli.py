@@ -553,11 +553,14 @@ def services_url_cmd(service) -> None:
 
 @main.command("demo")
 @click.option("--num-cpus", type=int, default=None, help="CPUs the local Ray head offers (default: all).")
-def demo_cmd(num_cpus) -> None:
-    """The embedded default: local services, a small real-image data set, the demo job trained and evaluated on CPU."""
+@click.option("--photos", is_flag=True, help="The scikit-image photographs with a random prior (jobs/demo-photos.yaml) "
+              "instead of the synthetic faces with the laren-trained prior.")
+def demo_cmd(num_cpus, photos) -> None:
+    """The embedded default: local services, synthetic faces in the local S3, LAREN and Base trained on the
+    laren-trained 32 px prior through `laren submit`, LAREN evaluated; all on CPU."""
     from laren.demo import run_demo
 
-    if not run_demo(num_cpus=num_cpus, log=click.echo):
+    if not run_demo(num_cpus=num_cpus, log=click.echo, photos=photos):
         sys.exit(1)
 
 

@@ -122,6 +122,12 @@ class ModelConfig(Section):
     )
     gdm: GDMConfig = Field(default_factory=GDMConfig, description="GDM sizes.")
     cgm: CGMConfig = Field(default_factory=CGMConfig, description="CGM sizes.")
+    learn_noise_strength: bool = Field(
+        False,
+        description="Also learn the prior's per-layer noise strengths w_m (choice C15's alternative, +N_noise "
+        "parameters; the rest of the prior stays frozen). For a prior trained on data without stochastic detail, whose "
+        "strengths are ~0 (priors/synth32: |w_m| <= 0.008), so that frozen they would make the CGM's codes inert.",
+    )
     glean_skips: bool = Field(
         False, description="Add GLEAN's multi-scale encoder features and decoder (off by default; choice C17)."
     )
@@ -214,7 +220,7 @@ class TrainConfig(Section):
     max_failures: int = Field(3, ge=0, le=1000, description="Worker-group restarts (from the last checkpoint) before the run fails.")
     seed: int = Field(0, ge=0, lt=1 << 63, description="Seed of model init, data order and noise.")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
-    sample_grid_images: int = Field(4, ge=1, le=256, description="Images in each logged LR | SR | HR sample grid.")
+    sample_grid_images: int = Field(4, ge=1, le=256, description="Images in each logged LR | bicubic | SR | HR sample grid.")
 
 
 class EvalConfig(Section):

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from laren import metrics as M
 from laren.imresize import imresize
@@ -49,10 +50,12 @@ def to_uint8_hwc(x_3hw: torch.Tensor) -> np.ndarray:
 
 
 def sample_grid(lr_b3ll: torch.Tensor, sr_b3RR: torch.Tensor, hr_b3RR: torch.Tensor, n: int) -> np.ndarray:
-    """One row per image: LR bicubic-upscaled | SR | HR, as uint8 (n·R, 3·R, 3)."""
+    """One row per image: LR (pixels enlarged) | LR bicubic-upscaled | SR | HR, as uint8 (n·R, 4·R, 3)."""
     n = min(n, sr_b3RR.shape[0])
-    up = upscale_bicubic(lr_b3ll[:n].cpu(), sr_b3RR.shape[-1])
-    rows = [torch.cat([up[i], sr_b3RR[i].float().cpu(), hr_b3RR[i].float().cpu()], dim=-1) for i in range(n)]
+    lr = lr_b3ll[:n].float().cpu()
+    px = F.interpolate(lr, size=sr_b3RR.shape[-2:], mode="nearest")
+    up = upscale_bicubic(lr, sr_b3RR.shape[-1])
+    rows = [torch.cat([px[i], up[i], sr_b3RR[i].float().cpu(), hr_b3RR[i].float().cpu()], dim=-1) for i in range(n)]
     return to_uint8_hwc(torch.cat(rows, dim=-2))
 
 

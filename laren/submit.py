@@ -426,7 +426,7 @@ def mlflow_url(tracking_uri: str, experiment: str, run_name: str, create: bool =
     try:
         from mlflow.tracking import MlflowClient
 
-        from laren.tracking import RUN_ID_TAG, set_http_env_defaults
+        from laren.tracking import RUN_ID_TAG, create_experiment, set_http_env_defaults
 
         set_http_env_defaults()
         c = MlflowClient(tracking_uri)
@@ -434,7 +434,7 @@ def mlflow_url(tracking_uri: str, experiment: str, run_name: str, create: bool =
         if exp is None:
             if not create:
                 return ""
-            exp_id = c.create_experiment(experiment)
+            exp_id = create_experiment(c, tracking_uri, experiment)
         else:
             exp_id = exp.experiment_id
         runs = c.search_runs([exp_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{run_name}'", max_results=1)

@@ -101,6 +101,17 @@ def set_http_env_defaults() -> None:
         os.environ.setdefault(k, v)
 
 
+def create_experiment(client, tracking_uri: str, name: str) -> str:
+    """Create the MLflow experiment ``name``; returns its id. With a local SQLite store (``sqlite:///path/x.db``, no
+    server) its artifacts go to ``path/x-artifacts/`` beside the database, not to MLflow's default ``./mlruns`` of
+    whichever process creates it (a Ray worker's temporary folder)."""
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):]).absolute()
+        location = (db.parent / f"{db.stem}-artifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"model": {"gdm": {"num_nodes": 64}}}`` -> ``{"model.gdm.num_nodes": 64}``. Lists stay leaves."""
     out: dict[str, Any] = {}
@@ -292,7 +303,7 @@ class Tracker(NullTracker):
                 )
             return exp.experiment_id
         try:
-            return self.client.create_experiment(self.experiment)
+            return create_experiment(self.client, self.tracking_uri, self.experiment)
         except MlflowException as err:  # created concurrently by another process (sweep trials)
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise

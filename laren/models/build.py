@@ -112,7 +112,8 @@ def _assemble(cfg: ModelConfig, G: Generator) -> LarenSR:
     decoder = None
     if cfg.glean_skips:
         decoder = GleanDecoder(cfg.lr_size, G.resolution, G.channels, encoder.channels, lr_skip=cfg.glean_lr_skip)
-    return LarenSR(encoder, head, G, cgm=cgm, decoder=decoder, eval_noise_seed=cfg.eval_noise_seed)
+    return LarenSR(encoder, head, G, cgm=cgm, decoder=decoder, eval_noise_seed=cfg.eval_noise_seed,
+                   learn_noise_strength=cfg.learn_noise_strength)
 
 
 # A random generator's noise strengths start at 0 (StyleGAN2's init), so its noise inputs, and with them the CGM, would

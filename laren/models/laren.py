@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from laren.models.stylegan2 import NoiseInjection
+
 __all__ = ["LarenSR", "GleanDecoder"]
 
 
@@ -102,6 +104,7 @@ class LarenSR(nn.Module):
         cgm: Optional[nn.Module] = None,
         decoder: Optional[GleanDecoder] = None,
         eval_noise_seed: int = 0,
+        learn_noise_strength: bool = False,
     ):
         super().__init__()
         self.encoder, self.head, self.generator, self.cgm, self.decoder = encoder, head, generator, cgm, decoder
@@ -109,6 +112,10 @@ class LarenSR(nn.Module):
         if cgm is not None and self.head_produces != "latents":
             raise ValueError("the CGM reads the latent codes g_n; it cannot follow a StyleSpace (S) head")
         generator.requires_grad_(False)
+        if learn_noise_strength:  # choice C15's alternative: the scalars w_m of x + w_m * noise_m are trained
+            for m in generator.modules():
+                if isinstance(m, NoiseInjection):
+                    m.weight.requires_grad_(True)
         generator.eval()
         # Fixed evaluation noise (1, 1, r, r) per layer, drawn on the CPU from eval_noise_seed so that it does not
         # depend on the device; non-persistent: it is a function of the seed, not a weight.

@@ -64,7 +64,7 @@ def test_every_shipped_model_is_alive_at_init(name, model):
 
 def test_demo_alive_through_the_generator_for_20_seeds():
     """The demo's own model, with the real SR loss through its (random, 32 px) generator."""
-    cfg = load_any(REPO / "jobs" / "demo.yaml").run_config().model
+    cfg = load_any(REPO / "jobs" / "demo-photos.yaml").run_config().model
     for seed in SEEDS:
         rep = health.check_init(cfg, seed)
         assert rep.passed, (seed, rep.checks)
@@ -74,7 +74,7 @@ def test_demo_alive_through_the_generator_for_20_seeds():
 def test_v1_switches_reproduce_the_v1_failures():
     """cgm_activation: relu and relation_logits: l2 (spec v1): rho is a binary gate in every seed, and the CGM is
     dead (zero gradient to W_Q / W_K / W_t, image-independent noise maps) in some."""
-    cfg = load_any(REPO / "jobs" / "demo.yaml").run_config().model
+    cfg = load_any(REPO / "jobs" / "demo-photos.yaml").run_config().model
     v1 = cfg.model_copy(update={"cgm_activation": "relu", "gdm": cfg.gdm.model_copy(update={"relation_logits": "l2"})})
     reps = [health.check_init(v1, seed) for seed in range(6)]
     assert all(r.figures["gdm_mask_share"] > 0.99 for r in reps)
@@ -84,13 +84,13 @@ def test_v1_switches_reproduce_the_v1_failures():
 
 
 def test_validate_refuses_a_dead_model(tmp_path):
-    text = (REPO / "jobs" / "demo.yaml").read_text()
+    text = (REPO / "jobs" / "demo-photos.yaml").read_text()
     text = text.replace("  cgm_relation: rerr\n", "  cgm_relation: rerr\n  cgm_activation: relu\n")
     text = text.replace("    relation_scale: dim\n", "    relation_scale: dim\n    relation_logits: l2\n")
-    (tmp_path / "dead.yaml").write_text(text.replace("name: demo", "name: dead"))
+    (tmp_path / "dead.yaml").write_text(text.replace("name: demo-photos", "name: dead"))
     with pytest.raises(ConfigError, match=r"(?s)model health: .*dead \(train\): gdm_mask_share \(0\.99"):
         validate(tmp_path / "dead.yaml", summary=False)
-    _, ok = validate(REPO / "jobs" / "demo.yaml", summary=False)
+    _, ok = validate(REPO / "jobs" / "demo-photos.yaml", summary=False)
     assert "# model health (quick check, tiny widths): PASS, 1 model(s)" in ok
 
 

@@ -227,6 +227,27 @@ def test_cgm_noise_replaces_random_noise():
         assert aux["latents"].shape == (2, 8, 32) and len(aux["noise"]) == 7
 
 
+def test_learn_noise_strength_trains_the_strengths_only():
+    """Choice C15's alternative: a prior with (near) zero noise strengths makes the CGM inert (zero gradient); with
+    learn_noise_strength the strengths w_m, and only they, join the trained parameters, and the CGM then learns."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    for learn in (False, True):
+        model = build_model(tiny(learn_noise_strength=learn)).train()
+        strengths = [m.noise.weight for m in model.generator.modules() if hasattr(m, "noise")]
+        with torch.no_grad():  # as priors/synth32's (|w_m| <= 0.008): a prior whose data had no stochastic detail
+            for w in strengths:
+                w.zero_()
+        assert len(strengths) == 7
+        gen_trained = [p for p in model.generator.parameters() if p.requires_grad]
+        assert [id(p) for p in gen_trained] == ([id(w) for w in strengths] if learn else [])
+        assert {id(p) for p in gen_trained} <= {id(p) for p in model.trainable_parameters()}
+        model(x).square().mean().backward()
+        assert all(float(p.grad.abs().sum()) == 0 for p in model.cgm.parameters())  # w_m = 0: no path yet
+        if learn:
+            assert all(float(w.grad.abs()) > 0 for w in strengths)  # the strengths move, then the CGM matters
+
+
 def test_w_head_broadcasts_and_s_head_slices_in_generator_order():
     torch.manual_seed(0)
     m_w = build_tiny(tiny(latent_space="w", noise_source="random")).eval()

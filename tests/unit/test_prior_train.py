@@ -145,7 +145,7 @@ def test_committed_prior_loads_and_round_trips(tmp_path):
     src = Path("priors/synth32.safetensors")
     assert src.stat().st_size <= 5 * 2**20
     g, d, meta = load_prior(str(src))  # verifies the sha256 of the JSON
-    job = load_job("jobs/demo-synth.yaml").model.prior
+    job = load_job("jobs/demo.yaml").model.prior
     assert (meta.resolution, meta.style_dim, meta.mapping_layers, meta.channel_max) == (
         job.resolution, job.style_dim, job.mapping_layers, job.channel_max) and d is not None
     assert import_prior(str(src), str(tmp_path / "again")).sha256 == meta.sha256

@@ -85,3 +85,18 @@ def test_cli_and_bad_input(tmp_path):
         synth.synth("cars", str(tmp_path / "x"), 32, 4)
     with pytest.raises(ValueError, match="other settings"):  # a DEST holding another seed is not overwritten
         synth.synth("faces", str(tmp_path / "c"), 32, 6, seed=2, progress=False)
+
+
+def test_demo_data_is_written_once(tmp_path):
+    """`make demo`'s data step: train (seed 0) and held-out (seed 1) sets; a complete set is kept, not rewritten."""
+    from laren.demo import synth_demo_data
+
+    urls = str(tmp_path / "train"), str(tmp_path / "val")
+    said: list[str] = []
+    assert synth_demo_data(*urls, train_count=12, val_count=6, log=said.append) == {"train": 12, "val": 6}
+    first = pack.read_manifest(urls[1])
+    assert first["seed"] == 1 and "already" not in " ".join(said)
+    said.clear()
+    assert synth_demo_data(*urls, train_count=12, val_count=6, log=said.append) == {"train": 12, "val": 6}
+    assert len(said) == 2 and all("already written" in s for s in said)
+    assert pack.read_manifest(urls[1]) == first

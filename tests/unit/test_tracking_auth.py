@@ -64,3 +64,17 @@ def test_submit_says_one_line_before_queueing(refusing_server, tmp_path, monkeyp
     assert res.exit_code == 2, res.output
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: MLflow at http://laren:***@127.0.0.1") and f"HTTP {status}" in lines[0]
+
+
+def test_local_sqlite_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatch):
+    """Without a server, an experiment's artifacts go beside the .db, whatever the creating process's cwd is."""
+    from mlflow.tracking import MlflowClient
+
+    from laren.tracking import create_experiment
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    monkeypatch.chdir(tmp_path)  # a worker's temporary folder would otherwise get ./mlruns
+    c = MlflowClient(uri)
+    exp = c.get_experiment(create_experiment(c, uri, "x"))
+    assert exp.artifact_location == (tmp_path / "store" / "mlflow-artifacts").as_uri()
