@@ -94,6 +94,40 @@ def test_perceptual_loss_uses_imagenet_norm_on_minus1_1_images():
     assert perceptual_loss(vgg, hr, hr).item() == 0.0
 
 
+def test_perceptual_hr_branch_has_no_graph_and_the_same_gradient():
+    """The HR branch under no_grad: the same loss and d/d(sr) as one graph over [sr; hr.detach()], with about half of
+    the saved activations, and no gradient ever reaches hr."""
+    vgg = random_vgg16(seed=7)
+    g = torch.Generator().manual_seed(8)
+    sr0 = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    hr = (torch.rand(2, 3, 32, 32, generator=g) * 2 - 1).requires_grad_(True)
+
+    def one_graph(sr):  # the previous formulation
+        x = torch.cat([sr, hr.detach()], dim=0)
+        f_sr, f_hr = vgg((x - vgg.mean) / vgg.std).chunk(2, dim=0)
+        return torch.nn.functional.mse_loss(f_sr, f_hr.detach())
+
+    weights = {p.data_ptr() for p in vgg.parameters()}
+
+    def saved_bytes_and_grad(fn):  # bytes of the activations autograd saves (VGG's weights are saved by both)
+        sr, nbytes = sr0.clone().requires_grad_(True), []
+
+        def pack(t):
+            nbytes.append(0 if t.data_ptr() in weights else t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = fn(sr)
+        loss.backward()
+        return loss.detach(), sr.grad, sum(nbytes)
+
+    l_new, g_new, b_new = saved_bytes_and_grad(lambda sr: perceptual_loss(vgg, sr, hr))
+    l_old, g_old, b_old = saved_bytes_and_grad(one_graph)
+    torch.testing.assert_close(l_new, l_old, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_new, g_old, rtol=1e-4, atol=1e-8)
+    assert hr.grad is None and b_new < 0.6 * b_old
+
+
 def test_losses_fall_under_gradient_descent_and_vgg_stays_frozen():
     vgg = random_vgg16(seed=5)
     g = torch.Generator().manual_seed(6)
