@@ -157,8 +157,8 @@ def _wait(sub, address: str, log, timeout_s: float, follow: bool = True) -> str:
     return st
 
 
-def _fmt(v) -> str:
-    return f"{v:.2f}" if isinstance(v, float) and math.isfinite(v) else "n/a"
+def _fmt(v, digits: int = 2) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, float) and math.isfinite(v) else "n/a"
 
 
 def run_demo(root: Optional[Path] = None, num_cpus: Optional[int] = None, log: Callable[[str], None] = print,
@@ -208,9 +208,10 @@ def run_demo(root: Optional[Path] = None, num_cpus: Optional[int] = None, log: C
     log(f"| bicubic upsampling | - | {_fmt(tm.get('val/psnr_bicubic'))} | - |")
     if not photos:
         bm, _ = metrics[1]
-        log(f"| Base (W latent, random noise) | {train_jobs[1].name} | {_fmt(bm.get('val/psnr'))} | {_fmt(bm.get('val/ssim'))} |")
-    log(f"| LAREN | {train_jobs[0].name} | {_fmt(tm.get('val/psnr'))} | {_fmt(tm.get('val/ssim'))} |")
-    log(f"| LAREN, eval job (all held-out images) | {eval_job.name} | {_fmt(em.get('test/psnr'))} | {_fmt(em.get('test/ssim'))} |")
+        log(f"| Base (W latent, random noise) | {train_jobs[1].name} | {_fmt(bm.get('val/psnr'))} | {_fmt(bm.get('val/ssim'), 3)} |")
+    log(f"| LAREN | {train_jobs[0].name} | {_fmt(tm.get('val/psnr'))} | {_fmt(tm.get('val/ssim'), 3)} |")
+    log(f"| bicubic, all held-out images | {eval_job.name} | {_fmt(em.get('test/psnr_bicubic'))} | - |")
+    log(f"| LAREN, all held-out images | {eval_job.name} | {_fmt(em.get('test/psnr'))} | {_fmt(em.get('test/ssim'), 3)} |")
     log("")
     log(f"MLflow UI:      {uri}")
     for p, (_, url) in zip(train_jobs, metrics):
