@@ -174,20 +174,40 @@ def latest_checkpoint(runs_url: str, run_id: str) -> str:
     return storage.join(base, max(names))
 
 
+def checkpoint_run_id(ref: str, root: Optional[Path] = None) -> str:
+    """The run id a job-file reference names: ``jobs/x.yaml`` (a train job) or ``jobs/grid.yaml#row`` (a grid row)."""
+    path, _, row = ref.partition("#")
+    p = Path(path)
+    if not p.is_absolute():
+        p = (root or Path.cwd()) / p
+    if not p.is_file():
+        raise FileNotFoundError(f"job file not found: {path} (looked at {p})")
+    job = load_job(p)
+    if job.kind == "grid":
+        ids = {v.name: cfg.run_id for v, cfg in job.rows()}
+        if row not in ids:
+            raise ConfigError(f"{ref}: name one row of the grid as {path}#<row>; rows: {', '.join(ids)}")
+        return ids[row]
+    if row:
+        raise ConfigError(f"{ref}: '#{row}' names a grid row, but {path} is kind: {job.kind}")
+    return job.run_id
+
+
+def checkpoint_url(ref: str, runs_url: str, root: Optional[Path] = None) -> str:
+    """The checkpoint directory a reference names: a job file (``#row`` for a grid row) -> its run's newest
+    checkpoint; a URL or path with '/' -> itself; else a run id -> its newest checkpoint under ``runs_url``."""
+    if ref.partition("#")[0].endswith((".yaml", ".yml")):
+        return latest_checkpoint(runs_url, checkpoint_run_id(ref, root))
+    if "/" in ref or "://" in ref:
+        return ref
+    return latest_checkpoint(runs_url, ref)
+
+
 def resolve_checkpoint(spec: JobSpec, root: Optional[Path] = None) -> str:
     """The checkpoint URL an eval job names (see the module docstring)."""
     from laren.train.distributed import resolve_paths, runs_root
 
-    ck = spec.checkpoint
-    runs = runs_root(resolve_paths(spec.run_config()))
-    if ck.endswith((".yaml", ".yml")):
-        p = Path(ck)
-        if not p.is_absolute():
-            p = (root or Path.cwd()) / p
-        return latest_checkpoint(runs, load_job(p).run_id)
-    if "/" in ck or "://" in ck:
-        return ck
-    return latest_checkpoint(runs, ck)
+    return checkpoint_url(spec.checkpoint, runs_root(resolve_paths(spec.run_config())), root)
 
 
 def run_eval_job(spec: JobSpec, out_dir: Optional[str] = None, root: Optional[Path] = None) -> dict[str, Any]:
