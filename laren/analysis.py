@@ -40,13 +40,14 @@ import torch
 from laren import disentangle as DI
 from laren.config import AnalysisConfig, ConfigError
 from laren.data.synth import read_factor_samples, read_samples
-from laren.imresize import imresize_uint8
+from laren.evaluate import load_model_from_checkpoint, lr_images
 from laren.metrics import latent_correlation
 from laren.specs import JobSpec
 
 HEAD_SPACE = {"w": "W", "w+": "W+", "s": "S", "g": "G"}
 # Paper Table II (W / W+ / S / G): D, C, I.
 PAPER = {"W": (0.47, 0.51, 0.94), "W+": (0.56, 0.63, 0.96), "S": (0.68, 0.76, 0.99), "G": (0.82, 0.88, 0.99)}
+SPACE_SLUG = {"Z": "z", "W (= Z)": "w", "W+": "wplus", "S": "s", "G": "g"}
 FIG7_ROWS, FIG7_COLS = slice(15, 20), slice(0, 15)  # dims 16-20 x 1-15, 1-based
 
 
@@ -88,12 +89,6 @@ def load_labelled(url: str, limit: int, labels_csv: Optional[str]) -> tuple[np.n
                           f"(first: {missing[:3]}); the first column must name each packed source file")
     labels = np.array([table[s] for s in stems], dtype=np.float64)
     return imgs, labels, [{"name": n, "kind": "discrete"} for n in names]
-
-
-def lr_batch(hr_uint8_nhwc: np.ndarray, lr_size: int) -> torch.Tensor:
-    """HR uint8 (N, R, R, 3) -> LR (N, 3, l, l) in [-1, 1], MATLAB bicubic as the data pipeline makes it."""
-    hr = torch.from_numpy(hr_uint8_nhwc).permute(0, 3, 1, 2).contiguous()
-    return imresize_uint8(hr, lr_size / hr.shape[-1]).float() / 127.5 - 1.0
 
 
 # ----------------------------------------------------------------------------------------------- codes
@@ -151,9 +146,11 @@ def heatmap(rho: np.ndarray, title: str, vmax: float, path: Path) -> np.ndarray:
 
 
 def slug(text: str) -> str:
-    """A metric-name part: lowercase letters, digits and '-' ('W+' -> 'wplus', 'W (= Z)' -> 'w')."""
-    text = text.split(" (")[0].replace("+", "plus")
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
+    """A metric-name part: a space's short name ('W+' -> 'wplus', 'W (= Z)' -> 'w'), or a label in lowercase letters,
+    digits and '-' ('Base+GDM (HMRR)' -> 'base-plus-gdm-hmrr')."""
+    if text in SPACE_SLUG:
+        return SPACE_SLUG[text]
+    return re.sub(r"[^a-z0-9]+", "-", text.lower().replace("+", " plus ")).strip("-") or "x"
 
 
 def table2(rows: list[dict[str, Any]]) -> tuple[str, str]:
@@ -202,7 +199,6 @@ def check_targets(spec: JobSpec, root: Optional[Path] = None) -> None:
 def run_analysis(spec: JobSpec, root: Optional[Path] = None, out_dir: Optional[str] = None,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run an analysis job (see the module docstring); returns {"run_id", "rows", "table_md", "fig7"}."""
-    from laren.evaluate import load_model_from_checkpoint
     from laren.grid import checkpoint_url
     from laren.submit import experiment_name
     from laren.tracking import Tracker
@@ -216,6 +212,9 @@ def run_analysis(spec: JobSpec, root: Optional[Path] = None, out_dir: Optional[s
         raise ConfigError(f"{spec.name}: data.val_url is empty: set it to the labelled images (a synthetic set, or a "
                           "packed set with analysis.labels_csv)")
     check_targets(spec, root)
+    labels = [slug(t.label) for t in acfg.checkpoints]
+    if len(set(labels)) < len(labels):
+        raise ConfigError(f"analysis.checkpoints: labels must differ in letters and digits (metric names: {labels})")
     runs = runs_root(cfg)
     cks = [(t.label, checkpoint_url(t.checkpoint, runs, root)) for t in acfg.checkpoints]  # all found before any work
     imgs, labels, specs = load_labelled(cfg.data.val_url, acfg.max_images, acfg.labels_csv)
@@ -239,7 +238,7 @@ def run_analysis(spec: JobSpec, root: Optional[Path] = None, out_dir: Optional[s
     try:
         for label, url in cks:
             model, mcfg, _ = load_model_from_checkpoint(url)
-            lr = lr_batch(imgs, mcfg.model.lr_size)
+            lr = lr_images(imgs, mcfg.model.lr_size)
             if imgs.shape[1] != mcfg.model.prior.resolution:
                 raise ConfigError(f"{label}: {cfg.data.val_url} is {imgs.shape[1]} px, the model's output "
                                   f"{mcfg.model.prior.resolution} px")
