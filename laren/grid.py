@@ -128,10 +128,12 @@ def summary_table(rows: list[dict[str, Any]]) -> tuple[str, str]:
     return "\n".join(md) + "\n", buf.getvalue()
 
 
-def sr_factor_fd(base: RunConfig, checkpoints: dict[str, str], log: Callable[[str], None] = print) -> dict[str, float]:
+def sr_factor_fd(base: RunConfig, checkpoints: dict[str, str], log: Callable[[str], None] = print,
+                 regressor_steps: int = 600) -> dict[str, float]:
     """{run id: factor-FD of its SR images} on a synthetic validation set (:mod:`laren.factor_fd`): the Fréchet
     distance between the features of the first ``data.num_val_images`` HR images and of each checkpoint's SR images
-    of them, with a factor regressor fitted once on up to 4096 training images (600 steps, seed train.seed). {} when
+    of them, with a factor regressor fitted once on up to 4096 training images (``regressor_steps``, seed train.seed,
+as `laren prior train`'s default). {} when
     the validation set has no factors."""
     import torch
 
@@ -145,7 +147,7 @@ def sr_factor_fd(base: RunConfig, checkpoints: dict[str, str], log: Callable[[st
     src = base.data.train_url if base.data.train_url and pack.read_manifest(base.data.train_url).get("factors") \
         else base.data.val_url
     timgs, tf, specs = read_factor_samples(src, 4096)
-    net = FD.train_regressor(FD.to_unit(timgs), torch.from_numpy(tf), specs, 600, seed=base.train.seed)
+    net = FD.train_regressor(FD.to_unit(timgs), torch.from_numpy(tf), specs, regressor_steps, seed=base.train.seed)
     imgs, _, _ = read_factor_samples(base.data.val_url, base.data.num_val_images)
     real = FD.feature_stats(net, FD.to_unit(imgs))
     out = {}

@@ -259,6 +259,10 @@ def run_configs(spec: Spec) -> list[tuple[str, RunConfig]]:
 
 def resources_text(spec: Spec) -> str:
     """What the job asks the cluster for, per run and at most at once."""
+    if spec_kind(spec) == "analysis":
+        a = spec.analysis
+        return (f"runs in the job's driver process (no training workers): {len(a.checkpoints)} model(s), up to "
+                f"{a.max_images} images, estimator {a.estimator}")
     lines = []
     cfgs = run_configs(spec)
     for label, cfg in cfgs[:1]:
@@ -356,7 +360,7 @@ def validate(path: Union[str, Path], summary: bool = True, health: bool = True) 
             parts.append("# rows (run id: overrides)\n" + "\n".join(
                 f"  {cfg.run_id}: {v.overrides or '(base)'}" for v, cfg in spec.rows()))
     parts.append("# resources asked for\n" + resources_text(spec))
-    if summary:
+    if summary and spec_kind(spec) != "analysis":  # an analysis job's models are those of its checkpoints
         cfgs = run_configs(spec)
         parts.append(f"# model summary ({cfgs[0][0]})\n" + model_summary_text(cfgs[0][1]))
     if health and spec_kind(spec) in ("train", "grid", "sweep"):

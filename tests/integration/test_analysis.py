@@ -1,5 +1,6 @@
 """`laren analyze` end to end against a real MLflow server: a tiny synthetic face set with known factors, a tiny LAREN
-trained on it for a few steps (the worker loop, checkpoints where its train job's run keeps them), then an analysis
+trained on it for a few steps (the worker loop, checkpoints where its train job's run keeps them; the factor-FD of its
+SR images, as a grid on this set reports it), then an analysis
 job naming that train job: Table II (markdown + CSV) and the two Fig. 7 heatmaps (Z and G) are logged to one run whose
 metrics equal the table."""
 
@@ -18,6 +19,7 @@ import yaml
 
 from laren import submit as S
 from laren.data.synth import synth
+from laren.grid import latest_checkpoint, sr_factor_fd
 from laren.specs import load_job
 from tests.integration._tiny_jobs import job_env, mlflow_runs, tiny_job
 
@@ -37,7 +39,14 @@ def test_analyze_logs_table2_and_fig7(mlflow_server, tmp_path, monkeypatch):
     cfg = load_job(train_job).run_config()
     from laren.train.loop import WorkerContext, train_worker
 
-    train_worker(cfg, WorkerContext(run_id=cfg.run_id, checkpoint_root=str(tmp_path / "storage" / "runs" / cfg.run_id)))
+    runs = tmp_path / "storage" / "runs"
+    train_worker(cfg, WorkerContext(run_id=cfg.run_id, checkpoint_root=str(runs / cfg.run_id)))
+
+    # What a grid on this set adds to its table: the factor-FD of the run's SR images against the HR images.
+    ck = latest_checkpoint(str(runs), cfg.run_id)
+    fd = sr_factor_fd(cfg, {cfg.run_id: ck}, log=lambda *_: None, regressor_steps=20)
+    assert set(fd) == {cfg.run_id} and 0 < fd[cfg.run_id] < float("inf")
+    assert sr_factor_fd(cfg.model_copy(update={"data": cfg.data.model_copy(update={"val_url": ""})}), {"x": ck}) == {}
 
     job = {"kind": "analysis", "name": "analysis-tiny", "data": {"val_url": val},
            "tracking": {"experiment": "analysis-it", "system_metrics": False},
