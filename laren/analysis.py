@@ -41,6 +41,7 @@ from laren import disentangle as DI
 from laren.config import AnalysisConfig, ConfigError
 from laren.data.synth import read_factor_samples, read_samples
 from laren.evaluate import load_model_from_checkpoint, lr_images
+from laren.grid import checkpoint_run_id, checkpoint_url
 from laren.metrics import latent_correlation
 from laren.specs import JobSpec
 
@@ -185,8 +186,6 @@ def _matrix_csv(r: np.ndarray, factors: list[str]) -> str:
 
 def check_targets(spec: JobSpec, root: Optional[Path] = None) -> None:
     """Every job file an analysis job names exists and, with '#row', names a row of a grid (before anything runs)."""
-    from laren.grid import checkpoint_run_id
-
     for i, t in enumerate(spec.analysis.checkpoints):
         path = t.checkpoint.partition("#")[0]
         if path.endswith((".yaml", ".yml")):
@@ -199,7 +198,6 @@ def check_targets(spec: JobSpec, root: Optional[Path] = None) -> None:
 def run_analysis(spec: JobSpec, root: Optional[Path] = None, out_dir: Optional[str] = None,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run an analysis job (see the module docstring); returns {"run_id", "rows", "table_md", "fig7"}."""
-    from laren.grid import checkpoint_url
     from laren.submit import experiment_name
     from laren.tracking import Tracker
     from laren.train.distributed import resolve_paths, runs_root
