@@ -1,4 +1,4 @@
-"""`laren analyze` end to end against a real MLflow server: a tiny synthetic face set with known factors, a tiny LAREN
+"""`laren analyze` end to end, submitted to a real Ray head (`laren submit`) and logging to a real MLflow server: a tiny synthetic face set with known factors, a tiny LAREN
 trained on it for a few steps (the worker loop, checkpoints where its train job's run keeps them; the factor-FD of its
 SR images, as a grid on this set reports it), then an analysis
 job naming that train job: Table II (markdown + CSV) and the two Fig. 7 heatmaps (Z and G) are logged to one run whose
@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +20,10 @@ from laren.grid import latest_checkpoint, sr_factor_fd
 from laren.specs import load_job
 from tests.integration._tiny_jobs import job_env, mlflow_runs, tiny_job
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
-REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def test_analyze_logs_table2_and_fig7(mlflow_server, tmp_path, monkeypatch):
+def test_analyze_logs_table2_and_fig7(ray_head, mlflow_server, tmp_path, monkeypatch):
     val = str(tmp_path / "synth-val")
     synth("faces", val, resolution=32, count=96, seed=1, progress=False)
     train_job = tiny_job(tmp_path, "tiny-synth", (val, val), steps=4, eval_every=4, ckpt_every=4,
@@ -58,10 +54,11 @@ def test_analyze_logs_table2_and_fig7(mlflow_server, tmp_path, monkeypatch):
     assert spec.kind == "analysis" and "kind analysis" in text
     assert S.job_entrypoint("analysis", "jobs/analysis-tiny.yaml") == "python -m laren.cli analyze jobs/analysis-tiny.yaml"
 
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "laren.cli", "analyze", str(path), "--out", str(out)], cwd=tmp_path,
-                          env={**os.environ, **env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # As a user would: `laren submit` to a real Ray head runs `python -m laren.cli analyze <job>` as a Ray job.
+    sub = S.submit(path, address=ray_head.dashboard_url, working_dir=tmp_path, env=env)
+    assert sub.kind == "analysis" and sub.run_id == spec.run_id
+    st = S.wait(spec.run_id, ray_head.dashboard_url, timeout_s=400)
+    assert st == "SUCCEEDED", S.logs(spec.run_id, ray_head.dashboard_url)[-4000:]
 
     c, runs = mlflow_runs(mlflow_server.uri, "analysis-it")
     run = runs[spec.run_id]
@@ -80,6 +77,6 @@ def test_analyze_logs_table2_and_fig7(mlflow_server, tmp_path, monkeypatch):
     assert int(table[0]["dims"]) == 64 and int(table[1]["dims"]) == 64 * 8  # z: H; g: N x H (32 px prior: N = 8)
     # The heatmaps are MLflow images too, and their numbers are |rho| of the test codes (5 x 15, in [0, 1]).
     assert {a.path for a in c.list_artifacts(run.info.run_id, "images")}, "no images logged"
-    rho = np.loadtxt(out / "fig7-laren-g.csv", delimiter=",")
+    rho = np.loadtxt(c.download_artifacts(run.info.run_id, "fig7/fig7-laren-g.csv", str(tmp_path / "dl")), delimiter=",")
     assert rho.shape == (5, 15) and (rho >= 0).all() and (rho <= 1).all()
     assert m["fig7/laren/g/mean_abs_rho"] == pytest.approx(rho.mean(), abs=1e-6)
