@@ -3,7 +3,9 @@
 Grid (paper Table IV): one MLflow parent run named after the grid's run id, one Ray Train run per row
 (``run_training(row, parent_run_id=parent)``, a child run in the same experiment), rows side by side as far as the
 cluster's CPUs/GPUs hold them. When every row is done the parent gets ``table.md`` and ``table.csv`` (PSNR, SSIM,
-LPIPS per row, from each row's last evaluation). Re-running a grid re-runs every row under its own run id, so finished
+LPIPS per row, from each row's last evaluation). On a synthetic set (`laren data synth`) each run's SR images also get
+the factor-FD (:func:`sr_factor_fd`); then, or when rows share a label (the seeds of one Table IV row),
+``summary.md`` / ``summary.csv`` hold mean ± std per label. Re-running a grid re-runs every row under its own run id, so finished
 rows return at once (their training resumes at the end) and unfinished ones continue from their checkpoints.
 
 Eval: the checkpoint a job names (a train job file -> its run id -> the newest ``checkpoint_*`` under
@@ -90,16 +92,18 @@ def _row_task(cfg_dict: dict[str, Any], parent_run_id: str, storage_path: Option
         return {"status": "FAILED", "error": f"{type(err).__name__}: {err}"}
 
 
-def mean_std(values: list[float], digits: int) -> str:
-    """'m ± s' (sample std) of the finite values; 'm' for one; 'n/a' for none."""
+def _finite_mean_sd(values: list[Any]) -> tuple[float, float, int]:
+    """(mean, sample std, n) of the finite numbers among ``values``; nan where undefined."""
     v = [x for x in values if isinstance(x, (int, float)) and math.isfinite(x)]
-    if not v:
-        return "n/a"
-    if len(v) == 1:
-        return f"{v[0]:.{digits}f}"
-    m = sum(v) / len(v)
-    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
-    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+    m = sum(v) / len(v) if v else math.nan
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else math.nan
+    return m, sd, len(v)
+
+
+def mean_std(values: list[Any], digits: int) -> str:
+    """'m ± s' (sample std) of the finite values; 'm' for one; 'n/a' for none."""
+    m, sd, n = _finite_mean_sd(values)
+    return "n/a" if n == 0 else f"{m:.{digits}f}" if n == 1 else f"{m:.{digits}f} ± {sd:.{digits}f}"
 
 
 SUMMARY = (("PSNR", "val/psnr", 2), ("SSIM", "val/ssim", 4), ("LPIPS", "val/lpips_alex", 4), ("factor-FD", "factor_fd", 2))
@@ -118,13 +122,8 @@ def summary_table(rows: list[dict[str, Any]]) -> tuple[str, str]:
         mine = [r for r in rows if r["label"] == label]
         cells = [mean_std([r.get(key, math.nan) for r in mine], d) for _, key, d in cols]
         md.append(f"| {label} | {len(mine)} | " + " | ".join(cells) + " |")
-        stats = []
-        for _, key, _ in cols:
-            v = [r[key] for r in mine if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-            m = sum(v) / len(v) if v else math.nan
-            sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else math.nan
-            stats += [m, sd]
-        w.writerow([label, len(mine), *stats])
+        stats = [_finite_mean_sd([r.get(key, math.nan) for r in mine])[:2] for _, key, _ in cols]
+        w.writerow([label, len(mine), *(x for pair in stats for x in pair)])
     return "\n".join(md) + "\n", buf.getvalue()
 
 
