@@ -514,6 +514,18 @@ def run_eval_cmd(job: str) -> None:
     click.echo(json.dumps(run_eval_job(load_job(job)), indent=1, default=str))
 
 
+@main.command("analyze")
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", default=None, help="Keep table2.md/.csv, importances and heatmaps here (default: a temp dir).")
+def analyze_cmd(job: str, out_dir) -> None:
+    """Table II and Fig. 7 of JOB.yaml (kind: analysis): DCI of each code space (Z, W, W+, S, G) of trained models
+    against the images' ground-truth labels, and |Pearson rho| maps of Z and G, as one MLflow run."""
+    from laren.analysis import run_analysis
+    from laren.specs import load_job
+
+    run_analysis(load_job(job), out_dir=out_dir, log=click.echo)
+
+
 @main.group("services")
 def services_grp() -> None:
     """The local services (Ray head, MLflow on SQLite, SeaweedFS S3) on 127.0.0.1, state under .laren/."""

@@ -364,6 +364,53 @@ class PriorRunConfig(RunConfig):
         return self.gan.output or self.storage.root.rstrip("/") + f"/priors/{self.name}"
 
 
+# ----------------------------------------------------------------------------------------------- analysis
+
+
+class AnalysisTarget(Section):
+    """One trained model of an analysis job (a row of Table II)."""
+
+    label: str = Field(..., min_length=1, max_length=80, description="Row label in Table II (e.g. 'LAREN', 'Base').")
+    checkpoint: str = Field(
+        ..., min_length=1,
+        description="A train job file (its run's latest checkpoint), a grid job file + '#row' (that row's run, e.g. "
+        "jobs/ablation-synth.yaml#base-s0), a run id, or a checkpoint directory URL (local path or s3://).",
+    )
+
+
+class AnalysisConfig(Section):
+    """Table II and Fig. 7 (job kind ``analysis``; :mod:`laren.analysis`): DCI of each code space of trained models
+    against ground-truth labels of the images they encode, and |Pearson rho| maps of Z and G."""
+
+    checkpoints: list[AnalysisTarget] = Field(..., min_length=1, description="The models to analyse, one or more.")
+    labels_csv: Optional[str] = Field(
+        None, description="Attributes of a real data set: a CSV whose first column names the image (file name, matched "
+        "on its stem to each sample's packed source) and each other column one attribute (CelebA-HQ: 40 columns of "
+        "-1 / 1). None: the factors of a `laren data synth` set, read from its shards.",
+    )
+    max_images: int = Field(1024, ge=16, le=1_000_000, description="Images encoded (the first of data.val_url).")
+    test_fraction: float = Field(0.5, gt=0, lt=1, description="Share of the images whose codes test the estimators.")
+    estimator: Literal["gbt", "lasso"] = Field(
+        "gbt", description="gbt: scikit-learn gradient-boosted trees, importance = feature_importances_ (Eastwood & "
+        "Williams; StyleSpace); lasso: L1 linear models on standardised codes, importance = |coef|.",
+    )
+    gbt_trees: int = Field(100, ge=1, le=10_000, description="gbt: boosting stages (scikit-learn default 100).")
+    gbt_depth: int = Field(3, ge=1, le=32, description="gbt: tree depth (scikit-learn default 3).")
+    lasso_alpha: float = Field(0.01, gt=0, le=100, description="lasso: L1 weight (Lasso alpha; 1 / C of logistic).")
+    continuous: Literal["regress", "bin"] = Field(
+        "regress", description="Continuous factors: regress (regressor; informativeness = held-out R^2 clipped to "
+        "[0, 1]) or bin (quantile bins, classifier; informativeness = accuracy as for discrete factors).",
+    )
+    bins: int = Field(4, ge=2, le=100, description="continuous: bin: quantile bins per continuous factor.")
+    min_class_share: float = Field(
+        0.05, ge=0, lt=0.5, description="A discrete attribute is kept only if every class holds this share of the "
+        "images (StyleSpace keeps an attribute with >= 5 % on each side).",
+    )
+    colour_max: float = Field(0.4, gt=0, le=1, description="Top of the heatmaps' colour range (Fig. 7: 0.4).")
+    batch_size: int = Field(64, ge=1, le=4096, description="Images per forward pass when encoding.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Train/test split and estimator seed.")
+
+
 # ----------------------------------------------------------------------------------------------- loading
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from laren import metrics as M
-from laren.imresize import imresize
+from laren.imresize import imresize, imresize_uint8
 
 # Metric names: split / what they average (architecture rule 10).
 PER_IMAGE = ("psnr", "ssim", "lpips_alex", "loss_pix", "psnr_bicubic")
@@ -42,6 +42,24 @@ def upscale_bicubic(lr_b3ll: torch.Tensor, out_size: int) -> torch.Tensor:
     """MATLAB-compatible bicubic upsampling of the LR image to the HR size (the baseline and the grid's left column)."""
     scale = out_size / lr_b3ll.shape[-1]
     return imresize(lr_b3ll.float(), scale).clamp(-1.0, 1.0)
+
+
+def lr_images(hr_uint8_nhwc: np.ndarray, lr_size: int) -> torch.Tensor:
+    """HR uint8 (N, R, R, 3) -> LR (N, 3, l, l) in [-1, 1], made as the data pipeline makes it (MATLAB bicubic, uint8)."""
+    hr = torch.from_numpy(hr_uint8_nhwc).permute(0, 3, 1, 2).contiguous()
+    return imresize_uint8(hr, lr_size / hr.shape[-1]).float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def super_resolve(model: torch.nn.Module, lr_b3ll: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """The model's SR images of ``lr`` in eval mode, fp32, clamped to [-1, 1] (what every metric reads)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(lr_b3ll[i: i + batch_size]).float().clamp(-1.0, 1.0)
+                          for i in range(0, lr_b3ll.shape[0], batch_size)])
+    finally:
+        model.train(was_training)
 
 
 def to_uint8_hwc(x_3hw: torch.Tensor) -> np.ndarray:

@@ -3,7 +3,9 @@
 Grid (paper Table IV): one MLflow parent run named after the grid's run id, one Ray Train run per row
 (``run_training(row, parent_run_id=parent)``, a child run in the same experiment), rows side by side as far as the
 cluster's CPUs/GPUs hold them. When every row is done the parent gets ``table.md`` and ``table.csv`` (PSNR, SSIM,
-LPIPS per row, from each row's last evaluation). Re-running a grid re-runs every row under its own run id, so finished
+LPIPS per row, from each row's last evaluation). On a synthetic set (`laren data synth`) each run's SR images also get
+the factor-FD (:func:`sr_factor_fd`); then, or when rows share a label (the seeds of one Table IV row),
+``summary.md`` / ``summary.csv`` hold mean ± std per label. Re-running a grid re-runs every row under its own run id, so finished
 rows return at once (their training resumes at the end) and unfinished ones continue from their checkpoints.
 
 Eval: the checkpoint a job names (a train job file -> its run id -> the newest ``checkpoint_*`` under
@@ -90,13 +92,79 @@ def _row_task(cfg_dict: dict[str, Any], parent_run_id: str, storage_path: Option
         return {"status": "FAILED", "error": f"{type(err).__name__}: {err}"}
 
 
+def _finite_mean_sd(values: list[Any]) -> tuple[float, float, int]:
+    """(mean, sample std, n) of the finite numbers among ``values``; nan where undefined."""
+    v = [x for x in values if isinstance(x, (int, float)) and math.isfinite(x)]
+    m = sum(v) / len(v) if v else math.nan
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else math.nan
+    return m, sd, len(v)
+
+
+def mean_std(values: list[Any], digits: int) -> str:
+    """'m ± s' (sample std) of the finite values; 'm' for one; 'n/a' for none."""
+    m, sd, n = _finite_mean_sd(values)
+    return "n/a" if n == 0 else f"{m:.{digits}f}" if n == 1 else f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+SUMMARY = (("PSNR", "val/psnr", 2), ("SSIM", "val/ssim", 4), ("LPIPS", "val/lpips_alex", 4), ("factor-FD", "factor_fd", 2))
+
+
+def summary_table(rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """(markdown, csv) with one line per label (the seeds of a Table IV row): mean ± std of each metric over its runs."""
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    cols = [c for c in SUMMARY if any(c[1] in r for r in rows)]
+    head = ["Model", "runs", *(c[0] for c in cols)]
+    md = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["model", "runs", *(x for c in cols for x in (f"{c[1].split('/')[-1]}_mean", f"{c[1].split('/')[-1]}_std"))])
+    for label in labels:
+        mine = [r for r in rows if r["label"] == label]
+        cells = [mean_std([r.get(key, math.nan) for r in mine], d) for _, key, d in cols]
+        md.append(f"| {label} | {len(mine)} | " + " | ".join(cells) + " |")
+        stats = [_finite_mean_sd([r.get(key, math.nan) for r in mine])[:2] for _, key, _ in cols]
+        w.writerow([label, len(mine), *(x for pair in stats for x in pair)])
+    return "\n".join(md) + "\n", buf.getvalue()
+
+
+def sr_factor_fd(base: RunConfig, checkpoints: dict[str, str], log: Callable[[str], None] = print,
+                 regressor_steps: int = 600) -> dict[str, float]:
+    """{run id: factor-FD of its SR images} on a synthetic validation set (:mod:`laren.factor_fd`): the Fréchet
+    distance between the features of the first ``data.num_val_images`` HR images and of each checkpoint's SR images
+    of them, with a factor regressor fitted once on up to 4096 training images (``regressor_steps``, seed train.seed,
+as `laren prior train`'s default). {} when
+    the validation set has no factors."""
+    import torch
+
+    from laren import factor_fd as FD
+    from laren.data import pack
+    from laren.data.synth import read_factor_samples
+    from laren.evaluate import load_model_from_checkpoint, lr_images, super_resolve
+
+    if not base.data.val_url or not pack.read_manifest(base.data.val_url).get("factors"):
+        return {}
+    src = base.data.train_url if base.data.train_url and pack.read_manifest(base.data.train_url).get("factors") \
+        else base.data.val_url
+    timgs, tf, specs = read_factor_samples(src, 4096)
+    net = FD.train_regressor(FD.to_unit(timgs), torch.from_numpy(tf), specs, regressor_steps, seed=base.train.seed)
+    imgs, _, _ = read_factor_samples(base.data.val_url, base.data.num_val_images)
+    real = FD.feature_stats(net, FD.to_unit(imgs))
+    out = {}
+    for run_id, url in checkpoints.items():
+        model, cfg, _ = load_model_from_checkpoint(url)
+        sr = super_resolve(model, lr_images(imgs, cfg.model.lr_size))
+        out[run_id] = FD.frechet_distance(*real, *FD.feature_stats(net, sr))
+        log(f"  factor-FD of {run_id} (SR vs HR, {len(imgs)} images): {out[run_id]:.2f}")
+    return out
+
+
 def run_grid(spec: JobSpec, storage_path: Optional[str] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every row of a grid job under one MLflow parent run; log the results table to the parent."""
     import ray
 
     from laren.submit import experiment_name
     from laren.tracking import Tracker
-    from laren.train.distributed import ensure_ray, resolve_paths
+    from laren.train.distributed import ensure_ray, resolve_paths, runs_root
 
     if spec.kind != "grid":
         raise ConfigError(f"{spec.name}: kind is {spec.kind!r}; `laren run-grid` runs kind: grid jobs")
@@ -135,13 +203,31 @@ def run_grid(spec: JobSpec, storage_path: Optional[str] = None, log: Callable[[s
                 got = {}
             r.update({k: v for k, v in got.items() if k not in r})
             r.setdefault("kimg", got.get("train/kimg"))
+    done = {r["run_id"]: r for r in table_rows if r["status"] == "FINISHED"}
+    try:
+        runs = runs_root(base, storage_path)
+        fds = sr_factor_fd(base, {rid: latest_checkpoint(runs, rid) for rid in done}, log) if done else {}
+    except Exception as err:  # the metric is an addition: the table of the runs' own figures still gets written
+        log(f"  factor-FD not computed ({type(err).__name__}: {err})")
+        fds = {}
+    for rid, v in fds.items():
+        done[rid]["factor_fd"] = v
+    parent.log_metrics({f"factor_fd/{rid}": v for rid, v in fds.items()}, step=0)
     md, csv_text = results_table(table_rows)
     title = f"# {spec.name}: {spec.description or 'ablation grid'}\n\n"
+    grouped = fds or len({r["label"] for r in table_rows}) < len(table_rows)
     with tempfile.TemporaryDirectory(prefix="laren-grid-") as d:
         (Path(d) / "table.md").write_text(title + md)
         (Path(d) / "table.csv").write_text(csv_text)
         parent.log_artifact(str(Path(d) / "table.md"), "results")
         parent.log_artifact(str(Path(d) / "table.csv"), "results")
+        if grouped:  # seeds of one row, or the factor-FD: mean ± std per row
+            smd, scsv = summary_table(table_rows)
+            md += "\nPer row, mean ± std over its runs:\n\n" + smd
+            (Path(d) / "summary.md").write_text(title + smd)
+            (Path(d) / "summary.csv").write_text(scsv)
+            parent.log_artifact(str(Path(d) / "summary.md"), "results")
+            parent.log_artifact(str(Path(d) / "summary.csv"), "results")
         parent.flush()
     failed = [r["run_id"] for r in table_rows if r["status"] != "FINISHED"]
     parent.finish("FAILED" if failed else "FINISHED")
@@ -174,20 +260,40 @@ def latest_checkpoint(runs_url: str, run_id: str) -> str:
     return storage.join(base, max(names))
 
 
+def checkpoint_run_id(ref: str, root: Optional[Path] = None) -> str:
+    """The run id a job-file reference names: ``jobs/x.yaml`` (a train job) or ``jobs/grid.yaml#row`` (a grid row)."""
+    path, _, row = ref.partition("#")
+    p = Path(path)
+    if not p.is_absolute():
+        p = (root or Path.cwd()) / p
+    if not p.is_file():
+        raise FileNotFoundError(f"job file not found: {path} (looked at {p})")
+    job = load_job(p)
+    if job.kind == "grid":
+        ids = {v.name: cfg.run_id for v, cfg in job.rows()}
+        if row not in ids:
+            raise ConfigError(f"{ref}: name one row of the grid as {path}#<row>; rows: {', '.join(ids)}")
+        return ids[row]
+    if row:
+        raise ConfigError(f"{ref}: '#{row}' names a grid row, but {path} is kind: {job.kind}")
+    return job.run_id
+
+
+def checkpoint_url(ref: str, runs_url: str, root: Optional[Path] = None) -> str:
+    """The checkpoint directory a reference names: a job file (``#row`` for a grid row) -> its run's newest
+    checkpoint; a URL or path with '/' -> itself; else a run id -> its newest checkpoint under ``runs_url``."""
+    if ref.partition("#")[0].endswith((".yaml", ".yml")):
+        return latest_checkpoint(runs_url, checkpoint_run_id(ref, root))
+    if "/" in ref or "://" in ref:
+        return ref
+    return latest_checkpoint(runs_url, ref)
+
+
 def resolve_checkpoint(spec: JobSpec, root: Optional[Path] = None) -> str:
     """The checkpoint URL an eval job names (see the module docstring)."""
     from laren.train.distributed import resolve_paths, runs_root
 
-    ck = spec.checkpoint
-    runs = runs_root(resolve_paths(spec.run_config()))
-    if ck.endswith((".yaml", ".yml")):
-        p = Path(ck)
-        if not p.is_absolute():
-            p = (root or Path.cwd()) / p
-        return latest_checkpoint(runs, load_job(p).run_id)
-    if "/" in ck or "://" in ck:
-        return ck
-    return latest_checkpoint(runs, ck)
+    return checkpoint_url(spec.checkpoint, runs_root(resolve_paths(spec.run_config())), root)
 
 
 def run_eval_job(spec: JobSpec, out_dir: Optional[str] = None, root: Optional[Path] = None) -> dict[str, Any]:

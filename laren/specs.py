@@ -1,7 +1,8 @@
 """Job and sweep files: a run config plus what kind of job it is; validated before anything is submitted.
 
 A job YAML is self-contained (no inheritance, house rule 11): the fields of :class:`laren.config.RunConfig` at top level,
-plus ``kind`` (train | eval | grid), for eval jobs ``checkpoint``, and for grids ``variants`` (the rows of Table IV).
+plus ``kind`` (train | eval | grid | prior | analysis), for eval jobs ``checkpoint``, for grids ``variants`` (the rows
+of Table IV), for prior jobs ``gan`` and for analysis jobs ``analysis`` (Table II, Fig. 7).
 A sweep YAML (``sweeps/``) names one job file and the search space over its dotted field paths (the J, C, F study of
 Fig. 8). Every error names the file and the field path (``variants.2.overrides.model.latent_space: ...``).
 
@@ -21,7 +22,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
-from laren.config import ConfigError, PriorRunConfig, PriorTrainConfig, RunConfig, Section, load_yaml, parse_section
+from laren.config import (AnalysisConfig, ConfigError, PriorRunConfig, PriorTrainConfig, RunConfig, Section, load_yaml,
+                          parse_section)
 
 _NAME = re.compile(r"[a-z][a-z0-9-]*")
 
@@ -104,10 +106,12 @@ class Variant(Section):
 class JobSpec(RunConfig):
     """A job file: a run config plus its kind; grids add rows, eval jobs name what to evaluate."""
 
-    kind: Literal["train", "eval", "grid", "prior"] = Field(
+    kind: Literal["train", "eval", "grid", "prior", "analysis"] = Field(
         "train", description="train: one run; eval: evaluate a trained run's checkpoint; grid: one child run per variant; "
-        "prior: train a StyleGAN2 prior (`laren prior train`).",
+        "prior: train a StyleGAN2 prior (`laren prior train`); analysis: DCI and correlation maps of trained models "
+        "(`laren analyze`).",
     )
+    analysis: Optional[AnalysisConfig] = Field(None, description="kind: analysis: the models and the estimator.")
     gan: Optional[PriorTrainConfig] = Field(None, description="kind: prior: GAN training settings (defaults when omitted).")
     variants: list[Variant] = Field(default_factory=list, description="Grid rows (kind: grid), run as child runs of one parent.")
     checkpoint: str = Field(
@@ -134,16 +138,19 @@ class JobSpec(RunConfig):
             raise ValueError(f"checkpoint is only used by kind: eval (this job is kind: {self.kind})")
         if self.kind != "prior" and self.gan is not None:
             raise ValueError(f"gan is only used by kind: prior (this job is kind: {self.kind})")
+        if (self.kind == "analysis") != (self.analysis is not None):
+            raise ValueError("kind: analysis needs an analysis section (checkpoints: ...)" if self.kind == "analysis"
+                             else f"analysis is only used by kind: analysis (this job is kind: {self.kind})")
         return self
 
     def run_config(self) -> RunConfig:
         """The job's run config (for a grid: the shared base of its rows)."""
-        d = self.model_dump(mode="json", exclude={"kind", "variants", "checkpoint", "gan"})
+        d = self.model_dump(mode="json", exclude={"kind", "variants", "checkpoint", "gan", "analysis"})
         return RunConfig.model_validate(d)
 
     def prior_config(self) -> PriorRunConfig:
         """kind: prior: the run config with its GAN settings."""
-        d = self.model_dump(mode="json", exclude={"kind", "variants", "checkpoint", "gan"})
+        d = self.model_dump(mode="json", exclude={"kind", "variants", "checkpoint", "gan", "analysis"})
         return PriorRunConfig.model_validate({**d, "gan": (self.gan or PriorTrainConfig()).model_dump(mode="json")})
 
     def config_hash(self) -> str:
@@ -154,6 +161,8 @@ class JobSpec(RunConfig):
             return self.prior_config().config_hash()
         d = self.to_dict()
         d.pop("gan", None)
+        if d.get("analysis") is None:  # jobs of other kinds keep the ids they had before kind: analysis existed
+            d.pop("analysis", None)
         for k in ("storage", "tracking", "description"):
             d.pop(k, None)
         return _short_hash(d)

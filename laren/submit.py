@@ -6,7 +6,7 @@ submitting a job whose previous attempt FAILED or was STOPPED deletes that attem
 ``.laren/logs/``) and submits it again under the same id: training finds its checkpoints under ``runs/<run id>/`` and
 resumes. A RUNNING job is left alone, a SUCCEEDED one is not re-run.
 
-What runs on the cluster is ``python -m laren.cli <train|eval|run-grid|run-sweep> <job file>`` with the project as the
+What runs on the cluster is ``python -m laren.cli <train|run-eval|run-grid|run-sweep|prior train|analyze> <job file>`` with the project as the
 Ray ``working_dir`` (code snapshot; .gitignore'd paths such as .venv/ and .laren/ stay behind). Submit stays independent
 of training internals: it only validates, names and ships the job.
 
@@ -259,6 +259,10 @@ def run_configs(spec: Spec) -> list[tuple[str, RunConfig]]:
 
 def resources_text(spec: Spec) -> str:
     """What the job asks the cluster for, per run and at most at once."""
+    if spec_kind(spec) == "analysis":
+        a = spec.analysis
+        return (f"runs in the job's driver process (no training workers): {len(a.checkpoints)} model(s), up to "
+                f"{a.max_images} images, estimator {a.estimator}")
     lines = []
     cfgs = run_configs(spec)
     for label, cfg in cfgs[:1]:
@@ -329,6 +333,13 @@ def validate(path: Union[str, Path], summary: bool = True, health: bool = True) 
     spec = load_any(path)
     if isinstance(spec, JobSpec):
         _check_eval_target(spec, path)
+        if spec.kind == "analysis":
+            from laren.analysis import check_targets  # sklearn and matplotlib load only for analysis jobs
+
+            try:
+                check_targets(spec, project_root(path.parent))
+            except ConfigError as err:
+                raise ConfigError(f"invalid config in {path}:\n  {err}") from None
     for label, cfg in run_configs(spec):
         try:
             check_rules(cfg)
@@ -349,7 +360,7 @@ def validate(path: Union[str, Path], summary: bool = True, health: bool = True) 
             parts.append("# rows (run id: overrides)\n" + "\n".join(
                 f"  {cfg.run_id}: {v.overrides or '(base)'}" for v, cfg in spec.rows()))
     parts.append("# resources asked for\n" + resources_text(spec))
-    if summary:
+    if summary and spec_kind(spec) != "analysis":  # an analysis job's models are those of its checkpoints
         cfgs = run_configs(spec)
         parts.append(f"# model summary ({cfgs[0][0]})\n" + model_summary_text(cfgs[0][1]))
     if health and spec_kind(spec) in ("train", "grid", "sweep"):
@@ -375,7 +386,8 @@ def _health_text(spec: Spec) -> str:
 # ----------------------------------------------------------------------------------------------- submit
 
 
-ENTRY = {"train": "train", "eval": "run-eval", "grid": "run-grid", "sweep": "run-sweep", "prior": "prior train"}
+ENTRY = {"train": "train", "eval": "run-eval", "grid": "run-grid", "sweep": "run-sweep", "prior": "prior train",
+         "analysis": "analyze"}
 
 
 @dataclass

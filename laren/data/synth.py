@@ -146,30 +146,40 @@ def factor_matrix(specs: list[dict[str, Any]], rows: list[dict[str, float | int]
     return np.array([[float(r[s["name"]]) for s in specs] for r in rows], dtype=np.float32).reshape(len(rows), len(specs))
 
 
-def read_factor_samples(url: str, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-    """The first ``limit`` samples of a synthetic set in manifest order: (uint8 images (N, R, R, 3), factors (N, F),
-    factor specs). Raises ValueError for a set without factors."""
+def read_samples(url: str, limit: Optional[int] = None, member: str = "json"
+                 ) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
+    """The first ``limit`` samples of a packed set in manifest order: (uint8 images (N, R, R, 3), each sample's
+    ``<key>.<member>`` parsed as JSON, the manifest). Raises ValueError for a sample without that member."""
     from laren.data.pipeline import decode_image
 
     m = pack.read_manifest(url)
-    specs = m.get("factors")
-    if not specs:
-        raise ValueError(f"{url}: the manifest names no factors (not written by `laren data synth`)")
-    imgs, rows = [], []
+    imgs, docs = [], []
     for entry in m["shards"]:
         with storage.open_read(storage.join(url, entry["name"])) as stream:
             for key, files, reason in pack.iter_tar_samples(stream):
                 if files is None:
                     raise ValueError(f"{url}/{entry['name']}: {key}: {reason}")
                 img, reason = decode_image(pack.image_member(files), m["resolution"])
-                if img is None or "factors.json" not in files:
-                    raise ValueError(f"{url}/{entry['name']}: {key}: {reason or 'no factors.json member'}")
+                if img is None or member not in files:
+                    raise ValueError(f"{url}/{entry['name']}: {key}: {reason or f'no {member} member'}")
                 imgs.append(img)
-                rows.append(json.loads(files["factors.json"]))
+                docs.append(json.loads(files[member]))
                 if limit is not None and len(imgs) >= limit:
-                    return np.stack(imgs), factor_matrix(specs, rows), specs
-    return np.stack(imgs), factor_matrix(specs, rows), specs
+                    return np.stack(imgs), docs, m
+    if not imgs:
+        raise ValueError(f"{url}: the manifest lists no samples")
+    return np.stack(imgs), docs, m
 
 
-__all__ = ["KINDS", "FACE_FACTORS", "factor_specs", "sample_factors", "render_face", "synth", "read_factor_samples",
-           "factor_matrix"]
+def read_factor_samples(url: str, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """The first ``limit`` samples of a synthetic set in manifest order: (uint8 images (N, R, R, 3), factors (N, F),
+    factor specs). Raises ValueError for a set without factors."""
+    specs = pack.read_manifest(url).get("factors")
+    if not specs:
+        raise ValueError(f"{url}: the manifest names no factors (not written by `laren data synth`)")
+    imgs, rows, _ = read_samples(url, limit, member="factors.json")
+    return imgs, factor_matrix(specs, rows), specs
+
+
+__all__ = ["KINDS", "FACE_FACTORS", "factor_specs", "sample_factors", "render_face", "synth", "read_samples",
+           "read_factor_samples", "factor_matrix"]
