@@ -4,9 +4,9 @@
     perf/gpu_hours     the same for GPU workers (one GPU each), 0 on CPU-only runs
     cost/usd           perf/worker_hours x resources.hourly_price_usd (logged only when a price is set)
 
-Wall time is the training loop's, from its first step (data start-up, evaluations and checkpoints included; Ray start-up,
-queueing and model build not), summed over attempts: a resumed run carries on from the figure its checkpoint recorded, so the time between the
-last checkpoint and a crash is not counted.
+Wall time is the training loop's, from its first step (data start-up, evaluations and checkpoints included; Ray
+start-up, queueing and model build not), summed over attempts: a resumed run carries on from the figure its checkpoint
+recorded, so the time between the last checkpoint and a crash is not counted.
 """
 
 from __future__ import annotations

@@ -83,8 +83,9 @@ def pack_demo_data(train_url: str, val_url: str, resolution: int = 32, train_per
     return counts
 
 
-def _mlflow_metrics(uri: str, experiment: str, run_name: str) -> tuple[dict[str, float], str]:
-    """(latest metrics, run URL) of the run named ``run_name`` in ``experiment``."""
+def _mlflow_metrics(uri: str, experiment: str, run_name: str, tag: str = "") -> tuple[dict[str, float], str]:
+    """(latest metrics, run URL) of the newest run in ``experiment`` whose ``tag`` (default ``laren.run_id``) is
+    ``run_name``."""
     from mlflow.tracking import MlflowClient
 
     from laren.tracking import RUN_ID_TAG
@@ -93,7 +94,8 @@ def _mlflow_metrics(uri: str, experiment: str, run_name: str) -> tuple[dict[str,
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         return {}, ""
-    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{run_name}'", max_results=1)
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{tag or RUN_ID_TAG}` = '{run_name}'", max_results=1,
+                         order_by=["attributes.start_time DESC"])
     if not runs:
         return {}, ""
     r = runs[0]
@@ -140,7 +142,7 @@ def run_demo(root: Optional[Path] = None, num_cpus: Optional[int] = None, log: C
 
     uri = env["MLFLOW_TRACKING_URI"]
     tm, turl = _mlflow_metrics(uri, load_job(root / "jobs" / "demo.yaml").tracking.experiment or "demo", train_id)
-    em, eurl = _mlflow_metrics(uri, "eval-demo", eval_id)
+    em, eurl = _mlflow_metrics(uri, "eval-demo", eval_id, tag="laren.eval_job")  # one run per (checkpoint, data set)
     rows = [("val/psnr (dB, SR)", tm.get("val/psnr")), ("val/psnr_bicubic (dB, bicubic upsampling)", tm.get("val/psnr_bicubic")),
             ("val/ssim", tm.get("val/ssim")), ("train/kimg", tm.get("train/kimg")),
             ("test/psnr (eval job)", em.get("test/psnr")), ("test/ssim (eval job)", em.get("test/ssim"))]
@@ -157,6 +159,7 @@ def run_demo(root: Optional[Path] = None, num_cpus: Optional[int] = None, log: C
     log(f"MLflow UI:      {uri}")
     log(f"  training run: {turl or '(not found)'}")
     log(f"  eval run:     {eurl or '(not found)'}")
+    log(f"  model:        {uri.rstrip('/')}/#/models/laren-demo (try `laren upscale --model models:/laren-demo/latest IMG --out sr`)")
     log(f"Ray dashboard:  {address}")
     log(f"demo finished in {time.monotonic() - t0:.0f} s; `make services-stop` stops the local services")
     return est == "SUCCEEDED"
