@@ -168,7 +168,7 @@ def log_and_register(tracking_uri: str, run_id: str, model: torch.nn.Module, cfg
     with tempfile.TemporaryDirectory(prefix="laren-model-") as tmp:
         files = write_inference_files(model, cfg.to_dict(), Path(tmp) / "files")
         with warnings.catch_warnings():  # no input example on purpose: it would load a second model on rank 0
-            warnings.filterwarnings("ignore", message="An input example was not provided")
+            warnings.filterwarnings("ignore", message=".*An input example was not provided")
             mlflow.pyfunc.save_model(
                 str(Path(tmp) / ARTIFACT_PATH), python_model=str(MODEL_CODE), artifacts=files, signature=signature(),
                 pip_requirements=[f"laren=={laren.__version__}", f"torch=={torch.__version__.split('+')[0]}",
