@@ -4,9 +4,10 @@
     perf/gpu_hours     the same for GPU workers (one GPU each), 0 on CPU-only runs
     cost/usd           perf/worker_hours x resources.hourly_price_usd (logged only when a price is set)
 
-Wall time is the training loop's, from its first step (data start-up, evaluations and checkpoints included; Ray
-start-up, queueing and model build not), summed over attempts: a resumed run carries on from the figure its checkpoint
-recorded, so the time between the last checkpoint and a crash is not counted.
+Each worker's wall time is the training loop's, from its first step (data start-up, evaluations and checkpoints
+included; Ray start-up, queueing and model build not); they are summed over workers and over attempts (so an elastic
+run counts the workers it had): a resumed run carries on from the figure its checkpoint recorded, so the time between
+the last checkpoint and a crash is not counted.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Mapping, Optional
 COST_KEYS = ("perf/gpu_hours", "perf/worker_hours", "cost/usd")
 
 
-def usage_metrics(wall_s: float, world_size: int, use_gpu: bool, hourly_price_usd: Optional[float]) -> dict[str, float]:
-    """The ``perf/*`` (and, with a price, ``cost/usd``) figures of ``wall_s`` seconds of training on ``world_size``
-    workers."""
-    worker_h = world_size * wall_s / 3600.0
+def usage_metrics(worker_s: float, use_gpu: bool, hourly_price_usd: Optional[float]) -> dict[str, float]:
+    """The ``perf/*`` (and, with a price, ``cost/usd``) figures of ``worker_s`` worker-seconds of training (the wall
+    seconds of every worker, summed)."""
+    worker_h = worker_s / 3600.0
     out = {"perf/worker_hours": worker_h, "perf/gpu_hours": worker_h if use_gpu else 0.0}
     if hourly_price_usd is not None:
         out["cost/usd"] = worker_h * hourly_price_usd

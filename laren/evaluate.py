@@ -232,8 +232,7 @@ def log_eval_run(tracking_uri: str, experiment: str, cfg, doc: dict[str, Any], s
                    "data": summary["data"], "data_name": summary["data_name"], "images": summary["images"],
                    "train_run_id": cfg.run_id, "step": step, "kimg": summary["kimg"]})
     res = cfg.resources
-    usage = usage_metrics(float(doc.get("wall_s") or 0.0), len(doc.get("rng") or []) or res.num_workers, res.use_gpu,
-                          res.hourly_price_usd)
+    usage = usage_metrics(float(doc.get("worker_s") or 0.0), res.use_gpu, res.hourly_price_usd)
     metrics = {k: v for k, v in summary.items() if k.startswith("test/") and math.isfinite(v)}
     tr.log_metrics({**metrics, "train/kimg": float(summary["kimg"] or 0.0), **usage}, step=step)
     if grid is not None:

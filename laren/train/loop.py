@@ -297,7 +297,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     batches = DataStream(cfg, rank, world, st)
     acc = {k: 0.0 for k in ("loss_g", "loss_pix", "loss_per", "loss_adv", "loss_d", "d_real", "d_fake")}
     acc_n, skipped, t_log, img_log = 0, 0.0, time.perf_counter(), 0
-    t_start, wall_before = t_log, st.wall_s
+    t_start, worker_s_before = t_log, st.worker_s
     last: dict[str, float] = {}
     last_ckpt_step = start_step if ctx.resume_dir else -1
     status = "FAILED"
@@ -330,8 +330,8 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
                 sums = C.sum_across([acc[k] for k in acc] + [float(acc_n), float(img_log), skipped, now - t_start], dev)
                 n = max(sums[len(acc)], 1.0)
                 dt = now - t_log
-                st.wall_s = wall_before + sums[len(acc) + 3] / world  # the ranks' mean: the same on every rank
-                metrics.update(usage_metrics(st.wall_s, world, cfg.resources.use_gpu, cfg.resources.hourly_price_usd))
+                st.worker_s = worker_s_before + sums[len(acc) + 3]  # summed over ranks: the same on every rank
+                metrics.update(usage_metrics(st.worker_s, cfg.resources.use_gpu, cfg.resources.hourly_price_usd))
                 metrics.update({f"train/{k}": sums[i] / n for i, k in enumerate(acc)})
                 metrics.update({
                     "train/lr": cur_lr, "train/lr_d": cur_lr_d, "train/kimg": st.kimg,

@@ -12,8 +12,8 @@ from tests.unit.test_train_loop import tiny_config
 
 
 def test_usage_metrics_gpu_cpu_and_price():
-    assert usage_metrics(1800.0, 4, True, 2.5) == {"perf/worker_hours": 2.0, "perf/gpu_hours": 2.0, "cost/usd": 5.0}
-    assert usage_metrics(3600.0, 2, False, None) == {"perf/worker_hours": 2.0, "perf/gpu_hours": 0.0}
+    assert usage_metrics(4 * 1800.0, True, 2.5) == {"perf/worker_hours": 2.0, "perf/gpu_hours": 2.0, "cost/usd": 5.0}
+    assert usage_metrics(2 * 3600.0, False, None) == {"perf/worker_hours": 2.0, "perf/gpu_hours": 0.0}
     assert format_cost({"perf/gpu_hours": 2.0, "perf/worker_hours": 2.0, "cost/usd": 5.0}) == "2.00 GPU-h, $5.00"
     assert format_cost({"perf/gpu_hours": 0.0, "perf/worker_hours": 0.25}) == "0.25 worker-h"
     assert format_cost({"val/psnr": 20.0}) is None
