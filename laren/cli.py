@@ -334,16 +334,25 @@ def eval_cmd(checkpoint_url, data_url, out_dir, limit, batch_size, alexnet_path,
 
 
 @main.command("upscale")
-@click.option("--checkpoint", "checkpoint_url", required=True, help="Checkpoint directory (local path or s3://).")
+@click.option("--checkpoint", "checkpoint_url", default=None, help="Checkpoint directory (local path or s3://).")
+@click.option("--model", "model_uri", default=None,
+              help="Or a registered model: models:/laren-<job>/latest, models:/laren-<job>/<version>, runs:/<id>/model "
+                   "(MLflow at MLFLOW_TRACKING_URI).")
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, help="Output folder (<stem>_sr.png per image).")
 @click.option("--resize", is_flag=True, help="Centre-crop and bicubic-resize inputs to the model's input size.")
-def upscale_cmd(checkpoint_url, images, out_dir, resize) -> None:
-    """Super-resolve IMAGE... with a trained checkpoint (inputs must be the model's LR size, or pass --resize)."""
+def upscale_cmd(checkpoint_url, model_uri, images, out_dir, resize) -> None:
+    """Super-resolve IMAGE... with a trained checkpoint or registered model (inputs must be the model's LR size, or
+    pass --resize)."""
+    from laren.registry import is_model_uri
     from laren.upscale import ImageSizeError, upscale_files
 
+    if (checkpoint_url is None) == (model_uri is None):
+        raise click.UsageError("pass one of --checkpoint DIR or --model models:/laren-<job>/latest")
+    if model_uri is not None and not is_model_uri(model_uri):
+        raise click.UsageError(f"--model {model_uri}: expected models:/<name>/<version or latest> or runs:/<run id>/model")
     try:
-        for p in upscale_files(checkpoint_url, images, out_dir, resize=resize):
+        for p in upscale_files(checkpoint_url or model_uri, images, out_dir, resize=resize):
             click.echo(str(p))
     except ImageSizeError as err:
         raise click.UsageError(str(err)) from None

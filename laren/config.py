@@ -208,6 +208,10 @@ class OptimConfig(Section):
     )
 
 
+# Metrics every SR training run reports with its checkpoints (val/lpips_alex needs eval.alexnet_path).
+KeepBestMetric = Literal["val/psnr", "val/ssim", "val/lpips_alex", "val/loss_pix", "train/loss_g", "train/loss_pix"]
+
+
 class TrainConfig(Section):
     """Durations in kimg (thousands of images), so they survive changes of batch size and worker count."""
 
@@ -216,7 +220,16 @@ class TrainConfig(Section):
     log_every_kimg: float = Field(1.0, gt=0, le=1e9, description="Metric logging interval.")
     eval_every_kimg: float = Field(40.0, gt=0, le=1e9, description="Validation + sample grid interval.")
     checkpoint_every_kimg: float = Field(40.0, gt=0, le=1e9, description="Checkpoint interval.")
-    keep_checkpoints: int = Field(3, ge=1, le=10_000, description="Checkpoints kept in storage (newest).")
+    keep_checkpoints: int = Field(
+        3, ge=1, le=10_000,
+        description="Checkpoints kept in storage: the newest ones, or with keep_best_metric the best ones (the newest is always kept).",
+    )
+    keep_best_metric: Optional[KeepBestMetric] = Field(
+        None,
+        description="Score checkpoints by this metric (Ray Train's checkpoint_score_attribute): the keep_checkpoints best "
+                    "are kept, plus the newest. A checkpoint's score is the last evaluation at or before it.",
+    )
+    keep_best_mode: Literal["max", "min"] = Field("max", description="Whether a higher (max) or lower (min) keep_best_metric is better.")
     max_failures: int = Field(3, ge=0, le=1000, description="Worker-group restarts (from the last checkpoint) before the run fails.")
     seed: int = Field(0, ge=0, lt=1 << 63, description="Seed of model init, data order and noise.")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
@@ -254,6 +267,11 @@ class TrackingConfig(Section):
     experiment: str = Field("", description="MLflow experiment; empty uses the job family (the job name).")
     system_metrics: bool = Field(True, description="Log CPU / memory / GPU system metrics.")
     system_metrics_interval_s: float = Field(10.0, gt=0, le=86_400, description="Seconds between system metric samples.")
+    register_model: bool = Field(
+        True,
+        description="At the end of a training run, log the inference model (an MLflow pyfunc: weights as safetensors, "
+                    "config, prior metadata) and register it as laren-<job name>.",
+    )
 
 
 class ResourcesConfig(Section):
@@ -264,6 +282,10 @@ class ResourcesConfig(Section):
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1.0, gt=0, le=1024, description="CPUs reserved per worker.")
     gpu_type: Optional[str] = Field(None, description="Accelerator type label (e.g. H100) for cluster scheduling.")
+    hourly_price_usd: Optional[float] = Field(
+        None, ge=0, le=1e6,
+        description="Price of one worker (its GPU, or its CPUs) per hour in USD; training then logs cost/usd.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "ResourcesConfig":
@@ -302,6 +324,10 @@ class RunConfig(Section):
             d.pop(k, None)
         if d["model"]["prior"]["channel_table_base"] is None:  # unset: the ids of runs from before the field stay
             d["model"]["prior"].pop("channel_table_base")
+        d["resources"].pop("hourly_price_usd", None)  # a price changes no result
+        if d.get("train", {}).get("keep_best_metric") is None:  # unset: the ids of runs from before the fields stay
+            d["train"].pop("keep_best_metric", None)
+            d["train"].pop("keep_best_mode", None)
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:8]
 
@@ -359,6 +385,12 @@ class PriorRunConfig(RunConfig):
     """A prior-training run: a run config plus its GAN settings."""
 
     gan: PriorTrainConfig = Field(default_factory=PriorTrainConfig, description="GAN training.")
+
+    @model_validator(mode="after")
+    def _check_prior(self) -> "PriorRunConfig":
+        if self.train.keep_best_metric is not None:  # the prior loop reports eval/factor_fd, not the SR metrics
+            raise ValueError("train.keep_best_metric applies to SR training jobs only; remove it from this prior job")
+        return self
 
     def output_url(self) -> str:
         return self.gan.output or self.storage.root.rstrip("/") + f"/priors/{self.name}"

@@ -118,8 +118,9 @@ def synth_demo_data(train_url: str = SYNTH_TRAIN_URL, val_url: str = SYNTH_VAL_U
     return counts
 
 
-def _mlflow_metrics(uri: str, experiment: str, run_name: str) -> tuple[dict[str, float], str]:
-    """(latest metrics, run URL) of the run named ``run_name`` in ``experiment``."""
+def _mlflow_metrics(uri: str, experiment: str, run_name: str, tag: str = "") -> tuple[dict[str, float], str]:
+    """(latest metrics, run URL) of the newest run in ``experiment`` whose ``tag`` (default ``laren.run_id``) is
+    ``run_name``."""
     from mlflow.tracking import MlflowClient
 
     from laren.tracking import RUN_ID_TAG
@@ -128,7 +129,8 @@ def _mlflow_metrics(uri: str, experiment: str, run_name: str) -> tuple[dict[str,
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         return {}, ""
-    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{run_name}'", max_results=1)
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{tag or RUN_ID_TAG}` = '{run_name}'", max_results=1,
+                         order_by=["attributes.start_time DESC"])
     if not runs:
         return {}, ""
     r = runs[0]
@@ -195,11 +197,11 @@ def run_demo(root: Optional[Path] = None, num_cpus: Optional[int] = None, log: C
     esub = _submit(eval_job, address, log)
     est = _wait(esub, address, log, timeout_s)
 
-    def found(path: Path, sub) -> tuple[dict[str, float], str]:
-        return _mlflow_metrics(uri, S.experiment_name(load_any(path)), sub.run_id)
+    def found(path: Path, sub, tag: str = "") -> tuple[dict[str, float], str]:
+        return _mlflow_metrics(uri, S.experiment_name(load_any(path)), sub.run_id, tag=tag)
 
     metrics = [found(p, sub) for p, sub in zip(train_jobs, subs)]
-    em, eurl = found(eval_job, esub)
+    em, eurl = found(eval_job, esub, tag="laren.eval_job")  # one eval run per (checkpoint, data set)
     (tm, turl) = metrics[0]
     log("")
     log("Held-out images, 8x super-resolution (PSNR in dB on RGB, SSIM):")
@@ -217,6 +219,8 @@ def run_demo(root: Optional[Path] = None, num_cpus: Optional[int] = None, log: C
     for p, (_, url) in zip(train_jobs, metrics):
         log(f"  {p.stem + ':':14s}{url or '(not found)'}   (Images: val/samples = LR | bicubic | SR | HR)")
     log(f"  {eval_job.stem + ':':14s}{eurl or '(not found)'}")
+    model = f"laren-{load_any(train_jobs[0]).name}"
+    log(f"  {'model:':14s}{uri.rstrip('/')}/#/models/{model} (try `laren upscale --model models:/{model}/latest IMG --out sr`)")
     log(f"Ray dashboard:  {address}")
     log(f"demo finished in {time.monotonic() - t0:.0f} s; `make services-stop` stops the local services")
     return est == "SUCCEEDED"

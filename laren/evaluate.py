@@ -11,8 +11,10 @@ Legend: B batch, l LR size, R HR size; images are float tensors in [-1, 1].
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,7 +174,8 @@ def run_eval(
     run_name: Optional[str] = None,
 ) -> dict[str, Any]:
     """`laren eval`: evaluate a checkpoint on a shard set; writes ``per_image.csv`` and ``summary.json`` into
-    ``out_dir`` and, when a tracking URI is given, logs the summary (test/...) and both files to an MLflow run."""
+    ``out_dir`` and, when a tracking URI is given, logs them to the MLflow run of this (checkpoint, data set)
+    (:func:`log_eval_run`; ``run_name``: the eval job's run id, which prefixes that run's name)."""
     from laren.data.pipeline import make_eval_loader
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -193,6 +196,7 @@ def run_eval(
     summary = {
         "checkpoint": checkpoint_url,
         "data": data_url,
+        "data_name": dataset_name(data_url),
         "images": res.count,
         "step": doc.get("step"),
         "kimg": doc.get("kimg"),
@@ -204,15 +208,57 @@ def run_eval(
 
         Image.fromarray(res.grid).save(out / "samples.png")
     if tracking_uri:
-        from laren.tracking import make_tracker
-
-        tr = make_tracker(0, tracking_uri, experiment or cfg.tracking.experiment or cfg.name,
-                          run_name or f"eval-{cfg.run_id}", tags={"laren.kind": "eval"}, system_metrics=False)
-        tr.log_params({"checkpoint": checkpoint_url, "data": data_url, "images": res.count})
-        tr.log_metrics({k: v for k, v in summary.items() if k.startswith("test/") and math.isfinite(v)}, step=int(doc.get("step") or 0))
-        if res.grid is not None:
-            tr.log_image(res.grid, "test/samples", int(doc.get("step") or 0))
-        tr.log_artifact(str(out / "per_image.csv"), "eval")
-        tr.log_artifact(str(out / "summary.json"), "eval")
-        tr.finish("FINISHED")
+        log_eval_run(tracking_uri, experiment or cfg.tracking.experiment or cfg.name, cfg, doc, summary, out, res.grid,
+                     run_name)
     return summary
+
+
+def dataset_name(data_url: str) -> str:
+    """The ``name`` a packed set's manifest gives it (``laren data pack --name``), else the URL's last part."""
+    from laren.data.pack import read_manifest
+
+    try:
+        name = read_manifest(data_url).get("name")
+    except (OSError, ValueError):
+        name = None
+    return str(name or data_url.rstrip("/").rsplit("/", 1)[-1])
+
+
+def eval_run_name(prefix: str, checkpoint_url: str, data_url: str, step: int, data_name: str) -> str:
+    """The MLflow run of one (checkpoint, data set): ``<prefix>-s<step>-<data name>-<hash of both URLs>``. The same
+    pair evaluated again continues its run; another checkpoint or data set gets its own."""
+    h = hashlib.sha256(f"{checkpoint_url.rstrip('/')}\n{data_url.rstrip('/')}".encode()).hexdigest()[:6]
+    return f"{prefix}-s{step}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', data_name)[:40]}-{h}"
+
+
+def log_eval_run(tracking_uri: str, experiment: str, cfg, doc: dict[str, Any], summary: dict[str, Any], out: Path,
+                 grid: Optional[np.ndarray], job_run_id: Optional[str] = None) -> str:
+    """Log an evaluation as its own MLflow run, linked to the training run of the checkpoint: tags
+    ``laren.train_run_id`` (the laren run id) and, when the checkpoint records it, ``mlflow.parentRunId`` (the MLflow
+    UI then lists it under the training run and links to it); params naming the checkpoint and the data set; the
+    ``test/*`` means, and the training cost up to the checkpoint (``train/kimg``, ``perf/*``, ``cost/usd``), at the
+    checkpoint's step. Returns the MLflow run id."""
+    from laren.cost import usage_metrics
+    from laren.tracking import make_tracker
+
+    step = int(doc.get("step") or 0)
+    name = eval_run_name(job_run_id or f"eval-{cfg.run_id}", summary["checkpoint"], summary["data"], step,
+                         summary["data_name"])
+    tags = {"laren.kind": "eval", "laren.train_run_id": cfg.run_id, "laren.data": summary["data_name"]}
+    if job_run_id:
+        tags["laren.eval_job"] = job_run_id
+    tr = make_tracker(0, tracking_uri, experiment, name, parent_run_id=doc.get("mlflow_run_id"), tags=tags,
+                      system_metrics=False)
+    tr.log_params({"checkpoint": summary["checkpoint"], "checkpoint_name": Path(summary["checkpoint"].rstrip("/")).name,
+                   "data": summary["data"], "data_name": summary["data_name"], "images": summary["images"],
+                   "train_run_id": cfg.run_id, "step": step, "kimg": summary["kimg"]})
+    res = cfg.resources
+    usage = usage_metrics(float(doc.get("worker_s") or 0.0), res.use_gpu, res.hourly_price_usd)
+    metrics = {k: v for k, v in summary.items() if k.startswith("test/") and math.isfinite(v)}
+    tr.log_metrics({**metrics, "train/kimg": float(summary["kimg"] or 0.0), **usage}, step=step)
+    if grid is not None:
+        tr.log_image(grid, "test/samples", step)
+    tr.log_artifact(str(out / "per_image.csv"), "eval")
+    tr.log_artifact(str(out / "summary.json"), "eval")
+    tr.finish("FINISHED")
+    return tr.run_id

@@ -3,14 +3,16 @@
 Grid (paper Table IV): one MLflow parent run named after the grid's run id, one Ray Train run per row
 (``run_training(row, parent_run_id=parent)``, a child run in the same experiment), rows side by side as far as the
 cluster's CPUs/GPUs hold them. When every row is done the parent gets ``table.md`` and ``table.csv`` (PSNR, SSIM,
-LPIPS per row, from each row's last evaluation). On a synthetic set (`laren data synth`) each run's SR images also get
-the factor-FD (:func:`sr_factor_fd`); then, or when rows share a label (the seeds of one Table IV row),
-``summary.md`` / ``summary.csv`` hold mean ± std per label. Re-running a grid re-runs every row under its own run id, so finished
+LPIPS per row, from each row's last evaluation, and its training cost: ``perf/gpu_hours``, ``cost/usd``). On a synthetic
+set (`laren data synth`) each run's SR images also get the factor-FD (:func:`sr_factor_fd`); then, or when rows share a
+label (the seeds of one Table IV row), ``summary.md`` / ``summary.csv`` hold mean ± std per label. Re-running a grid
+re-runs every row under its own run id, so finished
 rows return at once (their training resumes at the end) and unfinished ones continue from their checkpoints.
 
 Eval: the checkpoint a job names (a train job file -> its run id -> the newest ``checkpoint_*`` under
 ``<storage>/runs/<run id>/``; or a run id; or a checkpoint URL) evaluated with :func:`laren.evaluate.run_eval` on
-``data.val_url``, logged as the MLflow run ``<eval job run id>``.
+``data.val_url``, logged as the MLflow run ``<eval job run id>-s<step>-<data set>-<hash>`` (one per checkpoint and
+data set, tag ``laren.eval_job``: the eval job's run id). :func:`eval_rows` reads those runs back into the same table.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from laren.config import ConfigError, RunConfig
+from laren.cost import COST_KEYS, format_cost
 from laren.specs import JobSpec, load_job
 
 TABLE_METRICS = (("PSNR", "val/psnr"), ("SSIM", "val/ssim"), ("LPIPS", "val/lpips_alex"))
@@ -44,21 +47,27 @@ def max_parallel(cfgs: list[RunConfig], cluster: dict[str, float]) -> int:
     return max(1, min([len(cfgs), *fits]))
 
 
-def results_table(rows: list[dict[str, Any]]) -> tuple[str, str]:
-    """(markdown, csv) of the rows: label, run id, PSNR, SSIM, LPIPS, status."""
+def results_table(rows: list[dict[str, Any]], split: str = "val") -> tuple[str, str]:
+    """(markdown, csv) of the rows: label, [data set], PSNR, SSIM, LPIPS (``<split>/...``), kimg, cost, run id,
+    status. The data set column appears when a row names one (tables of eval runs)."""
     def fmt(v: Any, digits: int) -> str:
         return f"{v:.{digits}f}" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
 
-    head = ["Model", *(m for m, _ in TABLE_METRICS), "kimg", "run id", "status"]
-    body = [[r["label"], fmt(r.get("val/psnr"), 2), fmt(r.get("val/ssim"), 4), fmt(r.get("val/lpips_alex"), 4),
-             fmt(r.get("kimg"), 3), r["run_id"], r["status"]] for r in rows]
+    keys = [(name, key.replace("val/", f"{split}/", 1)) for name, key in TABLE_METRICS]
+    data = any("data" in r for r in rows)
+    head = ["Model", *(["Data"] if data else []), *(m for m, _ in keys), "kimg", "cost", "run id", "status"]
     md = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-    md += ["| " + " | ".join(b) + " |" for b in body]
+    for r in rows:
+        cells = [r["label"], *([r.get("data", "")] if data else []), fmt(r.get(keys[0][1]), 2), fmt(r.get(keys[1][1]), 4),
+                 fmt(r.get(keys[2][1]), 4), fmt(r.get("kimg"), 3), format_cost(r) or "n/a", r["run_id"], r["status"]]
+        md.append("| " + " | ".join(cells) + " |")
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["model", "psnr", "ssim", "lpips_alex", "kimg", "run_id", "status"])
+    w.writerow(["model", *(["data"] if data else []), "psnr", "ssim", "lpips_alex", "kimg", "gpu_hours", "worker_hours",
+                "cost_usd", "run_id", "status"])
     for r in rows:
-        w.writerow([r["label"], *(r.get(k, "") for _, k in TABLE_METRICS), r.get("kimg", ""), r["run_id"], r["status"]])
+        w.writerow([r["label"], *([r.get("data", "")] if data else []), *(r.get(k, "") for _, k in keys),
+                    r.get("kimg", ""), *(r.get(k, "") for k in COST_KEYS), r["run_id"], r["status"]])
     return "\n".join(md) + "\n", buf.getvalue()
 
 
@@ -78,7 +87,37 @@ def logged_metrics(tracking_uri: str, experiment: str, run_id: str) -> dict[str,
     if not runs:
         return {}
     m = runs[0].data.metrics
-    return {k: m[k] for k in (*(key for _, key in TABLE_METRICS), "train/kimg") if k in m}
+    return {k: m[k] for k in (*(key for _, key in TABLE_METRICS), "train/kimg", *COST_KEYS) if k in m}
+
+
+def eval_rows(tracking_uri: str, experiment: str, train_run_ids: Optional[list[str]] = None,
+              labels: Optional[dict[str, str]] = None) -> list[dict[str, Any]]:
+    """One table row per eval run (``laren eval`` / eval jobs: one per checkpoint and data set) in ``experiment``, read
+    from those runs alone: model (``labels[train run id]`` or the train run id), data set, ``test/*``, the kimg and
+    cost of the checkpoint, run id, status; ordered by train run, data set, step. ``train_run_ids``: only these."""
+    from mlflow.tracking import MlflowClient
+
+    from laren.tracking import RUN_ID_TAG, set_http_env_defaults
+
+    set_http_env_defaults()
+    c = MlflowClient(tracking_uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = c.search_runs([exp.experiment_id], filter_string="tags.`laren.kind` = 'eval'", max_results=10_000)
+    order = {t: i for i, t in enumerate(train_run_ids or [])}
+    keyed = []
+    for r in runs:
+        train = r.data.tags.get("laren.train_run_id", "")
+        if train_run_ids is not None and train not in order:
+            continue
+        m, data = r.data.metrics, r.data.params.get("data_name", "")
+        row = {"label": (labels or {}).get(train, train), "data": data, "run_id": r.data.tags.get(RUN_ID_TAG, r.info.run_name),
+               "status": r.info.status, "kimg": m.get("train/kimg"),
+               **{k: v for k, v in m.items() if k.startswith("test/") or k in COST_KEYS}}
+        keyed.append(((order.get(train, 0), train, data, int(r.data.params.get("step", 0))), row))
+    rows = [row for _, row in sorted(keyed, key=lambda kr: kr[0])]
+    return rows
 
 
 def _row_task(cfg_dict: dict[str, Any], parent_run_id: str, storage_path: Optional[str]) -> dict[str, Any]:

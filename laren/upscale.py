@@ -1,4 +1,5 @@
-"""`laren upscale`: super-resolve image files with a trained checkpoint.
+"""`laren upscale`: super-resolve image files with a trained checkpoint or a registered model (``models:/...``,
+``runs:/...``; laren/registry.py).
 
 The model takes exactly ``model.lr_size`` x ``model.lr_size`` RGB inputs (the size it was trained on) and returns
 ``prior.resolution`` x ``prior.resolution`` images. An input of another size is an error that says so, unless
@@ -15,8 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from laren.evaluate import load_model_from_checkpoint, to_uint8_hwc
+from laren.evaluate import to_uint8_hwc
 from laren.imresize import imresize_uint8
+from laren.registry import load_model
 
 
 class ImageSizeError(ValueError):
@@ -28,12 +30,16 @@ def load_lr_image(path: str | Path, lr_size: int, resize: bool = False) -> torch
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"image not found: {p}")
-    img = np.asarray(Image.open(p).convert("RGB"))  # (h, w, 3) uint8
+    return lr_from_array(np.asarray(Image.open(p).convert("RGB")), lr_size, resize, str(p))
+
+
+def lr_from_array(img: np.ndarray, lr_size: int, resize: bool = False, name: str = "image") -> torch.Tensor:
+    """uint8 (h, w, 3) -> (1, 3, l, l) in [-1, 1]; raises ImageSizeError when it is not l x l and resize is off."""
     h, w = img.shape[:2]
     if (h, w) != (lr_size, lr_size):
         if not resize:
             raise ImageSizeError(
-                f"{p}: image is {w}x{h} but the model takes {lr_size}x{lr_size} inputs "
+                f"{name}: image is {w}x{h} but the model takes {lr_size}x{lr_size} inputs "
                 f"(model.lr_size); pass --resize to centre-crop and resize it to fit"
             )
         s = min(h, w)
@@ -45,11 +51,12 @@ def load_lr_image(path: str | Path, lr_size: int, resize: bool = False) -> torch
 
 
 @torch.no_grad()
-def upscale_files(checkpoint_url: str, images: Sequence[str], out_dir: str, resize: bool = False,
+def upscale_files(source: str, images: Sequence[str], out_dir: str, resize: bool = False,
                   device: Optional[str] = None) -> list[Path]:
-    """Super-resolve each image into ``out_dir/<stem>_sr.png``; every input is checked before any work is done."""
+    """Super-resolve each image into ``out_dir/<stem>_sr.png`` with the checkpoint directory or MLflow model URI
+    ``source``; every input is checked before any work is done."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, cfg, _ = load_model_from_checkpoint(checkpoint_url, dev)
+    model, cfg = load_model(source, dev)
     lrs = [load_lr_image(p, cfg.model.lr_size, resize) for p in images]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

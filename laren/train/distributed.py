@@ -1,7 +1,7 @@
 """Ray Train (V2) wiring: one TorchTrainer per run (ecosystem notes section 1). The only training module that imports Ray.
 
     make_trainer(cfg, run_id)  -> TorchTrainer(train_fn, ScalingConfig(workers | (min, max), GPU, CPUs per worker),
-                                   RunConfig(name=run_id, storage_path=<storage>/runs, CheckpointConfig(keep N),
+                                   RunConfig(name=run_id, storage_path=<storage>/runs, CheckpointConfig(keep N [best]),
                                              FailureConfig(max_failures), callbacks, worker_runtime_env))
     run_training(cfg)          -> make_trainer(...).fit() -> {final metrics, "checkpoint": URL, "run_id": ...}
 
@@ -266,7 +266,10 @@ def make_trainer(
         name=run_id,
         storage_path=path,
         storage_filesystem=fs,
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints)),
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=max(1, cfg.train.keep_checkpoints), checkpoint_score_attribute=cfg.train.keep_best_metric,
+            checkpoint_score_order=cfg.train.keep_best_mode,
+        ),
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         callbacks=list(extra_callbacks) or None,
         worker_runtime_env={"env_vars": env} if env else None,

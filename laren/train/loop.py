@@ -25,6 +25,7 @@ Legend: B per-rank batch, l LR size, R HR size; images in [-1, 1].
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -41,10 +42,13 @@ import torch
 
 from laren import losses as L
 from laren.config import ConfigError, LossConfig, RunConfig
+from laren.cost import usage_metrics
 from laren.models import health
 from laren.plan import check_rules
 from laren.train import collectives as C
 from laren.train import state as S
+
+log = logging.getLogger("laren.train")
 
 # Test-only fault injection: at step LAREN_TEST_KILL_AT_STEP the rank LAREN_TEST_KILL_RANK (default 1) SIGKILLs its
 # own process, once: LAREN_TEST_KILL_MARKER names a file created just before, so a restarted attempt does not fire.
@@ -293,6 +297,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     batches = DataStream(cfg, rank, world, st)
     acc = {k: 0.0 for k in ("loss_g", "loss_pix", "loss_per", "loss_adv", "loss_d", "d_real", "d_fake")}
     acc_n, skipped, t_log, img_log = 0, 0.0, time.perf_counter(), 0
+    t_start, worker_s_before = t_log, st.worker_s
     last: dict[str, float] = {}
     last_ckpt_step = start_step if ctx.resume_dir else -1
     status = "FAILED"
@@ -321,9 +326,12 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
             done = st.step >= sched.total_steps
             metrics: dict[str, float] = {}
             if st.step % sched.log_every == 0 or done:
-                sums = C.sum_across([acc[k] for k in acc] + [float(acc_n), float(img_log), skipped], dev)
+                now = time.perf_counter()
+                sums = C.sum_across([acc[k] for k in acc] + [float(acc_n), float(img_log), skipped, now - t_start], dev)
                 n = max(sums[len(acc)], 1.0)
-                dt = time.perf_counter() - t_log
+                dt = now - t_log
+                st.worker_s = worker_s_before + sums[len(acc) + 3]  # summed over ranks: the same on every rank
+                metrics.update(usage_metrics(st.worker_s, cfg.resources.use_gpu, cfg.resources.hourly_price_usd))
                 metrics.update({f"train/{k}": sums[i] / n for i, k in enumerate(acc)})
                 metrics.update({
                     "train/lr": cur_lr, "train/lr_d": cur_lr_d, "train/kimg": st.kimg,
@@ -354,12 +362,29 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
                 # Queued during an MLflow outage, the upload would find the temporary directory gone: one last
                 # attempt now, while it exists (the checkpoint also stays in the run's storage).
                 tracker.flush(force=True)
+            if cfg.tracking.register_model:
+                _register(cfg, tracker, model, {**last, "step": st.step})
         status = "FINISHED"
         return {**last, "step": st.step, "kimg": st.kimg, "mlflow_run_id": st.mlflow_run_id}
     finally:
         # A failed attempt leaves the MLflow run open: the restarted attempt resumes it (no duplicate run).
         if status == "FINISHED":
             tracker.finish(status)
+
+
+def _register(cfg: RunConfig, tracker, model, metrics: dict[str, float]) -> None:
+    """Rank 0, end of the run: the inference model into MLflow's registry (laren/registry.py). Like every tracking
+    call, a failure is a warning: the run and its checkpoints are complete."""
+    if not tracker.flush() or getattr(tracker, "run_id", None) is None:
+        log.warning("MLflow unreachable: the model of %s is not registered (its checkpoints are in storage)", cfg.run_id)
+        return
+    try:
+        from laren.registry import log_and_register  # mlflow.pyfunc: imported only by the run's last step
+
+        mv = log_and_register(tracker.tracking_uri, tracker.run_id, model, cfg, metrics)
+        log.info("registered the model as %s version %s", mv.name, mv.version)
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        log.warning("could not register the model of %s in MLflow: %s: %s", cfg.run_id, type(err).__name__, err)
 
 
 def train_step(model, disc, vgg, opt_g, opt_d, lr_img: torch.Tensor, hr_img: torch.Tensor, loss_cfg: LossConfig,
@@ -452,6 +477,9 @@ def _evaluate(cfg: RunConfig, model, lpips, rank: int, world: int, dev, tracker,
 def _checkpoint(cfg, ctx: WorkerContext, model, disc, optimizers, st: S.TrainState, metrics: dict[str, float]) -> None:
     """Every rank contributes its RNG state; rank 0 writes the checkpoint; every rank calls ``report`` (a barrier)."""
     st.rng = C.gather_objects(S.capture_rng(), ctx.device)
+    best = cfg.train.keep_best_metric
+    if best and best not in metrics:  # before the first evaluation: NaN, which Ray's scoring ranks below every number
+        metrics = {**metrics, best: math.nan}
     d = None
     name = f"checkpoint_{st.step:09d}"
     if ctx.rank == 0 and ctx.report is None and ctx.checkpoint_root:

@@ -56,6 +56,7 @@ class TrainState:
     data_epoch: int = 0
     data_batch: int = 0
     mlflow_run_id: Optional[str] = None
+    worker_s: float = 0.0  # workers x wall seconds of training, summed over attempts, to the last log step (laren.cost)
     rng: list[dict[str, Any]] = field(default_factory=list)  # one entry per rank, see capture_rng()
 
     @property

@@ -39,7 +39,7 @@ def tiny_job(project: Path, name: str, data: tuple[str, str], steps: int = 8, ev
         "train": {"batch_size_global": batch, "total_kimg": kimg(steps), "log_every_kimg": kimg(1),
                   "eval_every_kimg": kimg(eval_every), "checkpoint_every_kimg": kimg(ckpt_every),
                   "sample_grid_images": 2, "max_failures": 0},
-        "tracking": {"system_metrics": False},
+        "tracking": {"system_metrics": False, "register_model": False},
         "resources": {"num_workers": 1, "cpus_per_worker": 1},
     }
     for k, v in extra.items():

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from laren import submit as S
+from laren.cost import format_cost
 from laren.grid import logged_metrics
 from laren.specs import load_job
 from laren.tracking import PARENT_TAG
@@ -76,7 +77,9 @@ def test_grid_two_rows_table_equals_child_metrics(ray_head, mlflow_server, tmp_p
         m = child.data.metrics
         cells = [x.strip() for x in line.strip("|").split("|")]
         assert cells == [v.title, f"{m['val/psnr']:.2f}", f"{m['val/ssim']:.4f}", f"{m['val/lpips_alex']:.4f}",
-                         "0.016", cfg.run_id, "FINISHED"]
+                         "0.016", format_cost(m), cfg.run_id, "FINISHED"]
+        assert m["perf/gpu_hours"] == 0.0 and m["perf/worker_hours"] > 0
+        assert float(r["worker_hours"]) == pytest.approx(m["perf/worker_hours"], rel=1e-12)
         # What a re-run grid reads for a row finished earlier (it evaluates nothing more): the same numbers.
         again = logged_metrics(mlflow_server.uri, "grid-it", cfg.run_id)
         assert again["val/psnr"] == pytest.approx(float(r["psnr"]), rel=1e-12)

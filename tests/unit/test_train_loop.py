@@ -50,7 +50,7 @@ def tiny_config(data_url: str, tracking_uri: str, **overrides: Any) -> RunConfig
         eval=dict(random_backbone_for_tests=True),
         train=dict(batch_size_global=4, total_kimg=0.04, log_every_kimg=0.004, eval_every_kimg=0.02,
                    checkpoint_every_kimg=0.02, sample_grid_images=2, seed=3),
-        tracking=dict(tracking_uri=tracking_uri, experiment="tiny", system_metrics=False),
+        tracking=dict(tracking_uri=tracking_uri, experiment="tiny", system_metrics=False, register_model=False),
     )
     for section, fields in overrides.items():
         d[section] = {**d.get(section, {}), **fields} if isinstance(fields, dict) else fields
