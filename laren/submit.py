@@ -478,7 +478,8 @@ def submit(path: Union[str, Path], address: Optional[str] = None, working_dir: O
     kind = spec_kind(spec)
     target = resolve_address(address, root)
     local = target is None or _is_local(target)
-    with _job_context(root, job_env):  # paths and ids mean here what they will mean in the job
+    with _job_context(root, job_env):  # paths, defaults (storage.root ...) and ids mean here what they mean in the job
+        spec = load_any(path.resolve())
         run_id = spec.run_id
         if kind in ("train", "grid") and local:
             _check_inputs_here(spec)
