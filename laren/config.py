@@ -320,26 +320,28 @@ class RunConfig(Section):
 PRIOR_ARCH_FIELDS = ("mapping_layers", "channel_multiplier", "channel_max", "channel_table_base")
 
 
-def project_root(start: Optional[str | Path] = None) -> Path:
+def checkout(start: Optional[str | Path] = None) -> Optional[Path]:
     """The laren checkout containing ``start`` (default: the working directory): the nearest folder with pyproject.toml
-    and laren/; the working directory when there is none."""
+    and laren/, or None."""
     p = Path(start or os.getcwd()).resolve()
-    for d in [p, *p.parents]:
-        if (d / "pyproject.toml").is_file() and (d / "laren").is_dir():
-            return d
-    return Path(os.getcwd()).resolve()
+    return next((d for d in [p, *p.parents] if (d / "pyproject.toml").is_file() and (d / "laren").is_dir()), None)
+
+
+def project_root(start: Optional[str | Path] = None) -> Path:
+    """:func:`checkout`, else the working directory."""
+    return checkout(start) or Path(os.getcwd()).resolve()
 
 
 def path_identity(p: Optional[str]) -> Optional[str]:
     """A local input path in the form a run id hashes: made absolute as ``resolve_paths`` makes it (links resolved),
-    then written relative to the project (``<project>/priors/synth32``) when it lies in it or in its state folder
-    ``.laren`` wherever that links to (``<project>/.laren/storage/datasets/x``), else absolute. So the form is the
-    same before and after ``resolve_paths``, in any clone of the project, and in Ray's copy of it (a job's working
+    then, in a laren checkout, written relative to it (``<project>/priors/synth32``) when it lies in it or in its state
+    folder ``.laren`` wherever that links to (``<project>/.laren/storage/datasets/x``), else absolute. So the form is
+    the same before and after ``resolve_paths``, in any clone of the project, and in Ray's copy of it (a job's working
     dir, whose ``.laren`` links to the project's). URLs are unchanged."""
     if not p or "://" in p:
         return p
-    a, root = Path(p).expanduser().resolve(), project_root()
-    for name, base in (("<project>/.laren", (root / ".laren").resolve()), ("<project>", root)):
+    a, root = Path(p).expanduser().resolve(), checkout()
+    for name, base in ((("<project>/.laren", (root / ".laren").resolve()), ("<project>", root)) if root else ()):
         if a == base or base in a.parents:
             return f"{name}/{a.relative_to(base).as_posix()}".rstrip("/")
     return str(a)
