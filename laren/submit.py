@@ -32,7 +32,7 @@ from typing import Any, Iterator, Optional, Union
 
 from laren.config import ConfigError, RunConfig, project_root  # noqa: F401 - project_root: laren.submit's API
 from laren.models import health
-from laren.plan import check_rules, plan_url
+from laren.plan import RunPlan, check_rules, plan_url, write_plan
 from laren.redact import is_secret_key, redact_text
 from laren.specs import JobSpec, LoadedSweep, load_any
 from laren.tracking import check_tracking_auth
@@ -483,7 +483,7 @@ def submit(path: Union[str, Path], address: Optional[str] = None, working_dir: O
         run_id = spec.run_id
         if kind in ("train", "grid") and local:
             _check_inputs_here(spec)
-        plan_url = _ship_plan(spec, local)
+        plan = _job_plan(spec, local)
     c, addr = client(address, root, start_local=True, log=log)
     head = read_services(root).get("ray")
     if head and head.get("dashboard_url") == addr and head.get("address"):
@@ -508,7 +508,10 @@ def submit(path: Union[str, Path], address: Optional[str] = None, working_dir: O
         if saved:
             log(f"previous attempt {prev}; its logs: {saved}")
 
-    cmd = entrypoint or job_entrypoint(kind, rel, root if _is_local(addr) else None, plan_url)
+    if plan is not None:
+        with _job_context(root, job_env):  # the run's storage, as the job sees it
+            write_plan(plan)
+    cmd = entrypoint or job_entrypoint(kind, rel, root if _is_local(addr) else None, plan and plan_url(plan.run_dir))
     if _is_local(addr) and not entrypoint:
         (root / STATE_DIR).mkdir(exist_ok=True)
     sub.entrypoint = cmd
@@ -519,12 +522,12 @@ def submit(path: Union[str, Path], address: Optional[str] = None, working_dir: O
     return sub
 
 
-def job_entrypoint(kind: str, rel: str, local_root: Optional[Path] = None, plan_url: Optional[str] = None) -> str:
+def job_entrypoint(kind: str, rel: str, local_root: Optional[Path] = None, plan_file: Optional[str] = None) -> str:
     """The command Ray runs (through a shell) for a job file at ``rel`` in the working dir, or for the run plan at
-    ``plan_url``; every word is quoted, so a file or project path holding spaces or ';' stays one argument.
+    ``plan_file`` (a URL); every word is quoted, so a file or project path holding spaces or ';' stays one argument.
     ``local_root``: the project of a job on a local head, whose relative local paths (./.laren/storage/...) must mean
     the project's, not the working-dir copy's."""
-    cmd = shlex.join(["python", "-m", "laren.cli", "run-plan", plan_url] if plan_url else
+    cmd = shlex.join(["python", "-m", "laren.cli", "run-plan", plan_file] if plan_file else
                      ["python", "-m", "laren.cli", *ENTRY[kind].split(), rel])
     if local_root is not None:
         cmd = f"{shlex.join(['ln', '-sfn', str(local_root / STATE_DIR), STATE_DIR])} && {cmd}"
@@ -555,11 +558,11 @@ def _check_inputs_here(spec: JobSpec) -> None:
     check_run_inputs(spec.run_config())
 
 
-def _ship_plan(spec: Spec, local: bool) -> Optional[str]:
-    """A train or prior job's run plan (laren/plan.py), built and written to the run's storage folder now, before
-    anything is queued; the job runs it (`laren run-plan URL`) instead of re-reading the YAML. None for other kinds,
-    and for a remote cluster whose runs would live in a local folder of this machine, which it cannot read (the job
-    then plans the run there, from the same file)."""
+def _job_plan(spec: Spec, local: bool) -> Optional[RunPlan]:
+    """A train or prior job's run plan (laren/plan.py), built now, before anything is queued, and written to the run's
+    storage folder just before the job is; the job runs it (`laren run-plan URL`) instead of re-reading the YAML. None
+    for other kinds, and for a remote cluster whose runs would live in a local folder of this machine, which it cannot
+    read (the job then plans the run there, from the same file)."""
     from laren.train.distributed import plan_run, runs_root  # function-local: imports torch and the training loop
 
     kind = spec_kind(spec)
@@ -568,7 +571,7 @@ def _ship_plan(spec: Spec, local: bool) -> Optional[str]:
     cfg = spec.prior_config() if kind == "prior" else spec.run_config()
     if not local and "://" not in runs_root(cfg):
         return None
-    return plan_url(plan_run(cfg).run_dir)
+    return plan_run(cfg)
 
 
 def _delete_finished_job(c, addr: str, run_id: str) -> None:

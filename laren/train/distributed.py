@@ -1,11 +1,11 @@
 """Ray Train (V2) wiring: one TorchTrainer per run (ecosystem notes section 1). The only training module that imports Ray.
 
-    plan_run(cfg, run_id)      -> the run's plan (laren/plan.py), written to <storage>/runs/<run id>/plan.json
+    plan_run(cfg, run_id)      -> the run's plan (laren/plan.py), for <storage>/runs/<run id>/plan.json
     plan_trainer(plan)         -> TorchTrainer(train_fn, ScalingConfig(workers | (min, max), GPU, CPUs per worker),
                                    RunConfig(name=run_id, storage_path=<storage>/runs, CheckpointConfig(keep N),
                                              FailureConfig(max_failures), callbacks, worker_runtime_env))
-    make_trainer(cfg, run_id)  -> check_inputs + plan_run + plan_trainer
-    run_training(cfg)          -> check_inputs + plan_run + run_plan
+    make_trainer(cfg, run_id)  -> check_inputs + plan_run + write_plan + plan_trainer
+    run_training(cfg)          -> check_inputs + plan_run + write_plan + run_plan
     run_plan(plan)             -> plan_trainer(plan).fit() -> {final metrics, "checkpoint": URL, "run_id": ...}
 
 Identity: the Ray Train run name is the job's deterministic run id (``<name>-<config hash>``), and the storage path is
@@ -239,12 +239,10 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
 
 
 def plan_run(cfg: RunConfig, run_id: Optional[str] = None, storage_path: Optional[str] = None) -> RunPlan:
-    """The run's plan (laren/plan.py), written to ``<runs root>/<run id>/plan.json``. ``run_id`` defaults to
+    """The run's plan (laren/plan.py; not written yet), its folder ``<runs root>/<run id>``. ``run_id`` defaults to
     ``cfg.run_id``."""
     run_id = run_id or cfg.run_id
-    plan = build_plan(cfg, run_id, runs_root(resolve_paths(cfg), storage_path).rstrip("/") + "/" + run_id)
-    write_plan(plan)
-    return plan
+    return build_plan(cfg, run_id, runs_root(resolve_paths(cfg), storage_path).rstrip("/") + "/" + run_id)
 
 
 def make_trainer(
@@ -256,7 +254,9 @@ def make_trainer(
 ):
     """The configured TorchTrainer for ``cfg`` (not started). ``run_id`` defaults to ``cfg.run_id``."""
     check_inputs(cfg)
-    return plan_trainer(plan_run(cfg, run_id, storage_path), parent_run_id, extra_callbacks)
+    plan = plan_run(cfg, run_id, storage_path)
+    write_plan(plan)
+    return plan_trainer(plan, parent_run_id, extra_callbacks)
 
 
 def plan_trainer(plan: RunPlan, parent_run_id: Optional[str] = None, extra_callbacks: Sequence[Any] = ()):
@@ -327,6 +327,7 @@ def run_training(
     ``run_id``. Re-running the same config resumes the run from its latest checkpoint."""
     check_inputs(cfg)  # user errors before Ray (or any worker) starts
     plan = plan_run(cfg, run_id, storage_path)
+    write_plan(plan)
     return run_plan(plan, parent_run_id, extra_callbacks)
 
 

@@ -148,22 +148,21 @@ def test_plan_round_trip_without_credentials(tmp_path, monkeypatch):
 
 
 def test_submit_ships_the_plan_of_train_and_prior_jobs(tmp_path, monkeypatch):
-    """submit's plan step: a train job on a reachable storage gets its plan written and the job runs it; a remote
+    """submit's plan step: a train job on a reachable storage gets its plan and the job runs it; a remote
     cluster cannot read this machine's folders (the job plans there); a prior job runs `laren prior train`."""
     import shlex
 
     from laren import submit as S
-    from laren.plan import read_plan
     from laren.specs import load_job
 
     monkeypatch.chdir(_project(tmp_path))
     monkeypatch.setenv("LAREN_STORAGE", str(tmp_path / "st"))
     p = _job(tmp_path, data={"train_url": "./.laren/storage/datasets/x"})
     spec = load_job(p)
-    url = S._ship_plan(spec, local=True)
-    assert url == str(tmp_path / "st" / "runs" / spec.run_id / "plan.json") and read_plan(url).run_id == spec.run_id
-    assert read_plan(url).config["data"]["train_url"] == str(tmp_path / ".laren/storage/datasets/x")
-    assert S._ship_plan(spec, local=False) is None  # a local storage folder: not for a remote cluster
+    plan = S._job_plan(spec, local=True)
+    assert plan.run_dir == str(tmp_path / "st" / "runs" / spec.run_id) and plan.run_id == spec.run_id
+    assert plan.config["data"]["train_url"] == str(tmp_path / ".laren/storage/datasets/x")
+    assert S._job_plan(spec, local=False) is None  # a local storage folder: not for a remote cluster
     assert shlex.split(S.job_entrypoint("train", "jobs/t.yaml", None, "/a b/plan.json")) == [
         "python", "-m", "laren.cli", "run-plan", "/a b/plan.json"]
     assert shlex.split(S.job_entrypoint("prior", "jobs/p.yaml")) == ["python", "-m", "laren.cli", "prior", "train", "jobs/p.yaml"]
