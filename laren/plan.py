@@ -4,7 +4,7 @@ rules checked while it is built (`laren validate`, `submit`, `train`, `sweep`).
     build_plan(cfg, run_id)  -> RunPlan(run_id, config (paths absolute, prior architecture from its metadata), inputs,
                                         resources, run_dir, tracking_uri (no password))
     write_plan(plan)         -> <run dir>/plan.json in the run's storage (Ray Train workers get plan.config)
-    read_plan(url)           -> the RunPlan a job runs (`laren submit` ships the plan, not the YAML: `laren run-plan URL`)
+    read_plan(url)           -> the RunPlan a submitted job runs (`laren run-plan URL`, instead of the YAML)
 
 The prior's metadata is the one description of its architecture: the plan copies it into ``model.prior`` (mapping
 layers and the channel table, ``channel_table_base`` for a non-stock one), so that the config a checkpoint records
@@ -131,12 +131,14 @@ def build_plan(cfg: RunConfig, run_id: Optional[str] = None, run_dir: Optional[s
     inputs = {k: v for k, v in (("data.train_url", rcfg.data.train_url), ("data.val_url", rcfg.data.val_url),
                                 ("model.prior.path", rcfg.model.prior.path), ("loss.vgg16_path", rcfg.loss.vgg16_path),
                                 ("eval.alexnet_path", rcfg.eval.alexnet_path)) if v}
-    return RunPlan(run_id=run_id, config=rcfg.to_dict(), kind="prior" if isinstance(cfg, PriorRunConfig) else "train", inputs=inputs, resources=rcfg.resources.model_dump(mode="json"),
+    return RunPlan(run_id=run_id, config=rcfg.to_dict(), kind="prior" if isinstance(cfg, PriorRunConfig) else "train",
+                   inputs=inputs, resources=rcfg.resources.model_dump(mode="json"),
                    run_dir=run_dir or storage.join(runs_root(rcfg), run_id),
                    tracking_uri=redact_text(rcfg.tracking.tracking_uri))
 
 
 def plan_url(run_dir: str) -> str:
+    """Where the plan of the run in ``run_dir`` lies."""
     return storage.join(run_dir, PLAN_FILE)
 
 

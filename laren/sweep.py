@@ -10,10 +10,10 @@ Concurrency is bounded by the cluster: ``max_concurrent_trials`` (or, when unset
 one trial's workers plus its driver's share) trials at once; the driver function holds only ``DRIVER_RESOURCES``.
 
 Paths: Tune runs each trial in its own working directory, so a trial resolves the job's relative local paths
-(``./.laren/storage/...``) against the sweep driver's working directory, where its run id is computed (the id
-``laren validate`` shows; ids hash local paths in a canonical form, :func:`laren.config.path_identity`). A trial stopped early by the scheduler is killed with its Ray Train run; its MLflow
-child run, left RUNNING by the killed worker, is closed as KILLED (tag ``laren.stopped_by: scheduler``) when the sweep
-ends.
+(``./.laren/storage/...``) against the sweep driver's working directory, where its run id is computed too (the id
+``laren validate`` shows; ids hash local paths in a canonical form, :func:`laren.config.path_identity`). A trial
+stopped early by the scheduler is killed with its Ray Train run; its MLflow child run, left RUNNING by the killed
+worker, is closed as KILLED (tag ``laren.stopped_by: scheduler``) when the sweep ends.
 
 Identity: the Tune experiment is named after the sweep's run id under ``<storage>/runs/``; a re-submitted sweep
 restores it (unfinished and errored trials continue). Trial ``k`` of the sweep trains the run ``<sweep>-t<k>-<hash>``.
