@@ -60,8 +60,13 @@ def test_submit_with_s3_weights_reaches_training(s3_env, mlflow_server, tmp_path
     assert cached == ["alexnet-owt-7be5be79.pth", "vgg16-397923af.pth"]  # one download per object on this node
 
     monkeypatch.setenv("LAREN_STORAGE", f"s3://{BUCKET}/storage")
-    text = to_yaml(render_k8s_file(job, warn=lambda *_: None))
+    docs = render_k8s_file(job, warn=lambda *_: None)
+    text = to_yaml(docs)
     assert VGG in text and ALEX in text
-    assert s3_env.env()["AWS_SECRET_ACCESS_KEY"] not in text and s3_env.env()["AWS_ACCESS_KEY_ID"] not in text
-    assert "secretKeyRef" in text and "MLFLOW_TRACKING_PASSWORD" in text  # credentials by reference only
+    assert s3_env.env()["AWS_SECRET_ACCESS_KEY"] not in text
+    cs = next(d for d in docs if d["kind"] == "RayJob")["spec"]["rayClusterSpec"]
+    for pod in [cs["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in cs["workerGroupSpecs"])]:
+        env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in pod["containers"][0]["env"]}  # references only
+        assert env["MLFLOW_TRACKING_PASSWORD"] == {"name": "laren-credentials", "key": "MLFLOW_TRACKING_PASSWORD",
+                                                   "optional": True}
     assert load_job(job).loss.vgg16_path == VGG
