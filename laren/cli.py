@@ -501,6 +501,18 @@ def run_grid_cmd(job: str) -> None:
     run_grid(load_job(job), log=click.echo)
 
 
+@main.command("run-plan", hidden=True)
+@click.argument("plan_url")
+def run_plan_cmd(plan_url: str) -> None:
+    """(On the cluster) train the run that `laren submit` planned (PLAN_URL: its plan.json in the run's storage)."""
+    import json
+
+    from laren.plan import read_plan
+    from laren.train.distributed import run_plan
+
+    click.echo(json.dumps(run_plan(read_plan(plan_url)), indent=1, default=str))
+
+
 @main.command("run-sweep", hidden=True)
 @click.argument("sweep", type=click.Path(dir_okay=False))
 def run_sweep_cmd(sweep: str) -> None:

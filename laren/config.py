@@ -318,12 +318,23 @@ class RunConfig(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def config_hash(self) -> str:
-        """Hash of the resolved config, excluding where it runs (storage, tracking, resources)."""
+        """Hash of the config, excluding where it runs (storage, tracking, a prior's output) and how it is described. A pure function of
+        the resolved config, and the same before and after ``resolve_paths`` or a run plan: local paths are hashed in
+        their canonical form (:func:`path_identity`), and with ``model.prior.path`` set, the prior's metadata is its
+        architecture (a plan copies it into ``model.prior``), so those fields are left out."""
         d = self.to_dict()
         for k in ("storage", "tracking", "description"):
             d.pop(k, None)
-        if d["model"]["prior"]["channel_table_base"] is None:  # unset: the ids of runs from before the field stay
-            d["model"]["prior"].pop("channel_table_base")
+        d.get("gan", {}).pop("output", None)  # a prior run's output: where it runs too (default under storage.root)
+        prior = d["model"]["prior"]
+        if prior["path"]:
+            for k in PRIOR_ARCH_FIELDS:
+                prior.pop(k)
+            prior["path"] = path_identity(prior["path"])
+        elif prior["channel_table_base"] is None:  # unset: the ids of runs from before the field stay
+            prior.pop("channel_table_base")
+        for section, key in (("data", "train_url"), ("data", "val_url"), ("loss", "vgg16_path"), ("eval", "alexnet_path")):
+            d[section][key] = path_identity(d[section][key])
         d["resources"].pop("hourly_price_usd", None)  # a price changes no result
         if d.get("train", {}).get("keep_best_metric") is None:  # unset: the ids of runs from before the fields stay
             d["train"].pop("keep_best_metric", None)
@@ -335,6 +346,37 @@ class RunConfig(Section):
     def run_id(self) -> str:
         """Deterministic identity: the Ray submission id, Ray Train run name and MLflow run name."""
         return f"{self.name}-{self.config_hash()}"
+
+
+# The prior's architecture as its metadata records it (laren.plan.resolve_prior copies it into model.prior).
+PRIOR_ARCH_FIELDS = ("mapping_layers", "channel_multiplier", "channel_max", "channel_table_base")
+
+
+def checkout(start: Optional[str | Path] = None) -> Optional[Path]:
+    """The laren checkout containing ``start`` (default: the working directory): the nearest folder with pyproject.toml
+    and laren/, or None."""
+    p = Path(start or os.getcwd()).resolve()
+    return next((d for d in [p, *p.parents] if (d / "pyproject.toml").is_file() and (d / "laren").is_dir()), None)
+
+
+def project_root(start: Optional[str | Path] = None) -> Path:
+    """:func:`checkout`, else the working directory."""
+    return checkout(start) or Path(os.getcwd()).resolve()
+
+
+def path_identity(p: Optional[str]) -> Optional[str]:
+    """A local input path in the form a run id hashes: made absolute as ``resolve_paths`` makes it (links resolved),
+    then, in a laren checkout, written relative to it (``<project>/priors/synth32``) when it lies in it or in its state
+    folder ``.laren`` wherever that links to (``<project>/.laren/storage/datasets/x``), else absolute. So the form is
+    the same before and after ``resolve_paths``, in any clone of the project, and in Ray's copy of it (a job's working
+    dir, whose ``.laren`` links to the project's). URLs are unchanged."""
+    if not p or "://" in p:
+        return p
+    a, root = Path(p).expanduser().resolve(), checkout()
+    for name, base in ((("<project>/.laren", (root / ".laren").resolve()), ("<project>", root)) if root else ()):
+        if a == base or base in a.parents:
+            return f"{name}/{a.relative_to(base).as_posix()}".rstrip("/")
+    return str(a)
 
 
 # ----------------------------------------------------------------------------------------------- prior training

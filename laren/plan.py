@@ -4,12 +4,17 @@ rules checked while it is built (`laren validate`, `submit`, `train`, `sweep`).
     build_plan(cfg, run_id)  -> RunPlan(run_id, config (paths absolute, prior architecture from its metadata), inputs,
                                         resources, run_dir, tracking_uri (no password))
     write_plan(plan)         -> <run dir>/plan.json in the run's storage (Ray Train workers get plan.config)
+    read_plan(url)           -> the RunPlan a submitted job runs (`laren run-plan URL`, instead of the YAML)
 
 The prior's metadata is the one description of its architecture: the plan copies it into ``model.prior`` (mapping
 layers and the channel table, ``channel_table_base`` for a non-stock one), so that the config a checkpoint records
-rebuilds the same generator in `laren eval` and `laren upscale`. The run id is the id of the config as the job
-gives it (``cfg.run_id``, which hashes local paths as written), computed once here and carried by the plan: the
-resolved config (absolute paths, the prior's table) would hash differently.
+rebuilds the same generator in `laren eval` and `laren upscale`. The run id is a pure function of the resolved
+config (``RunConfig.config_hash``: local paths in their canonical form, the prior's architecture left to its
+metadata), so the config as written, its ``resolve_paths`` and the plan's config all have the same id; a job
+submitted again (a resume) gets the id, the Ray Train run and the MLflow run of its first attempt.
+
+Credentials: plan.json holds none (a tracking URI keeps its user, loses its password); a job reading it gets its
+MLflow credentials from its own environment (MLFLOW_TRACKING_USERNAME / _PASSWORD; infra/ shows how).
 
 Elastic sizes. The global batch is fixed; Ray Train may start any worker count in ``resources.min_workers ..
 resources.num_workers``. Every count in that range must divide ``train.batch_size_global`` and, when D is trained
@@ -24,13 +29,14 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from laren.config import ConfigError, RunConfig
+from laren.config import ConfigError, PriorRunConfig, RunConfig
 from laren.data import storage
 from laren.models.build import _check_combination
 from laren.redact import redact, redact_text
 
 STDDEV_GROUP = 4  # laren.models.stylegan2.Discriminator.stddev_group
 MIN_STDDEV_BATCH = 2  # a group of one sample has a constant stddev
+PLAN_FILE = "plan.json"
 
 
 def worker_counts(cfg: RunConfig) -> range:
@@ -78,13 +84,14 @@ class RunPlan:
 
     run_id: str
     config: dict[str, Any]
+    kind: str = "train"  # train | prior (a PriorRunConfig)
     inputs: dict[str, str] = field(default_factory=dict)  # dotted field -> URL
     resources: dict[str, Any] = field(default_factory=dict)
     run_dir: str = ""
     tracking_uri: str = ""
 
     def run_config(self) -> RunConfig:
-        return RunConfig.model_validate(self.config)
+        return (PriorRunConfig if self.kind == "prior" else RunConfig).model_validate(self.config)
 
     def to_json(self) -> str:
         """The plan as written to storage: credentials redacted (a tracking URI's password never reaches a file)."""
@@ -119,18 +126,36 @@ def build_plan(cfg: RunConfig, run_id: Optional[str] = None, run_dir: Optional[s
     from laren.train.distributed import resolve_paths, runs_root  # function-local: it imports this module (via loop)
 
     check_rules(cfg)
-    run_id = run_id or cfg.run_id
+    run_id = run_id or cfg.run_id  # == rcfg.run_id (RunConfig.config_hash)
     rcfg = resolve_prior(resolve_paths(cfg))
     inputs = {k: v for k, v in (("data.train_url", rcfg.data.train_url), ("data.val_url", rcfg.data.val_url),
                                 ("model.prior.path", rcfg.model.prior.path), ("loss.vgg16_path", rcfg.loss.vgg16_path),
                                 ("eval.alexnet_path", rcfg.eval.alexnet_path)) if v}
-    return RunPlan(run_id=run_id, config=rcfg.to_dict(), inputs=inputs, resources=rcfg.resources.model_dump(mode="json"),
+    return RunPlan(run_id=run_id, config=rcfg.to_dict(), kind="prior" if isinstance(cfg, PriorRunConfig) else "train",
+                   inputs=inputs, resources=rcfg.resources.model_dump(mode="json"),
                    run_dir=run_dir or storage.join(runs_root(rcfg), run_id),
                    tracking_uri=redact_text(rcfg.tracking.tracking_uri))
 
 
+def plan_url(run_dir: str) -> str:
+    """Where the plan of the run in ``run_dir`` lies."""
+    return storage.join(run_dir, PLAN_FILE)
+
+
 def write_plan(plan: RunPlan) -> str:
     """``<run dir>/plan.json`` (atomic); returns its URL."""
-    url = storage.join(plan.run_dir, "plan.json")
+    url = plan_url(plan.run_dir)
     storage.write_bytes(url, plan.to_json().encode())
     return url
+
+
+def read_plan(url: str) -> RunPlan:
+    """The plan at ``url`` (written by :func:`write_plan`); the tracking URI without the redaction mark (the job's
+    environment provides the password)."""
+    doc = json.loads(storage.read_bytes(url))
+    if not isinstance(doc, dict) or doc.pop("format", None) != "laren-run-plan" or doc.pop("version", None) != 1:
+        raise ConfigError(f"{url}: not a laren run plan (format laren-run-plan, version 1)")
+    tracking = doc["config"]["tracking"]
+    tracking["tracking_uri"] = redact_text(tracking["tracking_uri"], mask=None)
+    doc["tracking_uri"] = redact_text(doc["tracking_uri"], mask=None)
+    return RunPlan(**doc)

@@ -15,9 +15,10 @@ on a laptop. Everything cluster-specific comes from the job's ``resources`` sect
   with the in-tree autoscaler on, ``use_gpu`` -> one ``nvidia.com/gpu`` per pod, ``cpus_per_worker`` -> CPU request and
   Ray's ``num-cpus``, ``gpu_type`` -> a nodeSelector on ``gpu_label_key``; Ray itself sees the accelerator type of the
   node's GPU, which Ray Train matches against ``gpu_type``).
-- environment: ``LAREN_STORAGE``, ``MLFLOW_TRACKING_URI``, ``AWS_ENDPOINT_URL`` … from the ConfigMap ``laren-env`` and the
-  credentials from the Secret ``laren-credentials`` (``envFrom``), which the operator creates once per namespace
-  (see infra/k8s/laren-env.example.yaml).
+- environment: ``LAREN_STORAGE``, ``MLFLOW_TRACKING_URI``, ``AWS_ENDPOINT_URL`` … from the ConfigMap ``laren-env``
+  (``envFrom``) and the credentials :data:`CREDENTIAL_KEYS` (``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``, the AWS keys)
+  by name from the Secret ``laren-credentials`` (``env[].valueFrom.secretKeyRef``, optional), which the operator
+  creates once per namespace (see infra/k8s/laren-env.example.yaml). The rendered files hold references, never values.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ GPU_PRODUCT_LABELS = {
 }
 #: KubeRay's limit on RayJob names (utils.MaxRayJobNameLength: 53 for a RayCluster, minus the 6 characters it appends).
 MAX_RAYJOB_NAME = 47
+#: The credentials a pod takes from the Secret ``K8sOptions.env_secret``, each by name (``secretKeyRef``; optional: with
+#: IAM roles for service accounts the AWS keys are left out, an MLflow server without auth needs no user).
+CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 #: Label keys laren puts on what it renders (select with ``kubectl get rayjobs -l laren.io/job=face64x``).
 LABEL_JOB = "laren.io/job"
 LABEL_RUN = "laren.io/run-id"
@@ -141,8 +145,10 @@ def _container(name: str, image: str, cpus: float, memory: str, gpus: int, opts:
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "resources": {"requests": dict(limits), "limits": dict(limits)},
-        # Addresses (ConfigMap) and credentials (Secret) by reference only: nothing secret is rendered.
-        "envFrom": [{"configMapRef": {"name": opts.env_configmap}}, {"secretRef": {"name": opts.env_secret}}],
+        # Addresses (ConfigMap) and credentials (Secret, named keys) by reference only: nothing secret is rendered.
+        "envFrom": [{"configMapRef": {"name": opts.env_configmap}}],
+        "env": [{"name": k, "valueFrom": {"secretKeyRef": {"name": opts.env_secret, "key": k, "optional": True}}}
+                for k in CREDENTIAL_KEYS],
         "volumeMounts": [{"name": "laren-jobs", "mountPath": JOBS_DIR, "readOnly": True},
                          {"name": "dshm", "mountPath": "/dev/shm"}],
     }

@@ -18,6 +18,7 @@ against the project: a job on a local Ray head gets a ``.laren`` link to the pro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -29,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
-from laren.config import ConfigError, RunConfig
+from laren.config import ConfigError, RunConfig, project_root  # noqa: F401 - project_root: laren.submit's API
 from laren.models import health
-from laren.plan import check_rules
+from laren.plan import RunPlan, check_rules, plan_url, write_plan
 from laren.redact import is_secret_key, redact_text
 from laren.specs import JobSpec, LoadedSweep, load_any
 from laren.tracking import check_tracking_auth
@@ -49,15 +50,6 @@ JOB_ENV_KEYS = ("LAREN_STORAGE", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS
 
 
 # ----------------------------------------------------------------------------------------------- project and services
-
-
-def project_root(start: Optional[Union[str, Path]] = None) -> Path:
-    """The laren checkout containing ``start`` (default: the working directory): the nearest folder with pyproject.toml."""
-    p = Path(start or os.getcwd()).resolve()
-    for d in [p, *p.parents]:
-        if (d / "pyproject.toml").is_file() and (d / "laren").is_dir():
-            return d
-    return Path(os.getcwd()).resolve()
 
 
 def state_dir(root: Optional[Path] = None) -> Path:
@@ -495,10 +487,15 @@ def submit(path: Union[str, Path], address: Optional[str] = None, working_dir: O
     job_env = _job_env(root, env)
     check_tracking_auth(job_env["MLFLOW_TRACKING_URI"], experiment_name(spec))  # refused credentials: an error now
     rel = job_file_in_project(path, wd)
-    run_id, kind = spec.run_id, spec_kind(spec)
+    kind = spec_kind(spec)
     target = resolve_address(address, root)
-    if kind in ("train", "grid") and (target is None or _is_local(target)):
-        _check_inputs_here(spec, root, job_env)
+    local = target is None or _is_local(target)
+    with _job_context(root, job_env):  # paths, defaults (storage.root ...) and ids mean here what they mean in the job
+        spec = load_any(path.resolve())
+        run_id = spec.run_id
+        if kind in ("train", "grid") and local:
+            _check_inputs_here(spec)
+        plan = _job_plan(spec, local)
     c, addr = client(address, root, start_local=True, log=log)
     head = read_services(root).get("ray")
     if head and head.get("dashboard_url") == addr and head.get("address"):
@@ -523,7 +520,10 @@ def submit(path: Union[str, Path], address: Optional[str] = None, working_dir: O
         if saved:
             log(f"previous attempt {prev}; its logs: {saved}")
 
-    cmd = entrypoint or job_entrypoint(kind, rel, root if _is_local(addr) else None)
+    if plan is not None:
+        with _job_context(root, job_env):  # the run's storage, as the job sees it
+            write_plan(plan)
+    cmd = entrypoint or job_entrypoint(kind, rel, root if _is_local(addr) else None, plan and plan_url(plan.run_dir))
     if _is_local(addr) and not entrypoint:
         (root / STATE_DIR).mkdir(exist_ok=True)
     sub.entrypoint = cmd
@@ -534,32 +534,56 @@ def submit(path: Union[str, Path], address: Optional[str] = None, working_dir: O
     return sub
 
 
-def job_entrypoint(kind: str, rel: str, local_root: Optional[Path] = None) -> str:
-    """The command Ray runs (through a shell) for a job file at ``rel`` in the working dir; every word is quoted, so a
-    file or project path holding spaces or ';' stays one argument. ``local_root``: the project of a job on a local head,
-    whose relative local paths (./.laren/storage/...) must mean the project's, not the working-dir copy's."""
-    cmd = shlex.join(["python", "-m", "laren.cli", ENTRY[kind], rel])
+def job_entrypoint(kind: str, rel: str, local_root: Optional[Path] = None, plan_file: Optional[str] = None) -> str:
+    """The command Ray runs (through a shell) for a job file at ``rel`` in the working dir, or for the run plan at
+    ``plan_file`` (a URL); every word is quoted, so a file or project path holding spaces or ';' stays one argument.
+    ``local_root``: the project of a job on a local head, whose relative local paths (./.laren/storage/...) must mean
+    the project's, not the working-dir copy's."""
+    cmd = shlex.join(["python", "-m", "laren.cli", "run-plan", plan_file] if plan_file else
+                     ["python", "-m", "laren.cli", *ENTRY[kind].split(), rel])
     if local_root is not None:
         cmd = f"{shlex.join(['ln', '-sfn', str(local_root / STATE_DIR), STATE_DIR])} && {cmd}"
     return cmd
 
 
-def _check_inputs_here(spec: JobSpec, root: Path, job_env: dict[str, str]) -> None:
-    """When the job runs on this machine, check its inputs here (weights, prior, data; `check_run_inputs`) so that a
-    missing file is an error of `laren submit` itself, before a Ray head is started or a job is queued. The job's own
-    environment and working directory are used, so relative paths and s3:// URLs mean what they will mean in the job.
-    (A remote cluster checks them in the job, before any worker starts: its paths need not exist here.)"""
-    from laren.train.loop import check_run_inputs
-
+@contextlib.contextmanager
+def _job_context(root: Path, job_env: dict[str, str]) -> Iterator[None]:
+    """This process in the job's environment and working directory (restored after)."""
     saved_env, cwd = dict(os.environ), os.getcwd()
     try:
         os.environ.update(job_env)
         os.chdir(root)
-        check_run_inputs(spec.run_config())
+        yield
     finally:
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(saved_env)
+
+
+def _check_inputs_here(spec: JobSpec) -> None:
+    """When the job runs on this machine, check its inputs here (weights, prior, data; `check_run_inputs`) so that a
+    missing file is an error of `laren submit` itself, before a Ray head is started or a job is queued. Called in the
+    job's context (:func:`_job_context`), so relative paths and s3:// URLs mean what they will mean in the job.
+    (A remote cluster checks them in the job, before any worker starts: its paths need not exist here.)"""
+    from laren.train.loop import check_run_inputs
+
+    check_run_inputs(spec.run_config())
+
+
+def _job_plan(spec: Spec, local: bool) -> Optional[RunPlan]:
+    """A train or prior job's run plan (laren/plan.py), built now, before anything is queued, and written to the run's
+    storage folder just before the job is; the job runs it (`laren run-plan URL`) instead of re-reading the YAML. None
+    for other kinds, and for a remote cluster whose runs would live in a local folder of this machine, which it cannot
+    read (the job then plans the run there, from the same file)."""
+    from laren.train.distributed import plan_run, runs_root  # function-local: imports torch and the training loop
+
+    kind = spec_kind(spec)
+    if kind not in ("train", "prior"):
+        return None
+    cfg = spec.prior_config() if kind == "prior" else spec.run_config()
+    if not local and "://" not in runs_root(cfg):
+        return None
+    return plan_run(cfg)
 
 
 def _delete_finished_job(c, addr: str, run_id: str) -> None:

@@ -10,10 +10,10 @@ Concurrency is bounded by the cluster: ``max_concurrent_trials`` (or, when unset
 one trial's workers plus its driver's share) trials at once; the driver function holds only ``DRIVER_RESOURCES``.
 
 Paths: Tune runs each trial in its own working directory, so a trial resolves the job's relative local paths
-(``./.laren/storage/...``) against the sweep driver's working directory, and names its run from the unresolved config
-(the id ``laren validate`` shows). A trial stopped early by the scheduler is killed with its Ray Train run; its MLflow
-child run, left RUNNING by the killed worker, is closed as KILLED (tag ``laren.stopped_by: scheduler``) when the sweep
-ends.
+(``./.laren/storage/...``) against the sweep driver's working directory, where its run id is computed too (the id
+``laren validate`` shows; ids hash local paths in a canonical form, :func:`laren.config.path_identity`). A trial
+stopped early by the scheduler is killed with its Ray Train run; its MLflow child run, left RUNNING by the killed
+worker, is closed as KILLED (tag ``laren.stopped_by: scheduler``) when the sweep ends.
 
 Identity: the Tune experiment is named after the sweep's run id under ``<storage>/runs/``; a re-submitted sweep
 restores it (unfinished and errored trials continue). Trial ``k`` of the sweep trains the run ``<sweep>-t<k>-<hash>``.
@@ -107,9 +107,9 @@ def _make_driver(sw: LoadedSweep, experiment: str, parent_run_id: str, storage_p
 
         k = _trial_index(tune.get_context().get_trial_id())
         cfg = trial_run_config(sw, trial_overrides(sw, config), k)
-        run_id = cfg.run_id  # from the config as written, before its paths are made absolute
         with _cwd(cwd):  # Tune moved this process into the trial's directory
             cfg = resolve_paths(cfg)
+            run_id = cfg.run_id  # the id of the config as written in the sweep's directory (`laren validate`'s)
             sp = os.path.abspath(storage_path) if storage_path and "://" not in storage_path else storage_path
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"experiment": experiment})})
         result = make_trainer(cfg, run_id=run_id, parent_run_id=parent_run_id, extra_callbacks=[TuneReportCallback()],

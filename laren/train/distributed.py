@@ -1,9 +1,12 @@
 """Ray Train (V2) wiring: one TorchTrainer per run (ecosystem notes section 1). The only training module that imports Ray.
 
-    make_trainer(cfg, run_id)  -> TorchTrainer(train_fn, ScalingConfig(workers | (min, max), GPU, CPUs per worker),
+    plan_run(cfg, run_id)      -> the run's plan (laren/plan.py), for <storage>/runs/<run id>/plan.json
+    plan_trainer(plan)         -> TorchTrainer(train_fn, ScalingConfig(workers | (min, max), GPU, CPUs per worker),
                                    RunConfig(name=run_id, storage_path=<storage>/runs, CheckpointConfig(keep N [best]),
                                              FailureConfig(max_failures), callbacks, worker_runtime_env))
-    run_training(cfg)          -> make_trainer(...).fit() -> {final metrics, "checkpoint": URL, "run_id": ...}
+    make_trainer(cfg, run_id)  -> check_inputs + plan_run + write_plan + plan_trainer
+    run_training(cfg)          -> check_inputs + plan_run + write_plan + run_plan
+    run_plan(plan)             -> plan_trainer(plan).fit() -> {final metrics, "checkpoint": URL, "run_id": ...}
 
 Identity: the Ray Train run name is the job's deterministic run id (``<name>-<config hash>``), and the storage path is
 fixed by the config, so re-running the same job resumes it from its latest checkpoint (same ``(storage_path, name)``);
@@ -28,7 +31,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from laren.config import PriorRunConfig, RunConfig
-from laren.plan import build_plan, write_plan
+from laren.plan import RunPlan, build_plan, write_plan
 from laren.tracking import check_tracking_auth
 from laren.train.loop import KILL_MARKER_ENV, KILL_RANK_ENV, KILL_STEP_ENV, WorkerContext, check_run_inputs, train_worker
 from laren.train.prior import check_prior_inputs, prior_worker
@@ -235,6 +238,13 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def plan_run(cfg: RunConfig, run_id: Optional[str] = None, storage_path: Optional[str] = None) -> RunPlan:
+    """The run's plan (laren/plan.py; not written yet), its folder ``<runs root>/<run id>``. ``run_id`` defaults to
+    ``cfg.run_id``."""
+    run_id = run_id or cfg.run_id
+    return build_plan(cfg, run_id, runs_root(resolve_paths(cfg), storage_path).rstrip("/") + "/" + run_id)
+
+
 def make_trainer(
     cfg: RunConfig,
     run_id: Optional[str] = None,
@@ -243,15 +253,18 @@ def make_trainer(
     storage_path: Optional[str] = None,
 ):
     """The configured TorchTrainer for ``cfg`` (not started). ``run_id`` defaults to ``cfg.run_id``."""
+    check_inputs(cfg)
+    plan = plan_run(cfg, run_id, storage_path)
+    write_plan(plan)
+    return plan_trainer(plan, parent_run_id, extra_callbacks)
+
+
+def plan_trainer(plan: RunPlan, parent_run_id: Optional[str] = None, extra_callbacks: Sequence[Any] = ()):
+    """The TorchTrainer of a plan: its workers get the plan's config (resolved once) and check nothing again."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    run_id = run_id or cfg.run_id
-    check_inputs(cfg)
-    run_dir = runs_root(resolve_paths(cfg), storage_path).rstrip("/") + "/" + run_id
-    plan = build_plan(cfg, run_id, run_dir)  # the workers get the plan's config: resolved once, here
-    write_plan(plan)
-    rcfg = resolve_paths(cfg)
+    cfg = plan.run_config()
     res = cfg.resources
     workers: Any = res.num_workers if res.min_workers is None else (res.min_workers, res.num_workers)
     per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
@@ -260,10 +273,10 @@ def make_trainer(
     scaling = ray.train.ScalingConfig(
         num_workers=workers, use_gpu=res.use_gpu, resources_per_worker=per_worker, accelerator_type=res.gpu_type,
     )
-    path, fs = _storage(runs_root(rcfg, storage_path))
+    path, fs = _storage(_runs_dir(plan))
     env = _worker_env()
     run_config = ray.train.RunConfig(
-        name=run_id,
+        name=plan.run_id,
         storage_path=path,
         storage_filesystem=fs,
         checkpoint_config=ray.train.CheckpointConfig(
@@ -276,12 +289,17 @@ def make_trainer(
     )
     return TorchTrainer(
         _train_fn,
-        train_loop_config={"config": plan.config, "run_id": run_id, "parent_run_id": parent_run_id, "run_dir": run_dir,
-                           "kind": "prior" if isinstance(cfg, PriorRunConfig) else "train"},
+        train_loop_config={"config": plan.config, "run_id": plan.run_id, "parent_run_id": parent_run_id,
+                           "run_dir": plan.run_dir, "kind": plan.kind},
         scaling_config=scaling,
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
     )
+
+
+def _runs_dir(plan: RunPlan) -> str:
+    """Ray Train's storage path: the folder holding the run's folder."""
+    return plan.run_dir.rstrip("/").rsplit("/", 1)[0]
 
 
 def ensure_ray(num_cpus: Optional[int] = None) -> None:
@@ -311,10 +329,18 @@ def run_training(
     """Train ``cfg`` with Ray Train; returns the final metrics, ``checkpoint`` (URL of the latest checkpoint) and
     ``run_id``. Re-running the same config resumes the run from its latest checkpoint."""
     check_inputs(cfg)  # user errors before Ray (or any worker) starts
+    plan = plan_run(cfg, run_id, storage_path)
+    write_plan(plan)
+    return run_plan(plan, parent_run_id, extra_callbacks)
+
+
+def run_plan(plan: RunPlan, parent_run_id: Optional[str] = None, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train a planned run (``laren run-plan``: what a submitted job runs): no rule, manifest or prior metadata is
+    checked or read again; the tracking server is asked once whether this environment's credentials are accepted."""
+    cfg = plan.run_config()
     check_tracking_auth(cfg.tracking.tracking_uri, cfg.tracking.experiment or cfg.name)
     ensure_ray()
-    trainer = make_trainer(cfg, run_id, parent_run_id, extra_callbacks, storage_path)
-    result = trainer.fit()
+    result = plan_trainer(plan, parent_run_id, extra_callbacks).fit()
     if result.error is not None:
         raise result.error
     out: dict[str, Any] = dict(result.metrics or {})
@@ -322,14 +348,13 @@ def run_training(
     if ck is not None:
         fs_path = ck.path
         out["checkpoint"] = fs_path if not fs_path or fs_path.startswith("/") or "://" in fs_path else (
-            "s3://" + fs_path if runs_root(cfg, storage_path).startswith("s3://") else fs_path)
-    run_id = run_id or cfg.run_id
-    newest = _newest_state(runs_root(cfg, storage_path).rstrip("/") + "/" + run_id)
+            "s3://" + fs_path if plan.run_dir.startswith("s3://") else fs_path)
+    newest = _newest_state(plan.run_dir)
     if newest is not None and newest[1]["step"] > out.get("step", -1):
         # Resumed at the end from a checkpoint whose report Ray never recorded: nothing was trained or reported by
         # this attempt, so Ray's result is empty (or older). The final state is the run's newest checkpoint.
         out = {**_final_metrics(cfg, newest[1]), "checkpoint": newest[0]}
-    out["run_id"] = run_id
+    out["run_id"] = plan.run_id
     return out
 
 

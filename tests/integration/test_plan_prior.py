@@ -39,6 +39,7 @@ def test_run_on_non_stock_prior_reloads_in_eval_and_upscale(tmp_path, fixtures_d
 
     plan = build_plan(cfg)
     assert plan.run_id == cfg.run_id and plan.config["model"]["prior"]["channel_table_base"] == 512
+    assert plan.run_config().run_id == plan.run_id  # the id is a function of the resolved config: the same
     assert build_plan(plan.run_config(), plan.run_id).config == plan.config  # resolving again changes nothing
     assert set(plan.inputs) == {"data.train_url", "model.prior.path"}
     url = write_plan(plan)

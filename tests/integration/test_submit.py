@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from laren import submit as S
 from laren.cli import main
+from laren.plan import read_plan
 from laren.specs import load_job
 from tests.integration._tiny_jobs import job_env, make_data, mlflow_runs, tiny_job
 
@@ -71,7 +72,9 @@ def test_failed_job_resumes_when_submitted_again(ray_head, mlflow_server, tmp_pa
            "LAREN_TEST_KILL_MARKER": str(tmp_path / "killed-once")}
 
     first = S.submit(job, address=addr, working_dir=tmp_path, env=env)
-    assert first.action == "submitted" and "laren.cli train jobs/resume.yaml" in first.entrypoint
+    plan = tmp_path / "storage" / "runs" / run_id / "plan.json"  # planned by submit; the job runs the plan
+    assert first.action == "submitted" and first.entrypoint.endswith(f"laren.cli run-plan {plan}"), first.entrypoint
+    assert read_plan(str(plan)).run_id == run_id
     assert S.wait(run_id, addr, timeout_s=180) == "FAILED"
     assert (tmp_path / "killed-once").exists()
     ckpts = sorted(p.name for p in (tmp_path / "storage" / "runs" / run_id).glob("checkpoint_0*") if p.is_dir())
@@ -79,6 +82,7 @@ def test_failed_job_resumes_when_submitted_again(ray_head, mlflow_server, tmp_pa
 
     second = S.submit(job, address=addr, working_dir=tmp_path, env=env)
     assert second.action == "resumed" and second.previous_status == "FAILED" and second.run_id == run_id
+    assert second.entrypoint == first.entrypoint and read_plan(str(plan)).run_id == run_id
     assert S.wait(run_id, addr, timeout_s=180) == "SUCCEEDED", S.logs(run_id, addr)[-3000:]
     assert list((tmp_path / ".laren" / "logs").glob(f"{run_id}.attempt-1.log"))  # attempt 1's logs are kept
 

@@ -13,6 +13,7 @@ import torch
 
 from laren import submit as S
 from laren.data import storage
+from laren.plan import read_plan
 from laren.losses import random_vgg16
 from laren.metrics import AlexNetFeatures
 from laren.render import render_k8s_file, to_yaml
@@ -47,6 +48,8 @@ def test_submit_with_s3_weights_reaches_training(s3_env, mlflow_server, tmp_path
 
     with RayHead(tmp_path / "ray", num_cpus=2, node_env=s3_env.env()) as head:
         sub = S.submit(job, address=head.dashboard_url, working_dir=tmp_path, env=env)
+        plan = read_plan(sub.entrypoint.rsplit(" ", 1)[1])  # the job runs the plan submit wrote: these URLs
+        assert plan.run_id == sub.run_id and plan.inputs["loss.vgg16_path"] == VGG and plan.inputs["eval.alexnet_path"] == ALEX
         assert S.wait(sub.run_id, head.dashboard_url, timeout_s=300) == "SUCCEEDED", S.logs(sub.run_id, head.dashboard_url)[-3000:]
     c, runs = mlflow_runs(mlflow_server.uri, "s3w")
     m = runs[sub.run_id].data.metrics
@@ -57,7 +60,13 @@ def test_submit_with_s3_weights_reaches_training(s3_env, mlflow_server, tmp_path
     assert cached == ["alexnet-owt-7be5be79.pth", "vgg16-397923af.pth"]  # one download per object on this node
 
     monkeypatch.setenv("LAREN_STORAGE", f"s3://{BUCKET}/storage")
-    text = to_yaml(render_k8s_file(job, warn=lambda *_: None))
+    docs = render_k8s_file(job, warn=lambda *_: None)
+    text = to_yaml(docs)
     assert VGG in text and ALEX in text
-    assert s3_env.env()["AWS_SECRET_ACCESS_KEY"] not in text and "AWS_ACCESS_KEY_ID" not in text
+    assert s3_env.env()["AWS_SECRET_ACCESS_KEY"] not in text
+    cs = next(d for d in docs if d["kind"] == "RayJob")["spec"]["rayClusterSpec"]
+    for pod in [cs["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in cs["workerGroupSpecs"])]:
+        env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in pod["containers"][0]["env"]}  # references only
+        assert env["MLFLOW_TRACKING_PASSWORD"] == {"name": "laren-credentials", "key": "MLFLOW_TRACKING_PASSWORD",
+                                                   "optional": True}
     assert load_job(job).loss.vgg16_path == VGG

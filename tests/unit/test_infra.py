@@ -14,7 +14,8 @@ import yaml
 from click.testing import CliRunner
 
 from laren.config import ConfigError
-from laren.render import JOBS_DIR, PROJECT_DIR, K8sOptions, command_for, dns1123, render_k8s_file, to_yaml
+from laren.render import (CREDENTIAL_KEYS, JOBS_DIR, PROJECT_DIR, K8sOptions, command_for, dns1123, render_k8s_file,
+                          to_yaml)
 from laren.specs import load_job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,8 +129,8 @@ def test_rayjob_carries_identity_resources_and_entrypoint(tmp_path):
     for pod in _pods(cs):
         ct = pod["containers"][0]
         assert {"name": "laren-jobs", "mountPath": JOBS_DIR, "readOnly": True} in ct["volumeMounts"]
-        assert {"configMapRef": {"name": "laren-env"}} in ct["envFrom"]
-        assert {"secretRef": {"name": "laren-credentials"}} in ct["envFrom"]
+        assert ct["envFrom"] == [{"configMapRef": {"name": "laren-env"}}]
+        assert _secret_refs(ct) == {k: "laren-credentials" for k in CREDENTIAL_KEYS}
         assert any(v.get("configMap", {}).get("name") == cm["metadata"]["name"] for v in pod["volumes"])
 
 
@@ -175,8 +176,21 @@ def test_rendered_files_hold_no_credentials(tmp_path, monkeypatch):
     for v in list(secrets.values()) + ["private-bucket"]:
         assert v not in text
     docs = list(yaml.safe_load_all(text))
-    for pod in _pods(_by_kind(docs)["RayJob"]["spec"]["rayClusterSpec"]):
-        assert "env" not in pod["containers"][0], "environment only by reference (envFrom)"
+    for pod in _pods(_by_kind(docs)["RayJob"]["spec"]["rayClusterSpec"]):  # head and workers
+        ct = pod["containers"][0]
+        assert all(set(e) == {"name", "valueFrom"} for e in ct["env"]), "environment only by reference"
+        assert _secret_refs(ct) == {k: "laren-credentials" for k in CREDENTIAL_KEYS}
+        assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(_secret_refs(ct))
+
+
+def _secret_refs(container: dict) -> dict[str, str]:
+    """{variable: Secret name} of a container's env[].valueFrom.secretKeyRef entries (key = variable name)."""
+    out = {}
+    for e in container.get("env", []):
+        ref = e["valueFrom"]["secretKeyRef"]
+        assert ref["key"] == e["name"] and ref["optional"] is True
+        out[e["name"]] = ref["name"]
+    return out
 
 
 def test_kinds_run_the_submit_commands_and_eval_carries_its_train_job(tmp_path):
@@ -341,7 +355,7 @@ def test_raycluster_manifest():
     assert g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert spec["enableInTreeAutoscaling"] is True and g["maxReplicas"] > g["minReplicas"]
     for pod in _pods(spec):
-        assert {"secretRef": {"name": "laren-credentials"}} in pod["containers"][0]["envFrom"]
+        assert _secret_refs(pod["containers"][0]) == {k: "laren-credentials" for k in CREDENTIAL_KEYS}
 
 
 def test_laren_env_configmap_holds_addresses_only():
