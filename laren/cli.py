@@ -11,26 +11,36 @@ from laren.redact import redact_text
 
 
 class _Group(click.Group):
-    """Turns user errors (ConfigError, FileNotFoundError, ValueError from validation) into one clean line."""
+    """Turns user errors (ConfigError, FileNotFoundError, a refused checkpoint, storage and network failures) into one
+    clean line; ``laren --debug`` shows their traceback instead."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (ConfigError, FileNotFoundError) as err:
-            click.echo(f"error: {redact_text(str(err))}", err=True)
-            sys.exit(2)
-        except ValueError as err:  # a refused checkpoint; its module (torch) is loaded only once a command needs it
-            state = sys.modules.get("laren.train.state")
-            if state is None or not isinstance(err, state.CheckpointError):
+        except (ConfigError, FileNotFoundError, ConnectionError, OSError, ValueError) as err:
+            if ctx.params.get("debug") or not _user_error(err):
                 raise
             click.echo(f"error: {redact_text(str(err))}", err=True)
             sys.exit(2)
 
 
+def _user_error(err: BaseException) -> bool:
+    """An error whose message says what to fix; its module (torch, boto3) is loaded only once a command needs it."""
+    if isinstance(err, (ConfigError, FileNotFoundError, ConnectionError)):
+        return True
+    storage, state = sys.modules.get("laren.data.storage"), sys.modules.get("laren.train.state")
+    return (storage is not None and isinstance(err, storage.StorageError)) or (
+        state is not None and isinstance(err, state.CheckpointError))
+
+
 @click.group(cls=_Group)
 @click.version_option(package_name="laren")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error instead of its one-line message.")
+def main(debug: bool) -> None:
     """laren: large-factor GAN-prior super-resolution (LAREN): data, training, sweeps, jobs."""
+    from laren.data import storage
+
+    storage.fail_fast_on_first_contact()  # a wrong S3 endpoint: one line in seconds, not minutes of retries
 
 
 @main.group()
