@@ -345,17 +345,19 @@ def eval_cmd(checkpoint_url, data_url, out_dir, limit, batch_size, alexnet_path,
 
 @main.command("upscale")
 @click.option("--checkpoint", "checkpoint_url", required=True, help="Checkpoint directory (local path or s3://).")
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True)
 @click.option("--out", "out_dir", required=True, help="Output folder (<stem>_sr.png per image).")
 @click.option("--resize", is_flag=True, help="Centre-crop and bicubic-resize inputs to the model's input size.")
-def upscale_cmd(checkpoint_url, images, out_dir, resize) -> None:
-    """Super-resolve IMAGE... with a trained checkpoint (inputs must be the model's LR size, or pass --resize)."""
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs (and let a later input win a shared stem).")
+def upscale_cmd(checkpoint_url, images, out_dir, resize, overwrite) -> None:
+    """Super-resolve IMAGES (files, folders, glob patterns) with a trained checkpoint (inputs must be the model's LR
+    size, or pass --resize). Existing outputs are not overwritten without --overwrite."""
     from laren.upscale import ImageSizeError, upscale_files
 
     try:
-        for p in upscale_files(checkpoint_url, images, out_dir, resize=resize):
+        for p in upscale_files(checkpoint_url, images, out_dir, resize=resize, overwrite=overwrite):
             click.echo(str(p))
-    except ImageSizeError as err:
+    except (ImageSizeError, FileExistsError) as err:
         raise click.UsageError(str(err)) from None
 
 
