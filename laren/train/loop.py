@@ -43,6 +43,7 @@ from laren import losses as L
 from laren.config import ConfigError, LossConfig, RunConfig
 from laren.models import health
 from laren.plan import check_rules
+from laren.progress import ProgressPrinter, record_attempt, record_failure
 from laren.train import collectives as C
 from laren.train import state as S
 
@@ -285,6 +286,8 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
         tracker.log_params({**flatten(cfg.to_dict()), "run_id": ctx.run_id or cfg.run_id, "world_size": world})
         tracker.log_config(cfg.to_dict())
     st.mlflow_run_id = getattr(tracker, "run_id", None) or st.mlflow_run_id
+    attempt = record_attempt(tracker, start_step)
+    show = ProgressPrinter(ctx.run_id or cfg.run_id, t_cfg.total_kimg, rank)
 
     lpips = make_lpips(cfg.eval.alexnet_path, cfg.eval.random_backbone_for_tests, dev)
     autocast = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=t_cfg.bf16 and dev.type == "cuda")
@@ -340,6 +343,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
             if metrics:
                 tracker.log_metrics(metrics, step=st.step)
                 last.update(metrics)
+                show(st.kimg, metrics, last)
             if st.step % sched.checkpoint_every == 0 or done:
                 _checkpoint(cfg, ctx, model, disc, optimizers, st, {**last, "step": st.step, "kimg": st.kimg})
                 last_ckpt_step = st.step
@@ -356,6 +360,9 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
                 tracker.flush(force=True)
         status = "FINISHED"
         return {**last, "step": st.step, "kimg": st.kimg, "mlflow_run_id": st.mlflow_run_id}
+    except Exception as err:
+        record_failure(tracker, attempt, st.step, err)
+        raise
     finally:
         # A failed attempt leaves the MLflow run open: the restarted attempt resumes it (no duplicate run).
         if status == "FINISHED":
