@@ -392,63 +392,89 @@ def _print_submission(sub, address) -> None:
     click.echo("  follow:   " + "\n            ".join(sub.commands))
 
 
-def _wait_and_report(run_id: str, address) -> None:
+def _follow_to_the_end(run_id: str, address) -> None:
+    """Stream the job's logs until it ends (as `ray job submit`); exit 1 unless it SUCCEEDED. Ctrl-C stops following
+    only: the job keeps running."""
     from laren import submit as S
 
-    for line in S.follow_logs(run_id, address):
-        click.echo(line, nl=False)
-    st = S.wait(run_id, address, timeout_s=24 * 3600)
+    try:
+        for line in S.follow_logs(run_id, address):
+            click.echo(line, nl=False)
+        st = S.wait(run_id, address, timeout_s=24 * 3600)
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped following; job {run_id} keeps running (`laren logs {run_id} -f`, `laren stop {run_id}`)",
+                   err=True)
+        sys.exit(130)
     click.echo(f"job {run_id}: {st}")
     if st != "SUCCEEDED":
         sys.exit(1)
 
 
+def _detach_opt(f):
+    return click.option("--detach", is_flag=True,
+                        help="Return once the job is queued; by default its logs are streamed until it ends and the "
+                             "exit code is 0 only if it SUCCEEDED (Ctrl-C stops following, not the job).")(f)
+
+
+def _submit_and_follow(path: str, address, detach: bool) -> None:
+    from laren import submit as S
+
+    sub = S.submit(path, address=address, log=click.echo)
+    _print_submission(sub, address)
+    if not detach and sub.action in ("submitted", "resumed", "running"):
+        _follow_to_the_end(sub.run_id, sub.address)
+
+
 @main.command("submit")
 @click.argument("job", type=click.Path(dir_okay=False))
 @_address_opt
-@click.option("--wait", is_flag=True, help="Stream the job's logs until it ends; exit 1 unless it SUCCEEDED.")
-def submit_cmd(job: str, address, wait: bool) -> None:
-    """Validate JOB and submit it to the Ray cluster (Ray Jobs API, the project as working_dir, run id as submission id).
+@_detach_opt
+def submit_cmd(job: str, address, detach: bool) -> None:
+    """Validate JOB and submit it to the Ray cluster (Ray Jobs API, the project as working_dir, run id as submission id),
+    then follow its logs until it ends (--detach: return at once).
 
     With no --address / RAY_ADDRESS and no local services, a local Ray head (with its dashboard) is started.
     Submitting a job whose last attempt FAILED or was STOPPED resumes it from its checkpoints.
     """
-    from laren import submit as S
-
-    sub = S.submit(job, address=address, log=click.echo)
-    _print_submission(sub, address)
-    if wait and sub.action in ("submitted", "resumed", "running"):
-        _wait_and_report(sub.run_id, sub.address)
+    _submit_and_follow(job, address, detach)
 
 
 @main.command("sweep")
 @click.argument("sweep", type=click.Path(dir_okay=False))
 @_address_opt
-@click.option("--wait", is_flag=True, help="Stream the sweep's logs until it ends; exit 1 unless it SUCCEEDED.")
-def sweep_cmd(sweep: str, address, wait: bool) -> None:
-    """Submit a sweep file (sweeps/*.yaml): Ray Tune on the cluster, one Ray Train run and MLflow child run per trial."""
-    from laren import submit as S
+@_detach_opt
+def sweep_cmd(sweep: str, address, detach: bool) -> None:
+    """Submit a sweep file (sweeps/*.yaml): Ray Tune on the cluster, one Ray Train run and MLflow child run per trial;
+    then follow its logs until it ends (--detach: return at once)."""
     from laren.specs import LoadedSweep, load_any
 
     if not isinstance(load_any(sweep), LoadedSweep):
         raise click.UsageError(f"{sweep}: not a sweep file (no search_space); use `laren submit` for jobs")
-    sub = S.submit(sweep, address=address, log=click.echo)
-    _print_submission(sub, address)
-    if wait and sub.action in ("submitted", "resumed", "running"):
-        _wait_and_report(sub.run_id, sub.address)
+    _submit_and_follow(sweep, address, detach)
 
 
 @main.command("status")
 @click.argument("run", required=False)
 @_address_opt
-def status_cmd(run, address) -> None:
-    """Status of RUN (run id, job file or job name); without RUN, every laren job on the cluster."""
+@click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI",
+              help="MLflow server of the run (env MLFLOW_TRACKING_URI; default: the local services').")
+def status_cmd(run, address, tracking_uri) -> None:
+    """Status of RUN (run id, job file or job name): its Ray job and, from MLflow, its progress (kimg, img/s, ETA), last
+    validation figures, attempts and last failure. Without RUN, every laren job on the cluster."""
     from laren import submit as S
 
     if not run:
         click.echo(S.format_table(S.list_jobs(address)))
         return
-    info = S.job_info(run, address)
+    try:
+        info = S.job_info(run, address)
+    except ConfigError as err:  # not a Ray job here (e.g. a `laren train` run): MLflow may still know it
+        lines = S.mlflow_status(S.run_name(run), tracking_uri)
+        if not lines:
+            raise
+        click.echo(f"{S.run_name(run)}: no Ray job ({err})")
+        click.echo("\n".join(lines))
+        return
     click.echo(f"{info.submission_id}: {info.status.value}")
     if info.message:
         click.echo(f"  {info.message}")
@@ -456,6 +482,8 @@ def status_cmd(run, address) -> None:
     if md.get("laren.file"):
         click.echo(f"  job file: {md['laren.file']} (kind {md.get('laren.kind', '?')})")
     click.echo(f"  entrypoint: {info.entrypoint}")
+    click.echo("\n".join(S.mlflow_status(info.submission_id, tracking_uri)
+                         or [f"  MLflow: no run named {info.submission_id} (yet)"]))
 
 
 @main.command("logs")

@@ -628,6 +628,26 @@ def job_info(run: str, address: Optional[str] = None):
     return c.get_job_info(resolve_run(c, run))
 
 
+def run_name(run: str) -> str:
+    """A run id from a run id or a job / sweep file (its computed run id)."""
+    return load_any(run).run_id if run.endswith((".yaml", ".yml")) and Path(run).is_file() else run
+
+
+def mlflow_status(run_id: str, tracking_uri: Optional[str] = None, root: Optional[Path] = None) -> list[str]:
+    """`laren status`'s MLflow lines for ``run_id`` (laren.progress.status_lines), from ``tracking_uri`` or the one a
+    job submitted from here gets; [] when MLflow has no such run, one line when it cannot be reached."""
+    from laren.progress import find_mlflow_run, status_lines
+
+    uri = tracking_uri or _job_env(root or project_root())["MLFLOW_TRACKING_URI"]
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return []
+    try:
+        found = find_mlflow_run(uri, run_id)
+    except Exception as err:  # noqa: BLE001 - a down or refusing server: the Ray status is still worth printing
+        return [f"  MLflow: not reachable at {redact_text(uri)} ({type(err).__name__})"]
+    return status_lines(found) if found is not None else []
+
+
 def status(run: str, address: Optional[str] = None) -> str:
     return str(job_info(run, address).status.value)
 

@@ -99,3 +99,27 @@ def test_eval_progress_bar_on_a_terminal(monkeypatch):
         monkeypatch.setattr("sys.stderr", tty)
         assert evaluate_model(Up(), batches, progress=on).count == 6
         assert ("eval: " in tty.getvalue() and "6img" in tty.getvalue()) == (on and isinstance(tty, Tty))
+
+
+def test_status_reads_progress_attempts_and_failure_from_mlflow(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from laren.cli import main
+    from laren.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    t = Tracker(uri, "exp", "job-1234", system_metrics=False)
+    t.log_params({"train.total_kimg": 300})
+    t.log_metrics({"train/kimg": 100.0, "perf/images_per_s": 50.0, "val/psnr": 21.5, "val/ssim": 0.61}, step=10)
+    t.set_tags({P.ATTEMPTS_TAG: 3, P.FAILURE_TAG: "attempt 2 failed at step 7: OSError: disk full"})
+    t.flush(force=True)
+    monkeypatch.chdir(tmp_path)  # no local services here: no Ray cluster, MLflow only
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    res = CliRunner().invoke(main, ["status", "job-1234", "--tracking-uri", uri])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[0].startswith("job-1234: no Ray job (no Ray cluster")
+    assert "progress: kimg 100/300 (33%)  50.0 img/s  ETA 1h06m" in res.output  # 200 kimg at 50 img/s
+    assert "last val psnr 21.5 ssim 0.61" in res.output and "attempts: 3" in res.output
+    assert "last failure: attempt 2 failed at step 7: OSError: disk full" in res.output
+    res = CliRunner().invoke(main, ["status", "job-9999", "--tracking-uri", uri])
+    assert res.exit_code == 2 and "no Ray cluster" in res.output
