@@ -141,26 +141,33 @@ def prior_import(src: str, dest: str) -> None:
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--storage", "storage_path", default=None, help="Ray Train storage for checkpoints (default <storage.root>/runs).")
 @click.option("--run-id", default=None, help="Run name (default: the job's deterministic <name>-<config hash>).")
-def prior_train(job: str, storage_path, run_id) -> None:
+@click.option("--address", default=None, envvar="RAY_ADDRESS",
+              help="Ray cluster to drive (env RAY_ADDRESS): GCS host:6379, ray://host:10001, or the local head's dashboard URL.")
+def prior_train(job: str, storage_path, run_id, address) -> None:
     """Train the StyleGAN2 prior of JOB.yaml (kind: prior) with Ray Train (local, or the cluster at RAY_ADDRESS) and
     write it in laren's prior format to gan.output, ready for an SR job's model.prior.path.
 
     Re-running the same job resumes it from its latest checkpoint and continues the same MLflow run.
     """
-    _train_job(job, "prior", "laren prior train", storage_path, run_id)
+    _train_job(job, "prior", "laren prior train", storage_path, run_id, address)
 
 
-def _train_job(job: str, kind: str, command: str, storage_path, run_id) -> None:
+def _train_job(job: str, kind: str, command: str, storage_path, run_id, address=None) -> None:
     """Run a kind: train or kind: prior job with Ray Train and print its final metrics."""
     import json
+    import os
 
+    from laren.ray_address import driver_address
     from laren.specs import load_job
+    from laren.submit import read_services
     from laren.train.distributed import run_training
 
     spec = load_job(job)
     if spec.kind != kind:
         raise click.UsageError(f"{job}: kind is {spec.kind!r}; `{command}` runs kind: {kind} jobs")
     cfg = spec.prior_config() if kind == "prior" else spec.run_config()
+    if address:  # any form (laren/ray_address.py), checked before anything else runs
+        os.environ["RAY_ADDRESS"] = driver_address(address, read_services().get("ray"))
     out = run_training(cfg, run_id=run_id, storage_path=storage_path)
     click.echo(json.dumps(out, indent=1, default=str))
 
@@ -315,12 +322,14 @@ def torch_cat_rows(lr, hr):
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--storage", "storage_path", default=None, help="Ray Train storage for checkpoints (default <storage.root>/runs).")
 @click.option("--run-id", default=None, help="Run name (default: the job's deterministic <name>-<config hash>).")
-def train_cmd(job: str, storage_path, run_id) -> None:
-    """Train JOB.yaml with Ray Train on a local Ray instance, or on the cluster at RAY_ADDRESS when set.
+@click.option("--address", default=None, envvar="RAY_ADDRESS",
+              help="Ray cluster to drive (env RAY_ADDRESS): GCS host:6379, ray://host:10001, or the local head's dashboard URL.")
+def train_cmd(job: str, storage_path, run_id, address) -> None:
+    """Train JOB.yaml with Ray Train on a local Ray instance, or on the cluster at --address / RAY_ADDRESS when set.
 
     Re-running the same job resumes it from its latest checkpoint and continues the same MLflow run.
     """
-    _train_job(job, "train", "laren train", storage_path, run_id)
+    _train_job(job, "train", "laren train", storage_path, run_id, address)
 
 
 @main.command("eval")
@@ -366,7 +375,8 @@ def upscale_cmd(checkpoint_url, images, out_dir, resize, overwrite) -> None:
 
 def _address_opt(f):
     return click.option("--address", default=None, envvar="RAY_ADDRESS",
-                        help="Ray dashboard / Jobs API URL (env RAY_ADDRESS; default: the local head in .laren/services.json).")(f)
+                        help="Ray cluster (env RAY_ADDRESS): dashboard URL http://host:8265, GCS address host:6379 or "
+                             "ray://host:10001 (default: the local head in .laren/services.json).")(f)
 
 
 @main.command("validate")

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Optional, Union
 from laren.config import ConfigError, RunConfig
 from laren.models import health
 from laren.plan import check_rules
+from laren.ray_address import jobs_api_url
 from laren.redact import is_secret_key, redact_text
 from laren.specs import JobSpec, LoadedSweep, load_any
 from laren.tracking import check_tracking_auth
@@ -191,7 +192,8 @@ def _kill_group(pid: int, timeout_s: float = 15.0) -> None:
 
 
 def resolve_address(address: Optional[str] = None, root: Optional[Path] = None) -> Optional[str]:
-    """--address, else RAY_ADDRESS, else the local head in services.json, else None."""
+    """--address, else RAY_ADDRESS, else the local head in services.json, else None. Any form Ray accepts
+    (laren/ray_address.py); :func:`client` converts it to the dashboard URL."""
     if address:
         return address
     if os.environ.get("RAY_ADDRESS"):
@@ -214,11 +216,16 @@ def client(address: Optional[str] = None, root: Optional[Path] = None, start_loc
                               "(`make services`)")
         log("no Ray cluster given (--address / RAY_ADDRESS) and none running here: starting a local Ray head")
         addr = start_services(root, mlflow=False, s3=False, log=log)["ray"]["dashboard_url"]
+    addr = jobs_api_url(addr, read_services(root).get("ray"))
+    saved = os.environ.pop("RAY_ADDRESS", None)  # Ray's client would let RAY_ADDRESS override the address it is given
     try:
         return JobSubmissionClient(addr), addr
     except Exception as err:  # connection refused, wrong URL
         raise ConfigError(f"cannot reach the Ray cluster at {addr}: {err}. Check --address / RAY_ADDRESS "
-                          "(the dashboard URL, e.g. http://127.0.0.1:8265)") from None
+                          "(the dashboard URL http://host:8265, the GCS address host:6379 or ray://host:10001)") from None
+    finally:
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
 
 
 def _is_local(addr: str) -> bool:

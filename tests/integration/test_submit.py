@@ -39,6 +39,8 @@ def test_submit_status_logs_finished(ray_head, mlflow_server, tmp_path, data):
     assert out.exit_code == 0 and f"{sub.run_id}: SUCCEEDED" in out.output
     out = r.invoke(main, ["status", str(job), "--address", addr])  # a job file names its run
     assert f"{sub.run_id}: SUCCEEDED" in out.output
+    out = r.invoke(main, ["status", sub.run_id, "--address", ray_head.address])  # the GCS address: Ray tells the URL
+    assert out.exit_code == 0 and f"{sub.run_id}: SUCCEEDED" in out.output, out.output
     out = r.invoke(main, ["logs", "hello", "--address", addr])  # a job name: its latest submission
     assert "hello from True laren" in out.output
     out = r.invoke(main, ["list", "--address", addr])
