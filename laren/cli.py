@@ -383,13 +383,22 @@ def _address_opt(f):
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--no-summary", is_flag=True, help="Skip the model parameter table.")
 @click.option("--no-health", is_flag=True, help="Skip the quick model-health check (`laren model health --tiny`).")
-def validate_cmd(job: str, no_summary: bool, no_health: bool) -> None:
+@click.option("--strict", is_flag=True, help="Fail (exit 1) when an input is missing, not only warn.")
+def validate_cmd(job: str, no_summary: bool, no_health: bool, strict: bool) -> None:
     """Check JOB (a job or sweep YAML): print the resolved config, run id, resources asked for, model summary, and
-    the quick model-health check (a dead or degenerate GDM / CGM at initialisation is refused)."""
-    from laren.submit import validate
+    the quick model-health check (a dead or degenerate GDM / CGM at initialisation is refused). Missing inputs (data
+    manifests, prior, VGG16 / AlexNet weights, as seen from here) are warnings; --strict makes them errors."""
+    from laren.submit import input_warnings, validate
 
     _, text = validate(job, summary=not no_summary, health=not no_health)
     click.echo(text)
+    warnings = input_warnings(job)
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(f"# inputs: {len(warnings)} missing or not fitting" if warnings else "# inputs: all found")
+    if warnings and strict:
+        click.echo(f"error: {len(warnings)} input(s) missing or not fitting (--strict)", err=True)
+        sys.exit(1)
 
 
 def _print_submission(sub, address) -> None:

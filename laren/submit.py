@@ -18,6 +18,7 @@ against the project: a job on a local Ray head gets a ``.laren`` link to the pro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -546,11 +547,40 @@ def _check_inputs_here(spec: JobSpec, root: Path, job_env: dict[str, str]) -> No
     (A remote cluster checks them in the job, before any worker starts: its paths need not exist here.)"""
     from laren.train.loop import check_run_inputs
 
+    with _as_the_job(root, job_env):
+        check_run_inputs(spec.run_config())
+
+
+def input_warnings(path: Union[str, Path]) -> list[str]:
+    """`laren validate`'s warnings: every input of the job, grid or sweep at ``path`` (data manifests, prior, VGG16 /
+    AlexNet weights) that is missing or does not fit, seen from here with the job's environment (a cluster's own
+    paths may differ: hence warnings). Prior jobs: their data sets."""
+    from laren.train.loop import input_problems
+    from laren.train.prior import check_prior_inputs
+
+    spec = load_any(path)
+    root = project_root(Path(path).parent)
+    out: list[str] = []
+    with _as_the_job(root, _job_env(root)):
+        if spec_kind(spec) == "prior":
+            try:
+                check_prior_inputs(spec.prior_config())
+            except (ConfigError, OSError, ValueError) as err:
+                out.append(str(err))
+        elif spec_kind(spec) in ("train", "grid", "sweep"):
+            for _, cfg in run_configs(spec):
+                out += [p for p in input_problems(cfg) if p not in out]
+    return [redact_text(w) for w in out]
+
+
+@contextlib.contextmanager
+def _as_the_job(root: Path, job_env: dict[str, str]) -> Iterator[None]:
+    """Run the block in the job's environment and working directory (the project), restoring both after."""
     saved_env, cwd = dict(os.environ), os.getcwd()
     try:
         os.environ.update(job_env)
         os.chdir(root)
-        check_run_inputs(spec.run_config())
+        yield
     finally:
         os.chdir(cwd)
         os.environ.clear()

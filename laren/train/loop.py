@@ -102,25 +102,58 @@ def cosine_lr(step: int, period_steps: int, lr: float, min_lr: Optional[float]) 
 
 def check_run_inputs(cfg: RunConfig) -> None:
     """User errors found before any worker starts: missing weights files, data URLs, cross-field rules."""
+    for check in _input_checks(cfg):
+        check()
+    check_rules(cfg)  # elastic sizes, model combination
+
+
+def input_problems(cfg: RunConfig) -> list[str]:
+    """Every missing or mismatched input of ``cfg`` (weights, prior, data sets) as one message each, where
+    :func:`check_run_inputs` stops at the first (`laren validate` reports them as warnings)."""
+    out = []
+    for check in _input_checks(cfg):
+        try:
+            check()
+        except (ConfigError, OSError, ValueError) as err:  # FileNotFoundError and storage errors are OSErrors
+            out.append(str(err))
+    return out
+
+
+def _input_checks(cfg: RunConfig) -> list[Callable[[], None]]:
+    """The input checks of ``cfg``, each a call that raises on its problem."""
+    checks: list[Callable[[], None]] = []
     if cfg.loss.perceptual_weight > 0 and not cfg.loss.random_backbone_for_tests:
-        if not cfg.loss.vgg16_path:
-            raise ConfigError(
-                "loss.vgg16_path is not set but loss.perceptual_weight > 0: the perceptual loss needs torchvision's "
-                f"ImageNet VGG16 state dict; download {L.VGG16_URL} and set loss.vgg16_path to the file "
-                "(or set loss.perceptual_weight: 0)."
-            )
-        if not _weights_exist(cfg.loss.vgg16_path):
-            L.load_vgg16(cfg.loss.vgg16_path)  # raises FileNotFoundError naming the file and how to obtain it
-    if cfg.eval.alexnet_path and not _weights_exist(cfg.eval.alexnet_path):
+        checks.append(lambda: _check_vgg16(cfg.loss.vgg16_path))
+    if cfg.eval.alexnet_path:
+        checks.append(lambda: _check_alexnet(cfg.eval.alexnet_path))
+    if not cfg.data.train_url:
+        checks.append(_no_train_url)
+    if cfg.model.prior.path:
+        checks.append(lambda: _check_prior(cfg))
+    checks += [lambda f=f: _check_data(cfg, (f,)) for f in ("train_url", "val_url")]
+    return checks
+
+
+def _no_train_url() -> None:
+    raise ConfigError("data.train_url is empty: set it to a dataset written by `laren data pack`")
+
+
+def _check_vgg16(path: Optional[str]) -> None:
+    if not path:
+        raise ConfigError(
+            "loss.vgg16_path is not set but loss.perceptual_weight > 0: the perceptual loss needs torchvision's "
+            f"ImageNet VGG16 state dict; download {L.VGG16_URL} and set loss.vgg16_path to the file "
+            "(or set loss.perceptual_weight: 0)."
+        )
+    if not _weights_exist(path):
+        L.load_vgg16(path)  # raises FileNotFoundError naming the file and how to obtain it
+
+
+def _check_alexnet(path: str) -> None:
+    if not _weights_exist(path):
         from laren.metrics import _load_alexnet_state
 
-        _load_alexnet_state(cfg.eval.alexnet_path)  # raises FileNotFoundError naming the file and how to obtain it
-    if not cfg.data.train_url:
-        raise ConfigError("data.train_url is empty: set it to a dataset written by `laren data pack`")
-    if cfg.model.prior.path:
-        _check_prior(cfg)
-    _check_data(cfg)
-    check_rules(cfg)  # elastic sizes, model combination
+        _load_alexnet_state(path)  # raises FileNotFoundError naming the file and how to obtain it
 
 
 def _weights_exist(url: str) -> bool:
@@ -150,11 +183,11 @@ def _check_prior(cfg: RunConfig) -> None:
             )
 
 
-def _check_data(cfg: RunConfig) -> None:
+def _check_data(cfg: RunConfig, fields: tuple[str, ...] = ("train_url", "val_url")) -> None:
     """The training (and validation) sets are packed at the job's HR resolution."""
     from laren.data import pack
 
-    for field_name in ("train_url", "val_url"):
+    for field_name in fields:
         url = getattr(cfg.data, field_name)
         if not url:
             continue
