@@ -6,6 +6,7 @@ import sys
 
 import click
 
+import laren.data
 from laren.config import ConfigError
 from laren.redact import redact_text
 
@@ -17,7 +18,7 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (ConfigError, FileNotFoundError, ConnectionError, OSError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - re-raised unless _user_error
             if ctx.params.get("debug") or not _user_error(err):
                 raise
             click.echo(f"error: {redact_text(str(err))}", err=True)
@@ -38,9 +39,7 @@ def _user_error(err: BaseException) -> bool:
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error instead of its one-line message.")
 def main(debug: bool) -> None:
     """laren: large-factor GAN-prior super-resolution (LAREN): data, training, sweeps, jobs."""
-    from laren.data import storage
-
-    storage.fail_fast_on_first_contact()  # a wrong S3 endpoint: one line in seconds, not minutes of retries
+    laren.data.S3_FAIL_FAST = True  # a wrong S3 endpoint: one line in seconds, not minutes of retries
 
 
 @main.group()

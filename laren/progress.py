@@ -15,6 +15,7 @@ so the next attempt records that for it.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any, Mapping, Optional
@@ -24,6 +25,7 @@ FAILURE_TAG = "laren.last_failure"
 FAILED_ATTEMPT_TAG = "laren.last_failure_attempt"
 VAL_SHOWN = ("psnr", "ssim", "lpips_alex", "factor_fd")  # val/* (SR) and eval/* (prior) figures on the line
 _MAX_REASON = 400
+log = logging.getLogger("laren.progress")
 
 
 def duration(seconds: Optional[float]) -> str:
@@ -106,8 +108,11 @@ def record_failure(tracker, attempt: int, step: int, err: BaseException) -> None
     text = " ".join(f"{type(err).__name__}: {err}".split())
     if len(text) > _MAX_REASON:
         text = text[: _MAX_REASON - 3] + "..."
-    tracker.set_tags({FAILURE_TAG: f"attempt {attempt} failed at step {step}: {text}", FAILED_ATTEMPT_TAG: attempt})
-    tracker.flush(force=True)
+    try:
+        tracker.set_tags({FAILURE_TAG: f"attempt {attempt} failed at step {step}: {text}", FAILED_ATTEMPT_TAG: attempt})
+        tracker.flush(force=True)
+    except Exception as rec_err:  # noqa: BLE001 - never hide the failure being recorded behind one of the recording
+        log.warning("could not record the failure of attempt %d in MLflow: %s", attempt, type(rec_err).__name__)
 
 
 # ----------------------------------------------------------------------------------------------- status from MLflow

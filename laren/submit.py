@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from laren.config import ConfigError, RunConfig
+from laren.data.storage import StorageError
 from laren.models import health
 from laren.plan import check_rules
 from laren.ray_address import jobs_api_url
@@ -565,7 +566,7 @@ def input_warnings(path: Union[str, Path]) -> list[str]:
         if spec_kind(spec) == "prior":
             try:
                 check_prior_inputs(spec.prior_config())
-            except (ConfigError, OSError, ValueError) as err:
+            except (ConfigError, OSError, ValueError, StorageError) as err:
                 out.append(str(err))
         elif spec_kind(spec) in ("train", "grid", "sweep"):
             for _, cfg in run_configs(spec):

@@ -31,12 +31,14 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional
 
+import laren.data
+
 log = logging.getLogger("laren.data")
 
 __all__ = [
     "is_s3", "split_s3", "join", "read_bytes", "write_bytes", "open_read", "exists", "list_files", "delete",
     "upload_file", "download_file", "s3_client", "size", "register_webdataset_s3", "local_copy", "StorageError",
-    "endpoint_url", "fail_fast_on_first_contact",
+    "endpoint_url",
 ]
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024  # bytes; S3 parts must be >= 5 MiB (except the last)
@@ -82,17 +84,10 @@ def join(url: str | os.PathLike, *parts: str) -> str:
 _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
 _reached: set = set()  # endpoints that have answered this process (a forked loader worker inherits it)
-_fail_fast = False
 # A command run by a person fails fast on an endpoint it has never reached (a wrong AWS_ENDPOINT_URL: one line in
 # seconds, not minutes of retries); once the endpoint has answered, requests get the patient budget of a long job.
 QUICK = {"total_max_attempts": 2, "connect_timeout": 4, "read_timeout": 20}  # at most ~9 s on an unreachable endpoint
 PATIENT = {"connect_timeout": 10, "read_timeout": 60}  # retries: LAREN_S3_MAX_ATTEMPTS, default 10
-
-
-def fail_fast_on_first_contact(on: bool = True) -> None:
-    """Use the quick retry budget (:data:`QUICK`) for an endpoint until it has answered once (the CLI turns it on)."""
-    global _fail_fast
-    _fail_fast = on
 
 
 def endpoint_url() -> Optional[str]:
@@ -110,7 +105,7 @@ def s3_client():
     from botocore.config import Config
 
     endpoint = endpoint_url()
-    quick = _fail_fast and endpoint not in _reached
+    quick = laren.data.S3_FAIL_FAST and endpoint not in _reached
     key = (os.getpid(), endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"), quick)
     with _clients_lock:
         c = _clients.get(key)
@@ -129,9 +124,10 @@ def s3_client():
         return c
 
 
-class StorageError(OSError):
+class StorageError(Exception):
     """An S3 request that failed for a reason the user can act on: one line naming the endpoint, the bucket, what
-    failed and what to check (``laren`` prints it without a traceback; ``laren --debug`` shows it)."""
+    failed and what to check (``laren`` prints it without a traceback; ``laren --debug`` shows it). Not an OSError:
+    code that treats an unreadable file as absent or corrupt must not mistake an unreachable server for one."""
 
 
 def _storage_error(err: Exception, url: str, what: str) -> Optional[StorageError]:

@@ -41,6 +41,7 @@ import torch
 
 from laren import losses as L
 from laren.config import ConfigError, LossConfig, RunConfig
+from laren.data.storage import StorageError
 from laren.models import health
 from laren.plan import check_rules
 from laren.progress import ProgressPrinter, record_attempt, record_failure
@@ -114,7 +115,7 @@ def input_problems(cfg: RunConfig) -> list[str]:
     for check in _input_checks(cfg):
         try:
             check()
-        except (ConfigError, OSError, ValueError) as err:  # FileNotFoundError and storage errors are OSErrors
+        except (ConfigError, OSError, ValueError, StorageError) as err:  # FileNotFoundError is an OSError
             out.append(str(err))
     return out
 
