@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -136,12 +137,17 @@ def prior_import(src: str, dest: str) -> None:
     click.echo(f"wrote {st_url} (sha256 {meta.sha256}) and {json_url}")
 
 
+def _driver_address_opt(f):
+    return click.option("--address", default=None, envvar="RAY_ADDRESS",
+                        help="Ray cluster to drive (env RAY_ADDRESS): GCS address host:6379, ray://host:10001, or the "
+                             "local head's dashboard URL.")(f)
+
+
 @prior.command("train")
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--storage", "storage_path", default=None, help="Ray Train storage for checkpoints (default <storage.root>/runs).")
 @click.option("--run-id", default=None, help="Run name (default: the job's deterministic <name>-<config hash>).")
-@click.option("--address", default=None, envvar="RAY_ADDRESS",
-              help="Ray cluster to drive (env RAY_ADDRESS): GCS host:6379, ray://host:10001, or the local head's dashboard URL.")
+@_driver_address_opt
 def prior_train(job: str, storage_path, run_id, address) -> None:
     """Train the StyleGAN2 prior of JOB.yaml (kind: prior) with Ray Train (local, or the cluster at RAY_ADDRESS) and
     write it in laren's prior format to gan.output, ready for an SR job's model.prior.path.
@@ -154,7 +160,6 @@ def prior_train(job: str, storage_path, run_id, address) -> None:
 def _train_job(job: str, kind: str, command: str, storage_path, run_id, address=None) -> None:
     """Run a kind: train or kind: prior job with Ray Train and print its final metrics."""
     import json
-    import os
 
     from laren.ray_address import driver_address
     from laren.specs import load_job
@@ -191,9 +196,8 @@ def data_pack(src, dest, name, resolution, fmt, quality, shard_size_mb, workers,
     """Pack SRC (an image folder, searched recursively; a .zip; or an LSUN lmdb directory) into WebDataset shards
     DEST/shard-000000.tar ... and DEST/manifest.json (counts, bytes, sha256, rejected inputs). DEST is a local folder
     or s3://bucket/prefix (endpoint and keys from the AWS environment, e.g. AWS_ENDPOINT_URL). Re-running the same
-    command skips shards already complete; an interrupted run lists no half shard."""
-    import os
-
+    command skips shards already complete; an interrupted run lists no half shard; a corrected re-run (other
+    settings) replaces what a failed pack left."""
     from laren.data.pack import pack
 
     try:
@@ -321,8 +325,7 @@ def torch_cat_rows(lr, hr):
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--storage", "storage_path", default=None, help="Ray Train storage for checkpoints (default <storage.root>/runs).")
 @click.option("--run-id", default=None, help="Run name (default: the job's deterministic <name>-<config hash>).")
-@click.option("--address", default=None, envvar="RAY_ADDRESS",
-              help="Ray cluster to drive (env RAY_ADDRESS): GCS host:6379, ray://host:10001, or the local head's dashboard URL.")
+@_driver_address_opt
 def train_cmd(job: str, storage_path, run_id, address) -> None:
     """Train JOB.yaml with Ray Train on a local Ray instance, or on the cluster at --address / RAY_ADDRESS when set.
 
