@@ -161,17 +161,15 @@ def _train_job(job: str, kind: str, command: str, storage_path, run_id, address=
     """Run a kind: train or kind: prior job with Ray Train and print its final metrics."""
     import json
 
-    from laren.ray_address import driver_address
     from laren.specs import load_job
-    from laren.submit import read_services
     from laren.train.distributed import run_training
 
     spec = load_job(job)
     if spec.kind != kind:
         raise click.UsageError(f"{job}: kind is {spec.kind!r}; `{command}` runs kind: {kind} jobs")
     cfg = spec.prior_config() if kind == "prior" else spec.run_config()
-    if address:  # any form (laren/ray_address.py), checked before anything else runs
-        os.environ["RAY_ADDRESS"] = driver_address(address, read_services().get("ray"))
+    if address:  # any form: ensure_ray converts it (laren/ray_address.py) once the job's inputs are checked
+        os.environ["RAY_ADDRESS"] = address
     out = run_training(cfg, run_id=run_id, storage_path=storage_path)
     click.echo(json.dumps(out, indent=1, default=str))
 

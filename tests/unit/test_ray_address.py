@@ -31,14 +31,27 @@ def test_jobs_api_and_driver_addresses():
 
 
 def test_train_refuses_a_remote_dashboard_url_in_one_line(tmp_path, monkeypatch):
+    import ray
+    import yaml
     from click.testing import CliRunner
+    from PIL import Image
 
     from laren.cli import main
+    from laren.data.pack import pack
+    from tests.integration._tiny_jobs import TINY_MODEL
 
     monkeypatch.chdir(tmp_path)
-    job = tmp_path / "j.yaml"
-    job.write_text("name: j\nkind: train\ndata: {train_url: unused}\n")
+    (tmp_path / "raw").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "raw" / "a.png")
+    pack(str(tmp_path / "raw"), str(tmp_path / "ds"), "d", 32, progress=False)
+    job = tmp_path / "j.yaml"  # inputs all there: the address is what stops it, before any Ray starts
+    job.write_text(yaml.safe_dump({"name": "j", "kind": "train", "model": TINY_MODEL, "loss": {"perceptual_weight": 0},
+                                   "data": {"train_url": str(tmp_path / "ds"), "num_val_images": 1},
+                                   "train": {"batch_size_global": 1},
+                                   "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}}))
+    was_up = ray.is_initialized()
     res = CliRunner().invoke(main, ["train", str(job), "--address", "http://10.9.9.9:8265"])
+    assert ray.is_initialized() == was_up
     assert res.exit_code == 2 and res.output.startswith("error: RAY_ADDRESS / --address http://10.9.9.9:8265 is a "
                                                         "dashboard URL"), res.output
     assert len(res.output.strip().splitlines()) == 1
