@@ -48,9 +48,9 @@ mlflow-ui: setup
 	  (command -v xdg-open >/dev/null && xdg-open "$$url" >/dev/null 2>&1 &) || true
 
 submit: setup
-	@test -n "$(JOB)" || (echo "usage: make submit JOB=face64x [ADDRESS=http://head:8265]" && exit 2)
-	$(BIN)/laren submit $(call job_file,$(JOB),jobs) $(if $(ADDRESS),--address $(ADDRESS))
+	@test -n "$(JOB)" || (echo "usage: make submit JOB=face64x [ADDRESS=http://head:8265] [DETACH=1]" && exit 2)
+	$(BIN)/laren submit $(call job_file,$(JOB),jobs) $(if $(ADDRESS),--address $(ADDRESS)) $(if $(DETACH),--detach)
 
 sweep: setup
-	@test -n "$(SWEEP)" || (echo "usage: make sweep SWEEP=jcf-face64x [ADDRESS=http://head:8265]" && exit 2)
-	$(BIN)/laren sweep $(call job_file,$(SWEEP),sweeps) $(if $(ADDRESS),--address $(ADDRESS))
+	@test -n "$(SWEEP)" || (echo "usage: make sweep SWEEP=jcf-face64x [ADDRESS=http://head:8265] [DETACH=1]" && exit 2)
+	$(BIN)/laren sweep $(call job_file,$(SWEEP),sweeps) $(if $(ADDRESS),--address $(ADDRESS)) $(if $(DETACH),--detach)

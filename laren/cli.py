@@ -2,35 +2,45 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 
+import laren.data
 from laren.config import ConfigError
 from laren.redact import redact_text
 
 
 class _Group(click.Group):
-    """Turns user errors (ConfigError, FileNotFoundError, ValueError from validation) into one clean line."""
+    """Turns user errors (ConfigError, FileNotFoundError, a refused checkpoint, storage and network failures) into one
+    clean line; ``laren --debug`` shows their traceback instead."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (ConfigError, FileNotFoundError) as err:
-            click.echo(f"error: {redact_text(str(err))}", err=True)
-            sys.exit(2)
-        except ValueError as err:  # a refused checkpoint; its module (torch) is loaded only once a command needs it
-            state = sys.modules.get("laren.train.state")
-            if state is None or not isinstance(err, state.CheckpointError):
+        except Exception as err:  # noqa: BLE001 - re-raised unless _user_error
+            if ctx.params.get("debug") or not _user_error(err):
                 raise
             click.echo(f"error: {redact_text(str(err))}", err=True)
             sys.exit(2)
 
 
+def _user_error(err: BaseException) -> bool:
+    """An error whose message says what to fix; its module (torch, boto3) is loaded only once a command needs it."""
+    if isinstance(err, (ConfigError, FileNotFoundError, ConnectionError)):
+        return True
+    storage, state = sys.modules.get("laren.data.storage"), sys.modules.get("laren.train.state")
+    return (storage is not None and isinstance(err, storage.StorageError)) or (
+        state is not None and isinstance(err, state.CheckpointError))
+
+
 @click.group(cls=_Group)
 @click.version_option(package_name="laren")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error instead of its one-line message.")
+def main(debug: bool) -> None:
     """laren: large-factor GAN-prior super-resolution (LAREN): data, training, sweeps, jobs."""
+    laren.data.S3_FAIL_FAST = True  # a wrong S3 endpoint: one line in seconds, not minutes of retries
 
 
 @main.group()
@@ -127,20 +137,27 @@ def prior_import(src: str, dest: str) -> None:
     click.echo(f"wrote {st_url} (sha256 {meta.sha256}) and {json_url}")
 
 
+def _driver_address_opt(f):
+    return click.option("--address", default=None, envvar="RAY_ADDRESS",
+                        help="Ray cluster to drive (env RAY_ADDRESS): GCS address host:6379, ray://host:10001, or the "
+                             "local head's dashboard URL.")(f)
+
+
 @prior.command("train")
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--storage", "storage_path", default=None, help="Ray Train storage for checkpoints (default <storage.root>/runs).")
 @click.option("--run-id", default=None, help="Run name (default: the job's deterministic <name>-<config hash>).")
-def prior_train(job: str, storage_path, run_id) -> None:
+@_driver_address_opt
+def prior_train(job: str, storage_path, run_id, address) -> None:
     """Train the StyleGAN2 prior of JOB.yaml (kind: prior) with Ray Train (local, or the cluster at RAY_ADDRESS) and
     write it in laren's prior format to gan.output, ready for an SR job's model.prior.path.
 
     Re-running the same job resumes it from its latest checkpoint and continues the same MLflow run.
     """
-    _train_job(job, "prior", "laren prior train", storage_path, run_id)
+    _train_job(job, "prior", "laren prior train", storage_path, run_id, address)
 
 
-def _train_job(job: str, kind: str, command: str, storage_path, run_id) -> None:
+def _train_job(job: str, kind: str, command: str, storage_path, run_id, address=None) -> None:
     """Run a kind: train or kind: prior job with Ray Train and print its final metrics."""
     import json
 
@@ -151,6 +168,8 @@ def _train_job(job: str, kind: str, command: str, storage_path, run_id) -> None:
     if spec.kind != kind:
         raise click.UsageError(f"{job}: kind is {spec.kind!r}; `{command}` runs kind: {kind} jobs")
     cfg = spec.prior_config() if kind == "prior" else spec.run_config()
+    if address:  # any form: ensure_ray converts it (laren/ray_address.py) once the job's inputs are checked
+        os.environ["RAY_ADDRESS"] = address
     out = run_training(cfg, run_id=run_id, storage_path=storage_path)
     click.echo(json.dumps(out, indent=1, default=str))
 
@@ -175,9 +194,8 @@ def data_pack(src, dest, name, resolution, fmt, quality, shard_size_mb, workers,
     """Pack SRC (an image folder, searched recursively; a .zip; or an LSUN lmdb directory) into WebDataset shards
     DEST/shard-000000.tar ... and DEST/manifest.json (counts, bytes, sha256, rejected inputs). DEST is a local folder
     or s3://bucket/prefix (endpoint and keys from the AWS environment, e.g. AWS_ENDPOINT_URL). Re-running the same
-    command skips shards already complete; an interrupted run lists no half shard."""
-    import os
-
+    command skips shards already complete; an interrupted run lists no half shard; a corrected re-run (other
+    settings) replaces what a failed pack left."""
     from laren.data.pack import pack
 
     try:
@@ -305,12 +323,13 @@ def torch_cat_rows(lr, hr):
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--storage", "storage_path", default=None, help="Ray Train storage for checkpoints (default <storage.root>/runs).")
 @click.option("--run-id", default=None, help="Run name (default: the job's deterministic <name>-<config hash>).")
-def train_cmd(job: str, storage_path, run_id) -> None:
-    """Train JOB.yaml with Ray Train on a local Ray instance, or on the cluster at RAY_ADDRESS when set.
+@_driver_address_opt
+def train_cmd(job: str, storage_path, run_id, address) -> None:
+    """Train JOB.yaml with Ray Train on a local Ray instance, or on the cluster at --address / RAY_ADDRESS when set.
 
     Re-running the same job resumes it from its latest checkpoint and continues the same MLflow run.
     """
-    _train_job(job, "train", "laren train", storage_path, run_id)
+    _train_job(job, "train", "laren train", storage_path, run_id, address)
 
 
 @main.command("eval")
@@ -338,12 +357,13 @@ def eval_cmd(checkpoint_url, data_url, out_dir, limit, batch_size, alexnet_path,
 @click.option("--model", "model_uri", default=None,
               help="Or a registered model: models:/laren-<job>/latest, models:/laren-<job>/<version>, runs:/<id>/model "
                    "(MLflow at MLFLOW_TRACKING_URI).")
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True)
 @click.option("--out", "out_dir", required=True, help="Output folder (<stem>_sr.png per image).")
 @click.option("--resize", is_flag=True, help="Centre-crop and bicubic-resize inputs to the model's input size.")
-def upscale_cmd(checkpoint_url, model_uri, images, out_dir, resize) -> None:
-    """Super-resolve IMAGE... with a trained checkpoint or registered model (inputs must be the model's LR size, or
-    pass --resize)."""
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs (and let a later input win a shared stem).")
+def upscale_cmd(checkpoint_url, model_uri, images, out_dir, resize, overwrite) -> None:
+    """Super-resolve IMAGES (files, folders, glob patterns) with a trained checkpoint or registered model (inputs must
+    be the model's LR size, or pass --resize). Existing outputs are not overwritten without --overwrite."""
     from laren.registry import is_model_uri
     from laren.upscale import ImageSizeError, upscale_files
 
@@ -352,9 +372,9 @@ def upscale_cmd(checkpoint_url, model_uri, images, out_dir, resize) -> None:
     if model_uri is not None and not is_model_uri(model_uri):
         raise click.UsageError(f"--model {model_uri}: expected models:/<name>/<version or latest> or runs:/<run id>/model")
     try:
-        for p in upscale_files(checkpoint_url or model_uri, images, out_dir, resize=resize):
+        for p in upscale_files(checkpoint_url or model_uri, images, out_dir, resize=resize, overwrite=overwrite):
             click.echo(str(p))
-    except ImageSizeError as err:
+    except (ImageSizeError, FileExistsError) as err:
         raise click.UsageError(str(err)) from None
 
 
@@ -363,20 +383,30 @@ def upscale_cmd(checkpoint_url, model_uri, images, out_dir, resize) -> None:
 
 def _address_opt(f):
     return click.option("--address", default=None, envvar="RAY_ADDRESS",
-                        help="Ray dashboard / Jobs API URL (env RAY_ADDRESS; default: the local head in .laren/services.json).")(f)
+                        help="Ray cluster (env RAY_ADDRESS): dashboard URL http://host:8265, GCS address host:6379 or "
+                             "ray://host:10001 (default: the local head in .laren/services.json).")(f)
 
 
 @main.command("validate")
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--no-summary", is_flag=True, help="Skip the model parameter table.")
 @click.option("--no-health", is_flag=True, help="Skip the quick model-health check (`laren model health --tiny`).")
-def validate_cmd(job: str, no_summary: bool, no_health: bool) -> None:
+@click.option("--strict", is_flag=True, help="Fail (exit 1) when an input is missing, not only warn.")
+def validate_cmd(job: str, no_summary: bool, no_health: bool, strict: bool) -> None:
     """Check JOB (a job or sweep YAML): print the resolved config, run id, resources asked for, model summary, and
-    the quick model-health check (a dead or degenerate GDM / CGM at initialisation is refused)."""
-    from laren.submit import validate
+    the quick model-health check (a dead or degenerate GDM / CGM at initialisation is refused). Missing inputs (data
+    manifests, prior, VGG16 / AlexNet weights, as seen from here) are warnings; --strict makes them errors."""
+    from laren.submit import input_warnings, validate
 
     _, text = validate(job, summary=not no_summary, health=not no_health)
     click.echo(text)
+    warnings = input_warnings(job)
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(f"# inputs: {len(warnings)} missing or not fitting" if warnings else "# inputs: all found")
+    if warnings and strict:
+        click.echo(f"error: {len(warnings)} input(s) missing or not fitting (--strict)", err=True)
+        sys.exit(1)
 
 
 def _print_submission(sub, address) -> None:
@@ -389,63 +419,89 @@ def _print_submission(sub, address) -> None:
     click.echo("  follow:   " + "\n            ".join(sub.commands))
 
 
-def _wait_and_report(run_id: str, address) -> None:
+def _follow_to_the_end(run_id: str, address) -> None:
+    """Stream the job's logs until it ends (as `ray job submit`); exit 1 unless it SUCCEEDED. Ctrl-C stops following
+    only: the job keeps running."""
     from laren import submit as S
 
-    for line in S.follow_logs(run_id, address):
-        click.echo(line, nl=False)
-    st = S.wait(run_id, address, timeout_s=24 * 3600)
+    try:
+        for line in S.follow_logs(run_id, address):
+            click.echo(line, nl=False)
+        st = S.wait(run_id, address, timeout_s=24 * 3600)
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped following; job {run_id} keeps running (`laren logs {run_id} -f`, `laren stop {run_id}`)",
+                   err=True)
+        sys.exit(130)
     click.echo(f"job {run_id}: {st}")
     if st != "SUCCEEDED":
         sys.exit(1)
 
 
+def _detach_opt(f):
+    return click.option("--detach", is_flag=True,
+                        help="Return once the job is queued; by default its logs are streamed until it ends and the "
+                             "exit code is 0 only if it SUCCEEDED (Ctrl-C stops following, not the job).")(f)
+
+
+def _submit_and_follow(path: str, address, detach: bool) -> None:
+    from laren import submit as S
+
+    sub = S.submit(path, address=address, log=click.echo)
+    _print_submission(sub, address)
+    if not detach and sub.action in ("submitted", "resumed", "running"):
+        _follow_to_the_end(sub.run_id, sub.address)
+
+
 @main.command("submit")
 @click.argument("job", type=click.Path(dir_okay=False))
 @_address_opt
-@click.option("--wait", is_flag=True, help="Stream the job's logs until it ends; exit 1 unless it SUCCEEDED.")
-def submit_cmd(job: str, address, wait: bool) -> None:
-    """Validate JOB and submit it to the Ray cluster (Ray Jobs API, the project as working_dir, run id as submission id).
+@_detach_opt
+def submit_cmd(job: str, address, detach: bool) -> None:
+    """Validate JOB and submit it to the Ray cluster (Ray Jobs API, the project as working_dir, run id as submission id),
+    then follow its logs until it ends (--detach: return at once).
 
     With no --address / RAY_ADDRESS and no local services, a local Ray head (with its dashboard) is started.
     Submitting a job whose last attempt FAILED or was STOPPED resumes it from its checkpoints.
     """
-    from laren import submit as S
-
-    sub = S.submit(job, address=address, log=click.echo)
-    _print_submission(sub, address)
-    if wait and sub.action in ("submitted", "resumed", "running"):
-        _wait_and_report(sub.run_id, sub.address)
+    _submit_and_follow(job, address, detach)
 
 
 @main.command("sweep")
 @click.argument("sweep", type=click.Path(dir_okay=False))
 @_address_opt
-@click.option("--wait", is_flag=True, help="Stream the sweep's logs until it ends; exit 1 unless it SUCCEEDED.")
-def sweep_cmd(sweep: str, address, wait: bool) -> None:
-    """Submit a sweep file (sweeps/*.yaml): Ray Tune on the cluster, one Ray Train run and MLflow child run per trial."""
-    from laren import submit as S
+@_detach_opt
+def sweep_cmd(sweep: str, address, detach: bool) -> None:
+    """Submit a sweep file (sweeps/*.yaml): Ray Tune on the cluster, one Ray Train run and MLflow child run per trial;
+    then follow its logs until it ends (--detach: return at once)."""
     from laren.specs import LoadedSweep, load_any
 
     if not isinstance(load_any(sweep), LoadedSweep):
         raise click.UsageError(f"{sweep}: not a sweep file (no search_space); use `laren submit` for jobs")
-    sub = S.submit(sweep, address=address, log=click.echo)
-    _print_submission(sub, address)
-    if wait and sub.action in ("submitted", "resumed", "running"):
-        _wait_and_report(sub.run_id, sub.address)
+    _submit_and_follow(sweep, address, detach)
 
 
 @main.command("status")
 @click.argument("run", required=False)
 @_address_opt
-def status_cmd(run, address) -> None:
-    """Status of RUN (run id, job file or job name); without RUN, every laren job on the cluster."""
+@click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI",
+              help="MLflow server of the run (env MLFLOW_TRACKING_URI; default: the local services').")
+def status_cmd(run, address, tracking_uri) -> None:
+    """Status of RUN (run id, job file or job name): its Ray job and, from MLflow, its progress (kimg, img/s, ETA), last
+    validation figures, attempts and last failure. Without RUN, every laren job on the cluster."""
     from laren import submit as S
 
     if not run:
         click.echo(S.format_table(S.list_jobs(address)))
         return
-    info = S.job_info(run, address)
+    try:
+        info = S.job_info(run, address)
+    except ConfigError as err:  # not a Ray job here (e.g. a `laren train` run): MLflow may still know it
+        lines = S.mlflow_status(S.run_name(run), tracking_uri)
+        if not lines:
+            raise
+        click.echo(f"{S.run_name(run)}: no Ray job ({err})")
+        click.echo("\n".join(lines))
+        return
     click.echo(f"{info.submission_id}: {info.status.value}")
     if info.message:
         click.echo(f"  {info.message}")
@@ -453,6 +509,8 @@ def status_cmd(run, address) -> None:
     if md.get("laren.file"):
         click.echo(f"  job file: {md['laren.file']} (kind {md.get('laren.kind', '?')})")
     click.echo(f"  entrypoint: {info.entrypoint}")
+    click.echo("\n".join(S.mlflow_status(info.submission_id, tracking_uri)
+                         or [f"  MLflow: no run named {info.submission_id} (yet)"]))
 
 
 @main.command("logs")

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from laren import metrics as M
 from laren.imresize import imresize, imresize_uint8
@@ -106,14 +107,17 @@ def evaluate_model(
     lpips: Optional[torch.nn.Module] = None,
     max_images: Optional[int] = None,
     grid_images: int = 0,
+    progress: bool = False,
 ) -> EvalResult:
     """Run ``model`` over ``batches`` ({"lr", "hr", "key"}) in eval mode and fp32; per-image PSNR, SSIM, LPIPS, pixel
     MSE, and the PSNR of plain bicubic upsampling (the baseline every SR model must beat). Every metric reads the
-    output clamped to [-1, 1] (PSNR and SSIM also round it to uint8)."""
+    output clamped to [-1, 1] (PSNR and SSIM also round it to uint8). ``progress``: a bar on stderr when it is a
+    terminal (`laren eval`)."""
     was_training = model.training
     model.eval()
     res = EvalResult(values={k: [] for k in PER_IMAGE if k != "lpips_alex" or lpips is not None})
     dev = torch.device(device)
+    bar = tqdm(total=max_images, desc="eval", unit="img", disable=None if progress else True)
     try:
         for batch in batches:
             lr, hr = batch["lr"].to(dev), batch["hr"].to(dev)
@@ -133,7 +137,9 @@ def evaluate_model(
             if res.grid is None and grid_images > 0:
                 res.grid = sample_grid(lr, sr, hr, grid_images)
             res.keys += [str(k) for k in keys]
+            bar.update(len(keys))
     finally:
+        bar.close()
         model.train(was_training)
     return res
 
@@ -182,7 +188,8 @@ def run_eval(
     model, cfg, doc = load_model_from_checkpoint(checkpoint_url, dev)
     lp = make_lpips(alexnet_path or cfg.eval.alexnet_path, random_backbone_for_tests or cfg.eval.random_backbone_for_tests, dev)
     loader = make_eval_loader(data_url, cfg.model.prior.resolution, cfg.model.lr_size, batch_size, limit=limit)
-    res = evaluate_model(model, loader, dev, lpips=lp, max_images=limit, grid_images=cfg.train.sample_grid_images)
+    res = evaluate_model(model, loader, dev, lpips=lp, max_images=limit, grid_images=cfg.train.sample_grid_images,
+                         progress=True)
     if res.count == 0:
         raise ValueError(f"{data_url}: no images to evaluate")
     out = Path(out_dir)

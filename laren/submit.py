@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from laren.config import ConfigError, RunConfig, project_root  # noqa: F401 - project_root: laren.submit's API
+from laren.data.storage import StorageError
 from laren.models import health
 from laren.plan import RunPlan, check_rules, plan_url, write_plan
+from laren.ray_address import jobs_api_url
 from laren.redact import is_secret_key, redact_text
 from laren.specs import JobSpec, LoadedSweep, load_any
 from laren.tracking import check_tracking_auth
@@ -183,7 +185,8 @@ def _kill_group(pid: int, timeout_s: float = 15.0) -> None:
 
 
 def resolve_address(address: Optional[str] = None, root: Optional[Path] = None) -> Optional[str]:
-    """--address, else RAY_ADDRESS, else the local head in services.json, else None."""
+    """--address, else RAY_ADDRESS, else the local head in services.json, else None. Any form Ray accepts
+    (laren/ray_address.py); :func:`client` converts it to the dashboard URL."""
     if address:
         return address
     if os.environ.get("RAY_ADDRESS"):
@@ -206,11 +209,16 @@ def client(address: Optional[str] = None, root: Optional[Path] = None, start_loc
                               "(`make services`)")
         log("no Ray cluster given (--address / RAY_ADDRESS) and none running here: starting a local Ray head")
         addr = start_services(root, mlflow=False, s3=False, log=log)["ray"]["dashboard_url"]
+    addr = jobs_api_url(addr, read_services(root).get("ray"))
+    saved = os.environ.pop("RAY_ADDRESS", None)  # Ray's client would let RAY_ADDRESS override the address it is given
     try:
         return JobSubmissionClient(addr), addr
     except Exception as err:  # connection refused, wrong URL
         raise ConfigError(f"cannot reach the Ray cluster at {addr}: {err}. Check --address / RAY_ADDRESS "
-                          "(the dashboard URL, e.g. http://127.0.0.1:8265)") from None
+                          "(the dashboard URL http://host:8265, the GCS address host:6379 or ray://host:10001)") from None
+    finally:
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
 
 
 def _is_local(addr: str) -> bool:
@@ -546,6 +554,28 @@ def job_entrypoint(kind: str, rel: str, local_root: Optional[Path] = None, plan_
     return cmd
 
 
+def input_warnings(path: Union[str, Path]) -> list[str]:
+    """`laren validate`'s warnings: every input of the job, grid or sweep at ``path`` (data manifests, prior, VGG16 /
+    AlexNet weights) that is missing or does not fit, seen from here with the job's environment (a cluster's own
+    paths may differ: hence warnings). Prior jobs: their data sets."""
+    from laren.train.loop import input_problems
+    from laren.train.prior import check_prior_inputs
+
+    spec = load_any(path)
+    root = project_root(Path(path).parent)
+    out: list[str] = []
+    with _job_context(root, _job_env(root)):
+        if spec_kind(spec) == "prior":
+            try:
+                check_prior_inputs(spec.prior_config())
+            except (ConfigError, OSError, ValueError, StorageError) as err:
+                out.append(str(err))
+        elif spec_kind(spec) in ("train", "grid", "sweep"):
+            for _, cfg in run_configs(spec):
+                out += [p for p in input_problems(cfg) if p not in out]
+    return [redact_text(w) for w in out]
+
+
 @contextlib.contextmanager
 def _job_context(root: Path, job_env: dict[str, str]) -> Iterator[None]:
     """This process in the job's environment and working directory (restored after)."""
@@ -662,6 +692,26 @@ def resolve_run(c, run: str) -> str:
 def job_info(run: str, address: Optional[str] = None):
     c, _ = client(address)
     return c.get_job_info(resolve_run(c, run))
+
+
+def run_name(run: str) -> str:
+    """A run id from a run id or a job / sweep file (its computed run id)."""
+    return load_any(run).run_id if run.endswith((".yaml", ".yml")) and Path(run).is_file() else run
+
+
+def mlflow_status(run_id: str, tracking_uri: Optional[str] = None, root: Optional[Path] = None) -> list[str]:
+    """`laren status`'s MLflow lines for ``run_id`` (laren.progress.status_lines), from ``tracking_uri`` or the one a
+    job submitted from here gets; [] when MLflow has no such run, one line when it cannot be reached."""
+    from laren.progress import find_mlflow_run, status_lines
+
+    uri = tracking_uri or _job_env(root or project_root())["MLFLOW_TRACKING_URI"]
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return []
+    try:
+        found = find_mlflow_run(uri, run_id)
+    except Exception as err:  # noqa: BLE001 - a down or refusing server: the Ray status is still worth printing
+        return [f"  MLflow: not reachable at {redact_text(uri)} ({type(err).__name__})"]
+    return status_lines(found) if found is not None else []
 
 
 def status(run: str, address: Optional[str] = None) -> str:

@@ -201,6 +201,8 @@ class NullTracker:
 
     run_id: Optional[str] = None
     resumed = False
+    resumed_tags: Mapping[str, str] = {}  # a resumed run's tags and status as found (laren.progress: attempts)
+    previous_status = ""
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_config(self, config: Mapping[str, Any]) -> None: ...
@@ -329,6 +331,7 @@ class Tracker(NullTracker):
         if run is not None:
             self.run_id = run.info.run_id
             self.resumed = True
+            self.resumed_tags, self.previous_status = dict(run.data.tags), run.info.status
             self._logged_params = dict(run.data.params)
             if run.info.status != "RUNNING":
                 self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))

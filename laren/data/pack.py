@@ -26,7 +26,9 @@ shard's bytes and sha256 depend only on its images. A shard closes once it reach
 
 Resumable and safe to interrupt: shards are written to a temp file and appear at their final name whole (rename /
 single S3 object); the manifest is rewritten after each finished shard and lists only finished shards. A re-run with the
-same settings keeps the listed shards whose size matches and continues at ``inputs_done``.
+same settings keeps the listed shards whose size matches and continues at ``inputs_done``; a re-run with other
+settings (a corrected command, an input removed) replaces the output of a pack that did not finish, or finished with
+every input rejected (its manifest and ``shard-NNNNNN.tar`` files only), and refuses to touch a finished data set.
 """
 
 from __future__ import annotations
@@ -558,9 +560,12 @@ def _resume_state(dest: str, settings: dict) -> dict:
         return fresh
     old = read_manifest(dest, require_complete=False)
     diff = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items() if old.get(k) != v]
-    if diff:
+    if diff and old.get("complete") and old.get("num_samples"):
         raise ValueError(f"{dest} already holds a data set packed with other settings ({'; '.join(diff)}); "
                          f"pack into another DEST, or delete {dest} first")
+    if diff:  # the partial output of a failed pack (or one whose every input was rejected): the corrected run replaces it
+        _remove_pack_output(dest, old)
+        return fresh
     kept = []
     for s in old["shards"]:
         url = storage.join(dest, s["name"])
@@ -583,6 +588,20 @@ def _resume_state(dest: str, settings: dict) -> dict:
     old["rejected"] = [r for r in old["rejected"] if r["index"] < done]
     old["num_samples"] = sum(s["count"] for s in kept)
     return old
+
+
+def _remove_pack_output(dest: str, old: dict) -> None:
+    """Delete what a failed pack wrote at ``dest``: its manifest and the ``shard-NNNNNN.tar`` files directly under it
+    (listed or left unlisted by an interruption). Nothing else is touched: other files in the folder stay."""
+    names = {s["name"] for s in old["shards"]}
+    base = dest.rstrip("/")
+    names |= {f[len(base):].lstrip("/") for f in storage.list_files(dest) if f.startswith(base)}
+    shards = sorted(n for n in names if SHARD_NAME.fullmatch(n))
+    log.warning("%s: removing the partial output of an earlier pack with other settings (%d shards, %d of %d inputs "
+                "done)", dest, len(shards), old.get("inputs_done", 0), old.get("num_inputs", 0))
+    for n in shards:
+        storage.delete(storage.join(dest, n))
+    storage.delete(manifest_url(dest))
 
 
 # ------------------------------------------------------------------------------------------------ shard reading

@@ -3,7 +3,8 @@
 S3 goes through boto3 with the standard AWS configuration: credentials from the environment / ``~/.aws`` / instance
 role, the endpoint from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (any S3-compatible server: SeaweedFS, MinIO,
 Ceph, R2 ...). Requests are retried with exponential backoff (botocore "standard" mode, ``LAREN_S3_MAX_ATTEMPTS``,
-default 10); streaming reads that break mid-object resume with a ranged GET from the byte they reached; uploads
+default 10; a CLI command uses a quick budget until the endpoint has answered once, :data:`QUICK`); failures a user
+can fix (unreachable endpoint, credentials, access, bucket) raise :class:`StorageError`, one line; streaming reads that break mid-object resume with a ranged GET from the byte they reached; uploads
 above :data:`MULTIPART_THRESHOLD` are multipart; listings are paginated.
 
 Local writes are atomic (temp file in the same folder + ``os.replace``); S3 objects are atomic by nature. So a reader
@@ -30,11 +31,14 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional
 
+import laren.data
+
 log = logging.getLogger("laren.data")
 
 __all__ = [
     "is_s3", "split_s3", "join", "read_bytes", "write_bytes", "open_read", "exists", "list_files", "delete",
-    "upload_file", "download_file", "s3_client", "size", "register_webdataset_s3", "local_copy",
+    "upload_file", "download_file", "s3_client", "size", "register_webdataset_s3", "local_copy", "StorageError",
+    "endpoint_url",
 ]
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024  # bytes; S3 parts must be >= 5 MiB (except the last)
@@ -79,32 +83,96 @@ def join(url: str | os.PathLike, *parts: str) -> str:
 
 _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
+_reached: set = set()  # endpoints that have answered this process (a forked loader worker inherits it)
+# A command run by a person fails fast on an endpoint it has never reached (a wrong AWS_ENDPOINT_URL: one line in
+# seconds, not minutes of retries); once the endpoint has answered, requests get the patient budget of a long job.
+QUICK = {"total_max_attempts": 2, "connect_timeout": 4, "read_timeout": 20}  # at most ~9 s on an unreachable endpoint
+PATIENT = {"connect_timeout": 10, "read_timeout": 60}  # retries: LAREN_S3_MAX_ATTEMPTS, default 10
+
+
+def endpoint_url() -> Optional[str]:
+    """The S3 endpoint of this environment (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``), None for AWS itself."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
 def s3_client():
     """A boto3 S3 client for this process and AWS environment (endpoint from AWS_ENDPOINT_URL[_S3]), with retries.
 
-    Cached per (process, endpoint, access key), so forked loader workers make their own and a changed environment
-    (another endpoint) gets a fresh one.
+    Cached per (process, endpoint, access key, budget), so forked loader workers make their own and a changed
+    environment (another endpoint) gets a fresh one.
     """
     import boto3
     from botocore.config import Config
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-    key = (os.getpid(), endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+    endpoint = endpoint_url()
+    quick = laren.data.S3_FAIL_FAST and endpoint not in _reached
+    key = (os.getpid(), endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"), quick)
     with _clients_lock:
         c = _clients.get(key)
         if c is None:
+            budget = dict(QUICK) if quick else {"max_attempts": int(os.environ.get("LAREN_S3_MAX_ATTEMPTS", "10")), **PATIENT}
+            attempts = {k: budget.pop(k) for k in ("total_max_attempts", "max_attempts") if k in budget}
             cfg = Config(
-                signature_version="s3v4",
-                retries={"max_attempts": int(os.environ.get("LAREN_S3_MAX_ATTEMPTS", "10")), "mode": "standard"},
-                connect_timeout=10, read_timeout=60, max_pool_connections=32,
-                s3={"addressing_style": "path"} if endpoint else None,
+                signature_version="s3v4", retries={**attempts, "mode": "standard"}, **budget,
+                max_pool_connections=32, s3={"addressing_style": "path"} if endpoint else None,
             )
             session = boto3.session.Session()
             c = session.client("s3", endpoint_url=endpoint, config=cfg)
+            if quick:  # any HTTP answer (an error status included) shows the endpoint is there
+                c.meta.events.register("after-call.s3", lambda **_: _reached.add(endpoint))
             _clients[key] = c
         return c
+
+
+class StorageError(Exception):
+    """An S3 request that failed for a reason the user can act on: one line naming the endpoint, the bucket, what
+    failed and what to check (``laren`` prints it without a traceback; ``laren --debug`` shows it). Not an OSError:
+    code that treats an unreadable file as absent or corrupt must not mistake an unreachable server for one."""
+
+
+def _storage_error(err: Exception, url: str, what: str) -> Optional[StorageError]:
+    """``err`` (from botocore) as a :class:`StorageError`, or None when it is not an S3 / network error."""
+    from botocore import exceptions as bx
+
+    endpoint = endpoint_url() or "AWS S3 (no AWS_ENDPOINT_URL set)"
+    bucket = split_s3(url)[0] if is_s3(url) else "?"
+    if isinstance(err, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ConnectionClosedError,
+                        bx.ReadTimeoutError, bx.SSLError, bx.ProxyConnectionError)):
+        reason, check = f"cannot reach the endpoint ({type(err).__name__})", \
+            "that AWS_ENDPOINT_URL is right and the S3 server is running and reachable from here"
+    elif isinstance(err, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+        reason, check = "no credentials", "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role"
+    elif isinstance(err, bx.ClientError):
+        code = str(err.response.get("Error", {}).get("Code", "")) or "error"
+        reason = f"{code} ({err.response.get('Error', {}).get('Message') or 'no message'})"
+        if code == "NoSuchBucket":
+            check = f"the bucket name, or create it (`aws s3 mb s3://{bucket}`)"
+        elif code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
+            check = "the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and the bucket's policy"
+        else:
+            check = "the URL and the server's logs"
+    else:
+        return None
+    return StorageError(f"S3 {endpoint}, bucket {bucket}: {what} {url} failed: {reason}; check {check}")
+
+
+@contextlib.contextmanager
+def _s3_errors(url: str, what: str) -> Iterator[None]:
+    """S3 errors inside the block: a missing object -> FileNotFoundError naming ``url``, S3 / network failures ->
+    :class:`StorageError`; anything else unchanged."""
+    try:
+        yield
+    except (StorageError, FileNotFoundError):
+        raise
+    except Exception as err:
+        if _is_missing(err):
+            code = getattr(err, "response", {}).get("Error", {}).get("Code")
+            raise (_not_found(url) if code != "NoSuchBucket" else FileNotFoundError(
+                f"{url}: no such bucket at {endpoint_url() or 'AWS'}; check the bucket name, or create it")) from None
+        mapped = _storage_error(err, url, what)
+        if mapped is None:
+            raise
+        raise mapped from err
 
 
 def _transfer_config():
@@ -153,12 +221,8 @@ class _S3Reader(io.RawIOBase):
         kw = {"Bucket": self.bucket, "Key": self.key}
         if self.pos:
             kw["Range"] = f"bytes={self.pos}-"
-        try:
+        with _s3_errors(self.url, "reading"):
             r = s3_client().get_object(**kw)
-        except Exception as err:
-            if _is_missing(err):
-                raise _not_found(self.url) from None
-            raise
         if self.size is None:
             self.size = int(r.get("ContentLength", 0))
         self.body = r["Body"]
@@ -217,12 +281,11 @@ def exists(url: str | os.PathLike) -> bool:
     if is_s3(u):
         bucket, key = split_s3(u)
         try:
-            s3_client().head_object(Bucket=bucket, Key=key)
+            with _s3_errors(u, "looking up"):
+                s3_client().head_object(Bucket=bucket, Key=key)
             return True
-        except Exception as err:
-            if _is_missing(err):
-                return False
-            raise
+        except FileNotFoundError:
+            return False
     return os.path.exists(_local(u))
 
 
@@ -231,12 +294,8 @@ def size(url: str | os.PathLike) -> int:
     u = str(url)
     if is_s3(u):
         bucket, key = split_s3(u)
-        try:
+        with _s3_errors(u, "looking up"):
             return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
-        except Exception as err:
-            if _is_missing(err):
-                raise _not_found(u) from None
-            raise
     return os.path.getsize(_local(u))
 
 
@@ -252,12 +311,13 @@ def list_files(url_prefix: str | os.PathLike, page_size: int = 1000) -> list[str
         if prefix and not prefix.endswith("/"):
             prefix += "/"
         out: list[str] = []
-        pages = s3_client().get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size})
-        for page in pages:
-            for obj in page.get("Contents", []) or []:
-                if not obj["Key"].endswith("/"):
-                    out.append(f"s3://{bucket}/{obj['Key']}")
+        with _s3_errors(u, "listing"):
+            pages = s3_client().get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size})
+            for page in pages:
+                for obj in page.get("Contents", []) or []:
+                    if not obj["Key"].endswith("/"):
+                        out.append(f"s3://{bucket}/{obj['Key']}")
         return sorted(out)
     root = _local(u)
     if not os.path.isdir(root):
@@ -293,10 +353,11 @@ def write_bytes(url: str | os.PathLike, data: bytes) -> None:
     u = str(url)
     if is_s3(u):
         bucket, key = split_s3(u)
-        if len(data) < MULTIPART_THRESHOLD:
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
-        else:
-            s3_client().upload_fileobj(io.BytesIO(data), bucket, key, Config=_transfer_config())
+        with _s3_errors(u, "writing"):
+            if len(data) < MULTIPART_THRESHOLD:
+                s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+            else:
+                s3_client().upload_fileobj(io.BytesIO(data), bucket, key, Config=_transfer_config())
         return
     with _atomic_local_file(_local(u)) as tmp, open(tmp, "wb") as f:
         f.write(data)
@@ -311,7 +372,8 @@ def upload_file(local_path: str | os.PathLike, url: str | os.PathLike) -> None:
         raise FileNotFoundError(f"{local_path}: no such file to upload")
     if is_s3(u):
         bucket, key = split_s3(u)
-        s3_client().upload_file(str(local_path), bucket, key, Config=_transfer_config())
+        with _s3_errors(u, "uploading"):
+            s3_client().upload_file(str(local_path), bucket, key, Config=_transfer_config())
         return
     with _atomic_local_file(_local(u)) as tmp:
         shutil.copyfile(local_path, tmp)
@@ -323,12 +385,8 @@ def download_file(url: str | os.PathLike, local_path: str | os.PathLike) -> None
     with _atomic_local_file(local_path) as tmp:
         if is_s3(u):
             bucket, key = split_s3(u)
-            try:
+            with _s3_errors(u, "downloading"):
                 s3_client().download_file(bucket, key, tmp, Config=_transfer_config())
-            except Exception as err:
-                if _is_missing(err):
-                    raise _not_found(u) from None
-                raise
         else:
             shutil.copyfile(_local(u), tmp)
 
@@ -338,7 +396,8 @@ def delete(url: str | os.PathLike) -> None:
     u = str(url)
     if is_s3(u):
         bucket, key = split_s3(u)
-        s3_client().delete_object(Bucket=bucket, Key=key)
+        with _s3_errors(u, "deleting"):
+            s3_client().delete_object(Bucket=bucket, Key=key)
         return
     try:
         os.unlink(_local(u))
@@ -368,12 +427,8 @@ def local_copy(url: str | os.PathLike) -> str:
             raise _not_found(u)
         return p
     bucket, key = split_s3(u)
-    try:
+    with _s3_errors(u, "looking up"):
         etag = str(s3_client().head_object(Bucket=bucket, Key=key)["ETag"]).strip('"')
-    except Exception as err:
-        if _is_missing(err):
-            raise _not_found(u) from None
-        raise
     digest = hashlib.sha256(f"{u}\n{etag}".encode()).hexdigest()[:24]
     dest = cache_dir() / "objects" / f"{digest}-{os.path.basename(key) or 'object'}"
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -436,10 +491,8 @@ def ensure_local_dir(path: str | os.PathLike) -> None:
         return
     bucket, _ = split_s3(str(path))
     try:
-        s3_client().head_bucket(Bucket=bucket)
-    except Exception as err:
-        if _is_missing(err):
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
-            raise FileNotFoundError(f"s3://{bucket}: no such bucket at {endpoint}; create it first "
-                                    f"(e.g. `aws s3 mb s3://{bucket}`)") from None
-        raise
+        with _s3_errors(f"s3://{bucket}", "checking the bucket"):
+            s3_client().head_bucket(Bucket=bucket)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"s3://{bucket}: no such bucket at {endpoint_url() or 'AWS'}; create it first "
+                                f"(e.g. `aws s3 mb s3://{bucket}`)") from None

@@ -32,6 +32,8 @@ from typing import Any, Optional, Sequence
 
 from laren.config import PriorRunConfig, RunConfig
 from laren.plan import RunPlan, build_plan, write_plan
+from laren.ray_address import driver_address
+from laren.submit import read_services
 from laren.tracking import check_tracking_auth
 from laren.train.loop import KILL_MARKER_ENV, KILL_RANK_ENV, KILL_STEP_ENV, WorkerContext, check_run_inputs, train_worker
 from laren.train.prior import check_prior_inputs, prior_worker
@@ -303,14 +305,17 @@ def _runs_dir(plan: RunPlan) -> str:
 
 
 def ensure_ray(num_cpus: Optional[int] = None) -> None:
-    """Connect to RAY_ADDRESS when set, else start (or reuse) a local Ray instance."""
+    """Connect to RAY_ADDRESS when set (any form: laren/ray_address.py; a dashboard URL only for the local head),
+    else start (or reuse) a local Ray instance."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        address = driver_address(os.environ["RAY_ADDRESS"], read_services().get("ray"))
+        os.environ["RAY_ADDRESS"] = address  # ray.init and Ray's own tools read it too
+        ray.init(address=address, log_to_driver=True)
     else:
         from laren.services import RayHead
 

@@ -43,8 +43,10 @@ import torch
 from laren import losses as L
 from laren.config import ConfigError, LossConfig, RunConfig
 from laren.cost import usage_metrics
+from laren.data.storage import StorageError
 from laren.models import health
 from laren.plan import check_rules
+from laren.progress import ProgressPrinter, record_attempt, record_failure
 from laren.train import collectives as C
 from laren.train import state as S
 
@@ -105,25 +107,58 @@ def cosine_lr(step: int, period_steps: int, lr: float, min_lr: Optional[float]) 
 
 def check_run_inputs(cfg: RunConfig) -> None:
     """User errors found before any worker starts: missing weights files, data URLs, cross-field rules."""
+    for check in _input_checks(cfg):
+        check()
+    check_rules(cfg)  # elastic sizes, model combination
+
+
+def input_problems(cfg: RunConfig) -> list[str]:
+    """Every missing or mismatched input of ``cfg`` (weights, prior, data sets) as one message each, where
+    :func:`check_run_inputs` stops at the first (`laren validate` reports them as warnings)."""
+    out = []
+    for check in _input_checks(cfg):
+        try:
+            check()
+        except (ConfigError, OSError, ValueError, StorageError) as err:  # FileNotFoundError is an OSError
+            out.append(str(err))
+    return out
+
+
+def _input_checks(cfg: RunConfig) -> list[Callable[[], None]]:
+    """The input checks of ``cfg``, each a call that raises on its problem."""
+    checks: list[Callable[[], None]] = []
     if cfg.loss.perceptual_weight > 0 and not cfg.loss.random_backbone_for_tests:
-        if not cfg.loss.vgg16_path:
-            raise ConfigError(
-                "loss.vgg16_path is not set but loss.perceptual_weight > 0: the perceptual loss needs torchvision's "
-                f"ImageNet VGG16 state dict; download {L.VGG16_URL} and set loss.vgg16_path to the file "
-                "(or set loss.perceptual_weight: 0)."
-            )
-        if not _weights_exist(cfg.loss.vgg16_path):
-            L.load_vgg16(cfg.loss.vgg16_path)  # raises FileNotFoundError naming the file and how to obtain it
-    if cfg.eval.alexnet_path and not _weights_exist(cfg.eval.alexnet_path):
+        checks.append(lambda: _check_vgg16(cfg.loss.vgg16_path))
+    if cfg.eval.alexnet_path:
+        checks.append(lambda: _check_alexnet(cfg.eval.alexnet_path))
+    if not cfg.data.train_url:
+        checks.append(_no_train_url)
+    if cfg.model.prior.path:
+        checks.append(lambda: _check_prior(cfg))
+    checks += [lambda f=f: _check_data(cfg, (f,)) for f in ("train_url", "val_url")]
+    return checks
+
+
+def _no_train_url() -> None:
+    raise ConfigError("data.train_url is empty: set it to a dataset written by `laren data pack`")
+
+
+def _check_vgg16(path: Optional[str]) -> None:
+    if not path:
+        raise ConfigError(
+            "loss.vgg16_path is not set but loss.perceptual_weight > 0: the perceptual loss needs torchvision's "
+            f"ImageNet VGG16 state dict; download {L.VGG16_URL} and set loss.vgg16_path to the file "
+            "(or set loss.perceptual_weight: 0)."
+        )
+    if not _weights_exist(path):
+        L.load_vgg16(path)  # raises FileNotFoundError naming the file and how to obtain it
+
+
+def _check_alexnet(path: str) -> None:
+    if not _weights_exist(path):
         from laren.metrics import _load_alexnet_state
 
-        _load_alexnet_state(cfg.eval.alexnet_path)  # raises FileNotFoundError naming the file and how to obtain it
-    if not cfg.data.train_url:
-        raise ConfigError("data.train_url is empty: set it to a dataset written by `laren data pack`")
-    if cfg.model.prior.path:
-        _check_prior(cfg)
-    _check_data(cfg)
-    check_rules(cfg)  # elastic sizes, model combination
+        _load_alexnet_state(path)  # raises FileNotFoundError naming the file and how to obtain it
 
 
 def _weights_exist(url: str) -> bool:
@@ -153,11 +188,11 @@ def _check_prior(cfg: RunConfig) -> None:
             )
 
 
-def _check_data(cfg: RunConfig) -> None:
+def _check_data(cfg: RunConfig, fields: tuple[str, ...] = ("train_url", "val_url")) -> None:
     """The training (and validation) sets are packed at the job's HR resolution."""
     from laren.data import pack
 
-    for field_name in ("train_url", "val_url"):
+    for field_name in fields:
         url = getattr(cfg.data, field_name)
         if not url:
             continue
@@ -289,6 +324,8 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
         tracker.log_params({**flatten(cfg.to_dict()), "run_id": ctx.run_id or cfg.run_id, "world_size": world})
         tracker.log_config(cfg.to_dict())
     st.mlflow_run_id = getattr(tracker, "run_id", None) or st.mlflow_run_id
+    attempt = record_attempt(tracker, start_step)
+    show = ProgressPrinter(ctx.run_id or cfg.run_id, t_cfg.total_kimg, rank)
 
     lpips = make_lpips(cfg.eval.alexnet_path, cfg.eval.random_backbone_for_tests, dev)
     autocast = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=t_cfg.bf16 and dev.type == "cuda")
@@ -348,6 +385,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
             if metrics:
                 tracker.log_metrics(metrics, step=st.step)
                 last.update(metrics)
+                show(st.kimg, metrics, last)
             if st.step % sched.checkpoint_every == 0 or done:
                 _checkpoint(cfg, ctx, model, disc, optimizers, st, {**last, "step": st.step, "kimg": st.kimg})
                 last_ckpt_step = st.step
@@ -366,6 +404,9 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
                 _register(cfg, tracker, model, {**last, "step": st.step})
         status = "FINISHED"
         return {**last, "step": st.step, "kimg": st.kimg, "mlflow_run_id": st.mlflow_run_id}
+    except Exception as err:
+        record_failure(tracker, attempt, st.step, err)
+        raise
     finally:
         # A failed attempt leaves the MLflow run open: the restarted attempt resumes it (no duplicate run).
         if status == "FINISHED":

@@ -46,6 +46,7 @@ from laren import losses as L
 from laren.augment import diff_augment
 from laren.config import ConfigError, PriorRunConfig
 from laren.models.stylegan2 import Discriminator, Generator
+from laren.progress import ProgressPrinter, record_attempt, record_failure
 from laren.train import collectives as C
 from laren.train.loop import (DataStream, Schedule, WorkerContext, _check_data, _checkpoint, _maybe_kill_for_test, _params,
                               flatten, resume_or_seed)
@@ -273,6 +274,8 @@ def prior_worker(cfg: PriorRunConfig, ctx: WorkerContext) -> dict[str, Any]:
         tracker.log_params({**flatten(cfg.to_dict()), "run_id": ctx.run_id or cfg.run_id, "world_size": world})
         tracker.log_config(cfg.to_dict())
     st.mlflow_run_id = getattr(tracker, "run_id", None) or st.mlflow_run_id
+    attempt = record_attempt(tracker, start_step)
+    show = ProgressPrinter(ctx.run_id or cfg.run_id, t_cfg.total_kimg, rank)
     evaluate = PriorEval(cfg, nets, dev) if rank == 0 else None
 
     batches = DataStream(cfg, rank, world, st)
@@ -316,6 +319,7 @@ def prior_worker(cfg: PriorRunConfig, ctx: WorkerContext) -> dict[str, Any]:
             if metrics:
                 tracker.log_metrics(metrics, step=st.step)
                 last.update(metrics)
+                show(st.kimg, metrics, last)
             if st.step % sched.checkpoint_every == 0 or done:
                 _checkpoint(cfg, ctx, nets, d, optimizers, st, {**last, "step": st.step, "kimg": st.kimg})
                 last_ckpt_step = st.step
@@ -332,6 +336,9 @@ def prior_worker(cfg: PriorRunConfig, ctx: WorkerContext) -> dict[str, Any]:
                 tracker.flush(force=True)
         status = "FINISHED"
         return {**last, "step": st.step, "kimg": st.kimg, "mlflow_run_id": st.mlflow_run_id, "prior": cfg.output_url()}
+    except Exception as err:
+        record_failure(tracker, attempt, st.step, err)
+        raise
     finally:
         if status == "FINISHED":
             tracker.finish(status)

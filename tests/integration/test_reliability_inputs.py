@@ -73,7 +73,7 @@ def test_malformed_job_files(data, project):
 
     d = job_dict(data, project)
     d["model"]["gdm"]["num_nodes"] = "many"  # a wrong type
-    out = fails(["submit", str(write(project / "jobs" / "wrongtype.yaml", d))], project)
+    out = fails(["submit", "--detach", str(write(project / "jobs" / "wrongtype.yaml", d))], project)
     assert "wrongtype.yaml" in out and "model.gdm.num_nodes" in out
 
     d = job_dict(data, project, resources=dict(num_workers=3))  # batch 4 over 3 workers
@@ -84,18 +84,18 @@ def test_malformed_job_files(data, project):
 def test_malformed_sweep_files(data, project):
     write(project / "jobs" / "base.yaml", job_dict(data, project))
     sweep = {"name": "s", "job": "../jobs/base.yaml", "search_space": {"model.gdm.num_nodez": {"grid": [2, 4]}}}
-    out = fails(["sweep", str(write(project / "sweeps" / "typo.yaml", sweep))], project)
+    out = fails(["sweep", "--detach", str(write(project / "sweeps" / "typo.yaml", sweep))], project)
     assert "typo.yaml" in out and "model.gdm.num_nodez" in out
 
     sweep = {"name": "s", "job": "../jobs/base.yaml", "search_space": {"model.gdm.num_nodes": {"grid": [4, "x"]}}}
-    out = fails(["sweep", str(write(project / "sweeps" / "badvalue.yaml", sweep))], project)
+    out = fails(["sweep", "--detach", str(write(project / "sweeps" / "badvalue.yaml", sweep))], project)
     assert "badvalue.yaml" in out and "model.gdm.num_nodes" in out
 
     sweep = {"name": "s", "job": "../jobs/missing.yaml", "search_space": {"model.gdm.num_nodes": {"grid": [2]}}}
-    out = fails(["sweep", str(write(project / "sweeps" / "nojob.yaml", sweep))], project)
+    out = fails(["sweep", "--detach", str(write(project / "sweeps" / "nojob.yaml", sweep))], project)
     assert "nojob.yaml" in out and "missing.yaml" in out and "not found" in out
 
-    out = fails(["sweep", str(write(project / "sweeps" / "broken.yaml", "search_space: {a: [\n"))], project)
+    out = fails(["sweep", "--detach", str(write(project / "sweeps" / "broken.yaml", "search_space: {a: [\n"))], project)
     assert "broken.yaml" in out and "not valid YAML" in out
 
 
@@ -156,7 +156,7 @@ def test_missing_weight_files(data, project):
     d = job_dict(data, project, loss=dict(random_backbone_for_tests=False, vgg16_path=str(vgg)))
     out = fails(["train", str(write(project / "jobs" / "novgg.yaml", d))], project)
     assert str(vgg) in out and "download" in out
-    out = fails(["submit", str(project / "jobs" / "novgg.yaml")], project)  # a local cluster: checked before submitting
+    out = fails(["submit", "--detach", str(project / "jobs" / "novgg.yaml")], project)  # a local cluster: checked before submitting
     assert str(vgg) in out and "download" in out
 
     alex = project / "weights" / "alexnet-owt-7be5be79.pth"

@@ -3,6 +3,8 @@ the CLI follow-up commands, and a failed job that resumes from its checkpoint wh
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 from click.testing import CliRunner
 
@@ -38,6 +40,8 @@ def test_submit_status_logs_finished(ray_head, mlflow_server, tmp_path, data):
     assert out.exit_code == 0 and f"{sub.run_id}: SUCCEEDED" in out.output
     out = r.invoke(main, ["status", str(job), "--address", addr])  # a job file names its run
     assert f"{sub.run_id}: SUCCEEDED" in out.output
+    out = r.invoke(main, ["status", sub.run_id, "--address", ray_head.address])  # the GCS address: Ray tells the URL
+    assert out.exit_code == 0 and f"{sub.run_id}: SUCCEEDED" in out.output, out.output
     out = r.invoke(main, ["logs", "hello", "--address", addr])  # a job name: its latest submission
     assert "hello from True laren" in out.output
     out = r.invoke(main, ["list", "--address", addr])
@@ -94,3 +98,31 @@ def test_failed_job_resumes_when_submitted_again(ray_head, mlflow_server, tmp_pa
     assert sorted(set(steps)) == list(range(1, 9))
     assert all(steps.count(s) == 1 for s in range(1, 5)), steps
     assert runs[run_id].info.status == "FINISHED"
+
+    # `laren status` shows the two attempts and why the first one ended (killed: no error report from it)
+    out = CliRunner().invoke(main, ["status", run_id, "--address", addr, "--tracking-uri", mlflow_server.uri])
+    assert f"{run_id}: SUCCEEDED" in out.output and "progress: kimg 0.032/0.032 (100%)" in out.output, out.output
+    assert "attempts: 2" in out.output and "last failure: attempt 1 ended without an error report" in out.output
+
+
+def test_cli_submit_follows_logs_by_default_and_detach_returns_at_once(ray_head, mlflow_server, tmp_path, data,
+                                                                       monkeypatch):
+    """`laren submit` streams the job's logs until it ends and exits 1 when it FAILED (as `ray job submit`);
+    `--detach` returns once the job is queued."""
+    monkeypatch.chdir(tmp_path)  # the project shipped as working_dir
+    for k, v in job_env(tmp_path, mlflow_server.uri).items():
+        monkeypatch.setenv(k, v)
+    addr = ray_head.dashboard_url
+    script = "import sys, time; time.sleep({s}); print('line from the job'); sys.exit({rc})"
+    monkeypatch.setattr(S, "job_entrypoint", lambda *a, **kw: shlex.join(["python", "-c", script.format(s=0, rc=3)]))
+    out = CliRunner().invoke(main, ["submit", str(tiny_job(tmp_path, "follow", data)), "--address", addr])
+    assert out.exit_code == 1, out.output
+    assert "line from the job" in out.output and out.output.rstrip().endswith(": FAILED")
+
+    monkeypatch.setattr(S, "job_entrypoint", lambda *a, **kw: shlex.join(["python", "-c", script.format(s=5, rc=0)]))
+    job = tiny_job(tmp_path, "detached", data)
+    out = CliRunner().invoke(main, ["submit", str(job), "--address", addr, "--detach"])
+    run_id = load_job(job).run_id
+    assert out.exit_code == 0 and "line from the job" not in out.output, out.output
+    assert S.status(run_id, addr) in ("PENDING", "RUNNING")
+    assert S.wait(run_id, addr, timeout_s=120) == "SUCCEEDED"

@@ -60,11 +60,11 @@ def test_submit_refuses_before_ray(tmp_path, monkeypatch):
     monkeypatch.setattr(sub, "client", no_ray)
     monkeypatch.setattr(sub, "_check_inputs_here", no_ray)
     p = _job(tmp_path, resources={"num_workers": 8, "min_workers": 4})
-    res = CliRunner().invoke(main, ["submit", str(p)])
+    res = CliRunner().invoke(main, ["submit", str(p), "--detach"])
     assert res.exit_code == 2 and "resources.min_workers" in res.output, res.output
     model = {**copy.deepcopy(TINY_MODEL), "latent_space": "s", "noise_source": "cgm"}
     p.write_text(yaml.safe_dump({"name": "t", "model": model}))
-    res = CliRunner().invoke(main, ["submit", str(p)])
+    res = CliRunner().invoke(main, ["submit", str(p), "--detach"])
     assert res.exit_code == 2 and "model.noise_source" in res.output, res.output
 
 

@@ -60,7 +60,7 @@ def test_submit_says_one_line_before_queueing(refusing_server, tmp_path, monkeyp
     monkeypatch.setattr(sub, "client", lambda *a, **kw: pytest.fail("Ray was contacted"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     job = tiny_job(tmp_path, "auth", ("unused-train", "unused-val"))
-    res = CliRunner().invoke(main, ["submit", str(job)])
+    res = CliRunner().invoke(main, ["submit", str(job), "--detach"])
     assert res.exit_code == 2, res.output
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: MLflow at http://laren:***@127.0.0.1") and f"HTTP {status}" in lines[0]
