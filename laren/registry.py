@@ -7,7 +7,7 @@ The model (MLflow artifact ``model/`` of the training run, registered as ``laren
                                    StyleGAN2 generator it renders with; no discriminator, no optimizer state
     artifacts/config.json          the run's resolved config (credentials redacted)
     artifacts/prior.json           the prior's metadata (laren's prior format) and its path; for a random prior, that
-    pyfunc_model.py                MLflow "models from code": imports :class:`LarenPyfunc` from the installed laren
+    pyfunc_model.py                MLflow "models from code": the pyfunc class, importing the rest from the installed laren
 
 No pickle anywhere: MLflow runs ``pyfunc_model.py`` (source, which only imports laren), the weights are safetensors,
 the rest JSON. `laren upscale --model` reads only the weights and the config: it runs no code from the model. The
@@ -31,16 +31,15 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-import mlflow.pyfunc
+import mlflow
 import numpy as np
-import pandas as pd
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import laren
 from laren.config import RunConfig
-from laren.evaluate import load_model_from_checkpoint, to_uint8_hwc
+from laren.evaluate import load_model_from_checkpoint
 from laren.redact import redact
 
 log = logging.getLogger("laren.registry")
@@ -128,27 +127,6 @@ def decode_image(b64: str) -> np.ndarray:
     return np.array(Image.open(io.BytesIO(base64.b64decode(b64, validate=True))).convert("RGB"))  # writable: torch-ready
 
 
-class LarenPyfunc(mlflow.pyfunc.PythonModel):
-    """The pyfunc of a laren SR model: base64 images in, base64 PNGs out (see the module docstring)."""
-
-    def load_context(self, context) -> None:
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.cfg = load_inference_model(context.artifacts["weights"], context.artifacts["config"], self.device)
-
-    @torch.no_grad()
-    def predict(self, context, model_input: pd.DataFrame, params: Optional[dict[str, Any]] = None) -> pd.DataFrame:
-        from laren.upscale import lr_from_array  # laren.upscale imports this module
-
-        if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
-            raise ValueError("input: a DataFrame with a column 'image' of base64-encoded image files")
-        resize = bool((params or {}).get("resize", False))
-        out = []
-        for i, b64 in enumerate(model_input["image"]):
-            lr = lr_from_array(decode_image(b64), self.cfg.model.lr_size, resize, f"image {i}")
-            out.append(encode_png(to_uint8_hwc(self.model(lr.to(self.device)).float()[0])))
-        return pd.DataFrame({"image": out})
-
-
 def signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
@@ -161,6 +139,7 @@ def log_and_register(tracking_uri: str, run_id: str, model: torch.nn.Module, cfg
                      metrics: Mapping[str, float]) -> Any:
     """Log ``model`` as the MLflow model ``model/`` of the run ``run_id`` and register it as ``laren-<job name>``, the
     version tagged with the laren run id, the data sets and the val metrics; returns the ModelVersion."""
+    import mlflow.pyfunc  # function-local: importing it warns (MLflow's own type hints); laren upscale must not
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
