@@ -638,8 +638,14 @@ def test_pack_worker_killed_fails_cleanly(tmp_path):
                           "--resolution", "32", "--workers", "2", "--quiet", "--shard-size-mb", "0.001"],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
     _assert_clean_error(res, r"a worker process died.*'3\.png'.*re-run the same command")
-    m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
-    assert not m["complete"] and m["inputs_done"] <= 3  # the finished shards before it are kept for the resume
+    # The shards finished before it are kept for the resume. How many depends on when the pool notices the death
+    # (it may break before the first result is read, under load): then there is no manifest and no shard at all.
+    manifest = tmp_path / "ds" / "manifest.json"
+    if manifest.exists():
+        m = json.loads(manifest.read_text())
+        assert not m["complete"] and m["inputs_done"] <= 3 and len(m["shards"]) <= 3
+    else:
+        assert not list((tmp_path / "ds").glob("shard-*"))
     assert not list((tmp_path / "ds").glob(".shard-*"))
 
 
