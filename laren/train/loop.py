@@ -335,14 +335,16 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     # The step's losses are summed on the device (float64, as Python floats would be) and read once per log step: no
     # host sync in the step.
     acc = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=dev)
-    acc_n, skipped, t_log, img_log = 0, 0.0, time.perf_counter(), 0
+    acc_n, skipped, t_log, img_log, data_wait = 0, 0.0, time.perf_counter(), 0, 0.0
     t_start, worker_s_before = t_log, st.worker_s
     last: dict[str, float] = {}
     last_ckpt_step = start_step if ctx.resume_dir else -1
     status = "FAILED"
     try:
         while st.step < sched.total_steps:
+            t_wait = time.perf_counter()
             batch = next(batches)
+            data_wait += time.perf_counter() - t_wait
             lr_img, hr_img = batch["lr"].to(dev, non_blocking=True), batch["hr"].to(dev, non_blocking=True)
             skipped = batches.skipped()
             cur_lr = cosine_lr(st.step, sched.cosine_period, o.lr, o.cosine_min_lr)
@@ -365,7 +367,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
             metrics: dict[str, float] = {}
             if st.step % sched.log_every == 0 or done:
                 now = time.perf_counter()
-                counts = torch.tensor([acc_n, img_log, skipped, now - t_start], dtype=torch.float64, device=dev)
+                counts = torch.tensor([acc_n, img_log, skipped, now - t_start, data_wait], dtype=torch.float64, device=dev)
                 sums = C.sum_across(torch.cat([acc, counts]), dev)
                 n = max(sums[len(LOSS_KEYS)], 1.0)
                 dt = now - t_log
@@ -375,13 +377,15 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
                 metrics.update({
                     "train/lr": cur_lr, "train/lr_d": cur_lr_d, "train/kimg": st.kimg,
                     "perf/images_per_s": sums[len(LOSS_KEYS) + 1] / max(dt, 1e-9), "data/skipped": sums[len(LOSS_KEYS) + 2],
+                    # the share of the interval the ranks spent waiting for their next batch (mean over ranks)
+                    "perf/data_wait_share": sums[len(LOSS_KEYS) + 4] / max(world * dt, 1e-9),
                 })
                 if rank == 0:  # cheap: one no-grad encoder + head + CGM pass on two images, and the step's gradients;
                     # logged here, not returned: the run's final metrics are the same on every rank
                     tracker.log_metrics({f"health/{k}": v for k, v in health.step_figures(model, lr_img).items()},
                                         step=st.step)
                 acc.zero_()
-                acc_n, img_log, t_log = 0, 0, time.perf_counter()
+                acc_n, img_log, data_wait, t_log = 0, 0, 0.0, time.perf_counter()
             if st.step % sched.eval_every == 0 or done:
                 metrics.update(_evaluate(cfg, model, lpips, rank, world, dev, tracker, st.step))
             if metrics:
@@ -458,7 +462,7 @@ def train_step(model, disc, vgg, opt_g, opt_d, lr_img: torch.Tensor, hr_img: tor
     opt_g.step()
 
     # -- discriminator step
-    l_d = d_real = d_fake = torch.zeros(())
+    l_d = d_real = d_fake = loss_g.detach().new_zeros(())  # on the training device, as every figure the loop sums
     if use_adv:
         disc.requires_grad_(True)
         with torch.autocast(**autocast):
