@@ -26,6 +26,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from laren.tracking import ui_url
+
 # Colour photographs shipped inside scikit-image (no download).
 DEMO_IMAGES = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "rocket", "retina")
 MIN_CROP_STD = 12.0  # uint8 units: flat crops (sky, black space) would make PSNR infinite and teach nothing
@@ -134,7 +136,7 @@ def _mlflow_metrics(uri: str, experiment: str, run_name: str, tag: str = "") -> 
     if not runs:
         return {}, ""
     r = runs[0]
-    return dict(r.data.metrics), f"{uri.rstrip('/')}/#/experiments/{exp.experiment_id}/runs/{r.info.run_id}"
+    return dict(r.data.metrics), ui_url(uri, f"experiments/{exp.experiment_id}/runs/{r.info.run_id}")
 
 
 def _submit(path: Path, address: str, log):
@@ -215,12 +217,12 @@ def run_demo(root: Optional[Path] = None, num_cpus: Optional[int] = None, log: C
     log(f"| bicubic, all held-out images | {eval_job.name} | {_fmt(em.get('test/psnr_bicubic'))} | - |")
     log(f"| LAREN, all held-out images | {eval_job.name} | {_fmt(em.get('test/psnr'))} | {_fmt(em.get('test/ssim'), 3)} |")
     log("")
-    log(f"MLflow UI:      {uri}")
+    log(f"MLflow UI:      {ui_url(uri, 'experiments')}")
     for p, (_, url) in zip(train_jobs, metrics):
         log(f"  {p.stem + ':':14s}{url or '(not found)'}   (Images: val/samples = LR | bicubic | SR | HR)")
     log(f"  {eval_job.stem + ':':14s}{eurl or '(not found)'}")
     model = f"laren-{load_any(train_jobs[0]).name}"
-    log(f"  {'model:':14s}{uri.rstrip('/')}/#/models/{model} (try `laren upscale --model models:/{model}/latest IMG --out sr`)")
+    log(f"  {'model:':14s}{ui_url(uri, 'models/' + model)} (try `laren upscale --model models:/{model}/latest IMG --out sr`)")
     log(f"Ray dashboard:  {address}")
     log(f"demo finished in {time.monotonic() - t0:.0f} s; `make services-stop` stops the local services")
     return est == "SUCCEEDED"

@@ -438,7 +438,7 @@ def mlflow_url(tracking_uri: str, experiment: str, run_name: str, create: bool =
     try:
         from mlflow.tracking import MlflowClient
 
-        from laren.tracking import RUN_ID_TAG, create_experiment, set_http_env_defaults
+        from laren.tracking import RUN_ID_TAG, create_experiment, set_http_env_defaults, ui_url
 
         set_http_env_defaults()
         c = MlflowClient(tracking_uri)
@@ -452,11 +452,9 @@ def mlflow_url(tracking_uri: str, experiment: str, run_name: str, create: bool =
         runs = c.search_runs([exp_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{run_name}'", max_results=1)
     except Exception:
         return ""
-    base = redact_text(tracking_uri.rstrip("/"))
     if runs:
-        return f"{base}/#/experiments/{exp_id}/runs/{runs[0].info.run_id}"
-    q = urllib.parse.quote(f"attributes.run_name = '{run_name}'")
-    return f"{base}/#/experiments/{exp_id}?searchFilter={q}"
+        return ui_url(tracking_uri, f"experiments/{exp_id}/runs/{runs[0].info.run_id}")
+    return ui_url(tracking_uri, f"experiments/{exp_id}", searchFilter=f"attributes.run_name = '{run_name}'")
 
 
 def _save_logs(c, run_id: str, root: Path) -> Optional[Path]:

@@ -42,6 +42,7 @@ import os
 import re
 import threading
 import time
+import urllib.parse
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,13 @@ def set_http_env_defaults() -> None:
     """Make a down MLflow server fail fast (seconds); user-set variables win. See the module docstring."""
     for k, v in HTTP_ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
+
+
+def ui_url(tracking_uri: str, page: str, **query: str) -> str:
+    """The MLflow UI's ``page`` (e.g. ``experiments/1/runs/<id>``) at ``tracking_uri``, credentials redacted, in the UI's
+    "Model training" view: MLflow 3's UI otherwise opens an experiment in its GenAI view, which hides the runs table."""
+    q = urllib.parse.urlencode({**query, "workflowType": "machine_learning"}, quote_via=urllib.parse.quote)
+    return f"{redact_text(tracking_uri.rstrip('/'))}/#/{page}?{q}"
 
 
 def create_experiment(client, tracking_uri: str, name: str) -> str:

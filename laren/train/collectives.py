@@ -16,7 +16,7 @@ Python run) they do nothing.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Union
 
 import torch
 import torch.distributed as dist
@@ -65,12 +65,12 @@ def broadcast_module(module: torch.nn.Module, device: torch.device) -> None:
             dist.broadcast(_check(t.data, device), src=0)
 
 
-def sum_across(values: list[float], device: torch.device) -> list[float]:
-    """``values`` summed over ranks (unchanged without a process group)."""
-    if not active():
-        return values
-    t = _check(torch.tensor(values, dtype=torch.float64, device=device), device)
-    dist.all_reduce(t)
+def sum_across(values: Union[list[float], torch.Tensor], device: torch.device) -> list[float]:
+    """``values`` (floats, or a float64 vector already on ``device``) summed over ranks, as floats: the one host sync
+    (unchanged values without a process group)."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float64, device=device)
+    if active():
+        dist.all_reduce(_check(t, device))
     return t.tolist()
 
 

@@ -332,15 +332,19 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     model.train()
     disc.train()
     batches = DataStream(cfg, rank, world, st)
-    acc = {k: 0.0 for k in ("loss_g", "loss_pix", "loss_per", "loss_adv", "loss_d", "d_real", "d_fake")}
-    acc_n, skipped, t_log, img_log = 0, 0.0, time.perf_counter(), 0
+    # The step's losses are summed on the device (float64, as Python floats would be) and read once per log step: no
+    # host sync in the step.
+    acc = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=dev)
+    acc_n, skipped, t_log, img_log, data_wait = 0, 0.0, time.perf_counter(), 0, 0.0
     t_start, worker_s_before = t_log, st.worker_s
     last: dict[str, float] = {}
     last_ckpt_step = start_step if ctx.resume_dir else -1
     status = "FAILED"
     try:
         while st.step < sched.total_steps:
+            t_wait = time.perf_counter()
             batch = next(batches)
+            data_wait += time.perf_counter() - t_wait
             lr_img, hr_img = batch["lr"].to(dev, non_blocking=True), batch["hr"].to(dev, non_blocking=True)
             skipped = batches.skipped()
             cur_lr = cosine_lr(st.step, sched.cosine_period, o.lr, o.cosine_min_lr)
@@ -354,8 +358,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
 
             st.step += 1
             st.images_seen = st.step * t_cfg.batch_size_global
-            for k in acc:
-                acc[k] += float(out[k].detach())
+            acc += torch.stack([out[k].detach().double() for k in LOSS_KEYS])
             acc_n += 1
             img_log += lr_img.shape[0]
             _maybe_kill_for_test(st.step, rank)
@@ -364,22 +367,25 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
             metrics: dict[str, float] = {}
             if st.step % sched.log_every == 0 or done:
                 now = time.perf_counter()
-                sums = C.sum_across([acc[k] for k in acc] + [float(acc_n), float(img_log), skipped, now - t_start], dev)
-                n = max(sums[len(acc)], 1.0)
+                counts = torch.tensor([acc_n, img_log, skipped, now - t_start, data_wait], dtype=torch.float64, device=dev)
+                sums = C.sum_across(torch.cat([acc, counts]), dev)
+                n = max(sums[len(LOSS_KEYS)], 1.0)
                 dt = now - t_log
-                st.worker_s = worker_s_before + sums[len(acc) + 3]  # summed over ranks: the same on every rank
+                st.worker_s = worker_s_before + sums[len(LOSS_KEYS) + 3]  # summed over ranks: the same on every rank
                 metrics.update(usage_metrics(st.worker_s, cfg.resources.use_gpu, cfg.resources.hourly_price_usd))
-                metrics.update({f"train/{k}": sums[i] / n for i, k in enumerate(acc)})
+                metrics.update({f"train/{k}": sums[i] / n for i, k in enumerate(LOSS_KEYS)})
                 metrics.update({
                     "train/lr": cur_lr, "train/lr_d": cur_lr_d, "train/kimg": st.kimg,
-                    "perf/images_per_s": sums[len(acc) + 1] / max(dt, 1e-9), "data/skipped": sums[len(acc) + 2],
+                    "perf/images_per_s": sums[len(LOSS_KEYS) + 1] / max(dt, 1e-9), "data/skipped": sums[len(LOSS_KEYS) + 2],
+                    # the share of the interval the ranks spent waiting for their next batch (mean over ranks)
+                    "perf/data_wait_share": sums[len(LOSS_KEYS) + 4] / max(world * dt, 1e-9),
                 })
                 if rank == 0:  # cheap: one no-grad encoder + head + CGM pass on two images, and the step's gradients;
                     # logged here, not returned: the run's final metrics are the same on every rank
                     tracker.log_metrics({f"health/{k}": v for k, v in health.step_figures(model, lr_img).items()},
                                         step=st.step)
-                acc = {k: 0.0 for k in acc}
-                acc_n, img_log, t_log = 0, 0, time.perf_counter()
+                acc.zero_()
+                acc_n, img_log, data_wait, t_log = 0, 0, 0.0, time.perf_counter()
             if st.step % sched.eval_every == 0 or done:
                 metrics.update(_evaluate(cfg, model, lpips, rank, world, dev, tracker, st.step))
             if metrics:
@@ -428,6 +434,8 @@ def _register(cfg: RunConfig, tracker, model, metrics: dict[str, float]) -> None
         log.warning("could not register the model of %s in MLflow: %s: %s", cfg.run_id, type(err).__name__, err)
 
 
+LOSS_KEYS = ("loss_g", "loss_pix", "loss_per", "loss_adv", "loss_d", "d_real", "d_fake")  # train_step's figures, in order
+
 def train_step(model, disc, vgg, opt_g, opt_d, lr_img: torch.Tensor, hr_img: torch.Tensor, loss_cfg: LossConfig,
                autocast: dict[str, Any], world_size: int = 1) -> dict[str, torch.Tensor]:
     """One generator step, then one discriminator step (Eq. 5; see the module docstring), on one batch.
@@ -454,7 +462,7 @@ def train_step(model, disc, vgg, opt_g, opt_d, lr_img: torch.Tensor, hr_img: tor
     opt_g.step()
 
     # -- discriminator step
-    l_d = d_real = d_fake = torch.zeros(())
+    l_d = d_real = d_fake = loss_g.detach().new_zeros(())  # on the training device, as every figure the loop sums
     if use_adv:
         disc.requires_grad_(True)
         with torch.autocast(**autocast):

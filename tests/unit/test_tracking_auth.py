@@ -78,3 +78,11 @@ def test_local_sqlite_store_keeps_artifacts_beside_the_database(tmp_path, monkey
     c = MlflowClient(uri)
     exp = c.get_experiment(create_experiment(c, uri, "x"))
     assert exp.artifact_location == (tmp_path / "store" / "mlflow-artifacts").as_uri()
+
+
+def test_ui_links_open_the_model_training_view_without_credentials():
+    from laren.tracking import ui_url
+
+    url = ui_url("http://user:pw@127.0.0.1:5000/", "experiments/3", searchFilter="attributes.run_name = 'a'")
+    assert url == ("http://user:***@127.0.0.1:5000/#/experiments/3?searchFilter=attributes.run_name%20%3D%20%27a%27"
+                   "&workflowType=machine_learning")

@@ -4,6 +4,7 @@ only with the adversarial term. Tiny sizes: H=32 prior at 32x32, LR 8x8, 4 GDM n
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +89,15 @@ def test_same_seed_same_curve_and_resume_continues_it(dataset, tmp_path):
     b = _run(cfg, "b")
     ca, cb = loss_curve(uri, "tiny", "a"), loss_curve(uri, "tiny", "b")
     assert [s for s, _ in ca] == list(range(1, 11)) and ca == cb  # same seed on CPU -> identical loss curves
+    # ... and the curve recorded before the loop's last refactor (tests/fixtures/README.md)
+    recorded = json.loads((Path(__file__).parents[1] / "fixtures" / "loss_curve_tiny.json").read_text())
+    for key in ("train/loss_g", "train/loss_d", "train/loss_pix", "val/psnr"):
+        got = loss_curve(uri, "tiny", "a", key)
+        assert [s for s, _ in got] == [s for s, _ in recorded[key]], key
+        assert [v for _, v in got] == pytest.approx([v for _, v in recorded[key]], rel=1e-5), key
     assert a["step"] == 10 and a["kimg"] == pytest.approx(0.04)
     assert {"val/psnr", "val/ssim", "val/lpips_alex", "perf/images_per_s", "data/skipped", "train/lr"} <= set(a)
+    assert 0 < a["perf/data_wait_share"] < 1  # the in-process loader decodes PNGs: some, not all, of the time
     assert a["val/images"] == 8
 
     # A new process resuming from the step-5 checkpoint redoes nothing and reproduces steps 6..10 exactly.
