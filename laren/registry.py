@@ -136,7 +136,7 @@ def signature():
 
 
 def log_and_register(tracking_uri: str, run_id: str, model: torch.nn.Module, cfg: RunConfig,
-                     metrics: Mapping[str, float]) -> Any:
+                     metrics: Mapping[str, float], laren_run_id: Optional[str] = None) -> Any:
     """Log ``model`` as the MLflow model ``model/`` of the run ``run_id`` and register it as ``laren-<job name>``, the
     version tagged with the laren run id, the data sets and the val metrics; returns the ModelVersion."""
     import mlflow.pyfunc  # function-local: importing it warns (MLflow's own type hints); laren upscale must not
@@ -160,9 +160,10 @@ def log_and_register(tracking_uri: str, run_id: str, model: torch.nn.Module, cfg
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    tags = {"laren.run_id": cfg.run_id, "mlflow_run_id": run_id, "data.train": cfg.data.train_url,
+    laren_run_id = laren_run_id or cfg.run_id  # the run's id as its plan names it (a worker's copy of paths may differ)
+    tags = {"laren.run_id": laren_run_id, "mlflow_run_id": run_id, "data.train": cfg.data.train_url,
             "data.val": cfg.data.val_url or cfg.data.train_url}
     tags.update({k: f"{v:.6g}" for k, v in metrics.items() if k.startswith("val/") and isinstance(v, (int, float))})
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ARTIFACT_PATH}"
     return client.create_model_version(name, source, run_id=run_id, tags=redact(tags),
-                                       description=f"{cfg.run_id}, step {metrics.get('step', '?')}")
+                                       description=f"{laren_run_id}, step {metrics.get('step', '?')}")

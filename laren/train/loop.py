@@ -407,7 +407,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
                 # attempt now, while it exists (the checkpoint also stays in the run's storage).
                 tracker.flush(force=True)
             if cfg.tracking.register_model:
-                _register(cfg, tracker, model, {**last, "step": st.step})
+                _register(cfg, ctx.run_id or cfg.run_id, tracker, model, {**last, "step": st.step})
         status = "FINISHED"
         return {**last, "step": st.step, "kimg": st.kimg, "mlflow_run_id": st.mlflow_run_id}
     except Exception as err:
@@ -419,19 +419,19 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
             tracker.finish(status)
 
 
-def _register(cfg: RunConfig, tracker, model, metrics: dict[str, float]) -> None:
+def _register(cfg: RunConfig, run_id: str, tracker, model, metrics: dict[str, float]) -> None:
     """Rank 0, end of the run: the inference model into MLflow's registry (laren/registry.py). Like every tracking
     call, a failure is a warning: the run and its checkpoints are complete."""
     if not tracker.flush() or getattr(tracker, "run_id", None) is None:
-        log.warning("MLflow unreachable: the model of %s is not registered (its checkpoints are in storage)", cfg.run_id)
+        log.warning("MLflow unreachable: the model of %s is not registered (its checkpoints are in storage)", run_id)
         return
     try:
         from laren.registry import log_and_register  # mlflow.pyfunc: imported only by the run's last step
 
-        mv = log_and_register(tracker.tracking_uri, tracker.run_id, model, cfg, metrics)
+        mv = log_and_register(tracker.tracking_uri, tracker.run_id, model, cfg, metrics, laren_run_id=run_id)
         log.info("registered the model as %s version %s", mv.name, mv.version)
     except Exception as err:  # noqa: BLE001 - see the docstring
-        log.warning("could not register the model of %s in MLflow: %s: %s", cfg.run_id, type(err).__name__, err)
+        log.warning("could not register the model of %s in MLflow: %s: %s", run_id, type(err).__name__, err)
 
 
 LOSS_KEYS = ("loss_g", "loss_pix", "loss_per", "loss_adv", "loss_d", "d_real", "d_fake")  # train_step's figures, in order
