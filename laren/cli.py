@@ -40,7 +40,9 @@ def _user_error(err: BaseException) -> bool:
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error instead of its one-line message.")
 def main(debug: bool) -> None:
     """laren: large-factor GAN-prior super-resolution (LAREN): data, training, sweeps, jobs."""
-    laren.data.S3_FAIL_FAST = True  # a wrong S3 endpoint: one line in seconds, not minutes of retries
+    # A person at a terminal: a wrong S3 endpoint is one line in seconds, not minutes of retries. The command of a
+    # submitted job (LAREN_JOB, set by `laren submit`) keeps the long-job budget: a brief outage must not fail it.
+    laren.data.S3_FAIL_FAST = os.environ.get("LAREN_JOB") != "1"
 
 
 @main.group()

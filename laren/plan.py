@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from laren.config import ConfigError, PriorRunConfig, RunConfig
 from laren.data import storage
@@ -121,6 +121,14 @@ def resolve_prior(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"model": model})
 
 
+def input_urls(cfg: Union[RunConfig, PriorRunConfig]) -> dict[str, str]:
+    """Every input a run reads, as ``dotted field -> path or URL`` (unset ones left out)."""
+    fields = (("data.train_url", cfg.data.train_url), ("data.val_url", cfg.data.val_url),
+              ("model.prior.path", cfg.model.prior.path), ("loss.vgg16_path", cfg.loss.vgg16_path),
+              ("eval.alexnet_path", cfg.eval.alexnet_path))
+    return {k: v for k, v in fields if v}
+
+
 def build_plan(cfg: RunConfig, run_id: Optional[str] = None, run_dir: Optional[str] = None) -> RunPlan:
     """The plan of ``cfg`` (rules checked, paths absolute, prior architecture from its metadata)."""
     from laren.train.distributed import resolve_paths, runs_root  # function-local: it imports this module (via loop)
@@ -128,9 +136,7 @@ def build_plan(cfg: RunConfig, run_id: Optional[str] = None, run_dir: Optional[s
     check_rules(cfg)
     run_id = run_id or cfg.run_id  # == rcfg.run_id (RunConfig.config_hash)
     rcfg = resolve_prior(resolve_paths(cfg))
-    inputs = {k: v for k, v in (("data.train_url", rcfg.data.train_url), ("data.val_url", rcfg.data.val_url),
-                                ("model.prior.path", rcfg.model.prior.path), ("loss.vgg16_path", rcfg.loss.vgg16_path),
-                                ("eval.alexnet_path", rcfg.eval.alexnet_path)) if v}
+    inputs = input_urls(rcfg)
     return RunPlan(run_id=run_id, config=rcfg.to_dict(), kind="prior" if isinstance(cfg, PriorRunConfig) else "train",
                    inputs=inputs, resources=rcfg.resources.model_dump(mode="json"),
                    run_dir=run_dir or storage.join(runs_root(rcfg), run_id),

@@ -33,7 +33,7 @@ from typing import Any, Iterator, Optional, Union
 from laren.config import ConfigError, RunConfig, project_root  # noqa: F401 - project_root: laren.submit's API
 from laren.data.storage import StorageError
 from laren.models import health
-from laren.plan import RunPlan, check_rules, plan_url, write_plan
+from laren.plan import RunPlan, check_rules, input_urls, plan_url, write_plan
 from laren.ray_address import jobs_api_url
 from laren.redact import is_secret_key, redact_text
 from laren.specs import JobSpec, LoadedSweep, load_any
@@ -418,6 +418,7 @@ def _job_env(root: Path, extra: Optional[dict[str, str]] = None) -> dict[str, st
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         env["MLFLOW_TRACKING_URI"] = f"sqlite:///{(root / uri[len('sqlite:///'):]).resolve()}"
     env["PYTHONUNBUFFERED"] = "1"
+    env["LAREN_JOB"] = "1"  # the laren command of a job: the long-job S3 retry budget from its first call (laren/cli.py)
     return env
 
 
@@ -602,15 +603,16 @@ def _job_plan(spec: Spec, local: bool) -> Optional[RunPlan]:
     """A train or prior job's run plan (laren/plan.py), built now, before anything is queued, and written to the run's
     storage folder just before the job is; the job runs it (`laren run-plan URL`) instead of re-reading the YAML. None
     for other kinds, and for a remote cluster whose runs would live in a local folder of this machine, which it cannot
-    read (the job then plans the run there, from the same file)."""
+    read, or whose inputs include local paths, which name files of its own copy of the project (the job then plans the
+    run there, from the same file)."""
     from laren.train.distributed import plan_run, runs_root  # function-local: imports torch and the training loop
 
     kind = spec_kind(spec)
     if kind not in ("train", "prior"):
         return None
     cfg = spec.prior_config() if kind == "prior" else spec.run_config()
-    if not local and "://" not in runs_root(cfg):
-        return None
+    if not local and ("://" not in runs_root(cfg) or any("://" not in v for v in input_urls(cfg).values())):
+        return None  # local paths mean the cluster's copy of the project there: the job plans the run on the cluster
     return plan_run(cfg)
 
 

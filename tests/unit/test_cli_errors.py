@@ -69,3 +69,19 @@ def test_quick_budget_only_until_the_endpoint_answers(monkeypatch):
     monkeypatch.setattr(laren.data, "S3_FAIL_FAST", False)
     storage._reached.clear()
     assert storage.s3_client() is patient  # jobs (no CLI) always get the patient budget
+
+
+def test_a_submitted_jobs_command_keeps_the_long_s3_budget(tmp_path, monkeypatch):
+    """`laren submit` marks the job's environment; its laren command then does not fail fast on S3 (a brief outage at
+    the job's start must not fail it), while a person's command does."""
+    import laren.data
+    from click.testing import CliRunner
+
+    from laren import submit as S
+    from laren.cli import main
+
+    assert S._job_env(tmp_path)["LAREN_JOB"] == "1"
+    for env, fail_fast in (({"LAREN_JOB": "1"}, False), ({"LAREN_JOB": ""}, True)):
+        monkeypatch.setattr(laren.data, "S3_FAIL_FAST", not fail_fast)
+        CliRunner().invoke(main, ["services", "url", "mlflow"], env=env)
+        assert laren.data.S3_FAIL_FAST is fail_fast

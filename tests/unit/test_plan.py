@@ -163,6 +163,10 @@ def test_submit_ships_the_plan_of_train_and_prior_jobs(tmp_path, monkeypatch):
     assert plan.run_dir == str(tmp_path / "st" / "runs" / spec.run_id) and plan.run_id == spec.run_id
     assert plan.config["data"]["train_url"] == str(tmp_path / ".laren/storage/datasets/x")
     assert S._job_plan(spec, local=False) is None  # a local storage folder: not for a remote cluster
+    # s3:// storage, but a local data path: on a remote cluster it names the cluster's copy of the project, so the
+    # job plans the run there (a plan built here would carry this machine's absolute path)
+    monkeypatch.setenv("LAREN_STORAGE", "s3://bucket/laren")
+    assert S._job_plan(load_job(p), local=False) is None
     assert shlex.split(S.job_entrypoint("train", "jobs/t.yaml", None, "/a b/plan.json")) == [
         "python", "-m", "laren.cli", "run-plan", "/a b/plan.json"]
     assert shlex.split(S.job_entrypoint("prior", "jobs/p.yaml")) == ["python", "-m", "laren.cli", "prior", "train", "jobs/p.yaml"]
