@@ -367,7 +367,8 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
             metrics: dict[str, float] = {}
             if st.step % sched.log_every == 0 or done:
                 now = time.perf_counter()
-                counts = torch.tensor([acc_n, img_log, skipped, now - t_start, data_wait], dtype=torch.float64, device=dev)
+                counts = torch.tensor([acc_n, img_log, skipped, now - t_start, data_wait, now - t_log],
+                                      dtype=torch.float64, device=dev)
                 sums = C.sum_across(torch.cat([acc, counts]), dev)
                 n = max(sums[len(LOSS_KEYS)], 1.0)
                 dt = now - t_log
@@ -377,8 +378,9 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
                 metrics.update({
                     "train/lr": cur_lr, "train/lr_d": cur_lr_d, "train/kimg": st.kimg,
                     "perf/images_per_s": sums[len(LOSS_KEYS) + 1] / max(dt, 1e-9), "data/skipped": sums[len(LOSS_KEYS) + 2],
-                    # the share of the interval the ranks spent waiting for their next batch (mean over ranks)
-                    "perf/data_wait_share": sums[len(LOSS_KEYS) + 4] / max(world * dt, 1e-9),
+                    # the share of the interval the ranks spent waiting for their next batch (over all ranks: the
+                    # same value on every rank)
+                    "perf/data_wait_share": sums[len(LOSS_KEYS) + 4] / max(sums[len(LOSS_KEYS) + 5], 1e-9),
                 })
                 if rank == 0:  # cheap: one no-grad encoder + head + CGM pass on two images, and the step's gradients;
                     # logged here, not returned: the run's final metrics are the same on every rank
