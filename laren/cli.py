@@ -170,9 +170,16 @@ def _train_job(job: str, kind: str, command: str, storage_path, run_id, address=
     if spec.kind != kind:
         raise click.UsageError(f"{job}: kind is {spec.kind!r}; `{command}` runs kind: {kind} jobs")
     cfg = spec.prior_config() if kind == "prior" else spec.run_config()
+    saved = os.environ.get("RAY_ADDRESS")
     if address:  # any form: ensure_ray converts it (laren/ray_address.py) once the job's inputs are checked
         os.environ["RAY_ADDRESS"] = address
-    out = run_training(cfg, run_id=run_id, storage_path=storage_path)
+    try:
+        out = run_training(cfg, run_id=run_id, storage_path=storage_path)
+    finally:  # this process's environment as it was (the command may run inside another program)
+        if saved is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = saved
     click.echo(json.dumps(out, indent=1, default=str))
 
 

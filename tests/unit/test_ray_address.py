@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from laren.config import ConfigError
@@ -41,6 +43,7 @@ def test_train_refuses_a_remote_dashboard_url_in_one_line(tmp_path, monkeypatch)
     from tests.integration._tiny_jobs import TINY_MODEL
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     (tmp_path / "raw").mkdir()
     Image.new("RGB", (32, 32)).save(tmp_path / "raw" / "a.png")
     pack(str(tmp_path / "raw"), str(tmp_path / "ds"), "d", 32, progress=False)
@@ -55,3 +58,4 @@ def test_train_refuses_a_remote_dashboard_url_in_one_line(tmp_path, monkeypatch)
     assert res.exit_code == 2 and res.output.startswith("error: RAY_ADDRESS / --address http://10.9.9.9:8265 is a "
                                                         "dashboard URL"), res.output
     assert len(res.output.strip().splitlines()) == 1
+    assert "RAY_ADDRESS" not in os.environ  # the command leaves the process's environment as it found it
