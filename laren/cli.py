@@ -139,10 +139,13 @@ def prior_import(src: str, dest: str) -> None:
     click.echo(f"wrote {st_url} (sha256 {meta.sha256}) and {json_url}")
 
 
-def _driver_address_opt(f):
-    return click.option("--address", default=None, envvar="RAY_ADDRESS",
-                        help="Ray cluster to drive (env RAY_ADDRESS): GCS address host:6379, ray://host:10001, or the "
-                             "local head's dashboard URL.")(f)
+def _address_option(help_text: str):
+    """``--address`` (env RAY_ADDRESS), in any of Ray's forms (laren/ray_address.py)."""
+    return click.option("--address", default=None, envvar="RAY_ADDRESS", help=help_text)
+
+
+_driver_address_opt = _address_option(
+    "Ray cluster to drive (env RAY_ADDRESS): GCS address host:6379, ray://host:10001, or the local head's dashboard URL.")
 
 
 @prior.command("train")
@@ -390,10 +393,9 @@ def upscale_cmd(checkpoint_url, model_uri, images, out_dir, resize, overwrite) -
 # ==== section: jobs (validate / submit / status / logs / stop / list / sweep) ====
 
 
-def _address_opt(f):
-    return click.option("--address", default=None, envvar="RAY_ADDRESS",
-                        help="Ray cluster (env RAY_ADDRESS): dashboard URL http://host:8265, GCS address host:6379 or "
-                             "ray://host:10001 (default: the local head in .laren/services.json).")(f)
+_address_opt = _address_option(
+    "Ray cluster (env RAY_ADDRESS): dashboard URL http://host:8265, GCS address host:6379 or ray://host:10001 "
+    "(default: the local head in .laren/services.json).")
 
 
 @main.command("validate")
