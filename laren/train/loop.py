@@ -10,10 +10,11 @@ so it ends at about half the initial rate), so a resumed run continues the same 
 
 Distribution: the caller gives a :class:`WorkerContext` (rank, world size, device, a ``report`` barrier and the
 checkpoint to resume from). Under Ray Train, ``torch.distributed`` is already initialised (every world size, 1
-included); every collective goes through :mod:`laren.train.collectives` with its tensors on the step's device. The loop
-averages gradients with one coalesced all-reduce per module after each backward (as StyleGAN2-ADA does), so that D
-can be used frozen in the generator step without DDP's unused-parameter bookkeeping. Every rank makes the same
-collective calls in the same order; MLflow and sample grids happen on rank 0 only (architecture rule 4).
+included). The step calls the SR model and D through torch DDP wrappers (:func:`step_modules`): gradients are
+averaged by DDP's bucketed all-reduce, overlapped with the backward pass; the frozen generator's parameters need no
+gradient and so stay outside DDP's buckets. Every other collective goes through :mod:`laren.train.collectives` with its
+tensors on the step's device. Every rank makes the same collective calls in the same order; MLflow and sample grids
+happen on rank 0 only (architecture rule 4).
 
 Time is counted in images: ``images_seen = step · batch_size_global``; kimg = images_seen / 1000 (rule 9). Metric
 names: ``train/loss_*``, ``train/lr``, ``perf/images_per_s``, ``data/skipped``, ``val/psnr`` … (rule 10). At every
@@ -39,6 +40,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from laren import losses as L
 from laren.config import ConfigError, LossConfig, RunConfig
@@ -331,6 +333,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     autocast = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=t_cfg.bf16 and dev.type == "cuda")
     model.train()
     disc.train()
+    fwd_g, fwd_d = step_modules(model, disc, dev, t_cfg.compile)
     batches = DataStream(cfg, rank, world, st)
     # The step's losses are summed on the device (float64, as Python floats would be) and read once per log step: no
     # host sync in the step.
@@ -354,7 +357,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
             for g in opt_d.param_groups:
                 g["lr"] = cur_lr_d
 
-            out = train_step(model, disc, vgg, opt_g, opt_d, lr_img, hr_img, cfg.loss, autocast, world)
+            out = train_step(fwd_g, fwd_d, vgg, opt_g, opt_d, lr_img, hr_img, cfg.loss, autocast)
 
             st.step += 1
             st.images_seen = st.step * t_cfg.batch_size_global
@@ -438,41 +441,73 @@ def _register(cfg: RunConfig, run_id: str, tracker, model, metrics: dict[str, fl
 
 LOSS_KEYS = ("loss_g", "loss_pix", "loss_per", "loss_adv", "loss_d", "d_real", "d_fake")  # train_step's figures, in order
 
+GradSync = Callable[[list[torch.nn.Parameter]], None]
+
+
+def step_modules(model: torch.nn.Module, disc: torch.nn.Module, device: torch.device, compile_: bool = False,
+                 compile_backend: str = "inductor") -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The SR model and D as :func:`train_step` calls them: DDP wrappers when a process group exists (bucketed
+    gradient all-reduce that overlaps the backward pass; parameters that need no gradient, the frozen generator's,
+    are left out of its buckets), then ``torch.compile`` when asked. Optimizers, checkpoints, evaluation and health
+    figures keep using the plain modules, whose parameters the wrappers share."""
+    fwd_g, fwd_d = model, disc
+    if C.active():
+        ids = [device] if device.type == "cuda" else None
+        # No broadcast at construction or per forward: the ranks start equal (broadcast at set-up) and no buffer
+        # changes in training. Gradients live in DDP's buckets (no second fp32 copy of them).
+        kw = dict(device_ids=ids, init_sync=False, forward_sync_buffers=False, gradient_as_bucket_view=True)
+        fwd_g, fwd_d = DDP(model, **kw), DDP(disc, **kw)
+    if compile_:
+        fwd_g, fwd_d = torch.compile(fwd_g, backend=compile_backend), torch.compile(fwd_d, backend=compile_backend)
+    return fwd_g, fwd_d
+
+
 def train_step(model, disc, vgg, opt_g, opt_d, lr_img: torch.Tensor, hr_img: torch.Tensor, loss_cfg: LossConfig,
-               autocast: dict[str, Any], world_size: int = 1) -> dict[str, torch.Tensor]:
+               autocast: dict[str, Any], average_grads: Optional[GradSync] = None) -> dict[str, torch.Tensor]:
     """One generator step, then one discriminator step (Eq. 5; see the module docstring), on one batch.
 
-    ``model`` and ``disc`` may be ``torch.compile`` wrappers of the modules the optimizers hold; ``vgg`` is None when
-    ``loss_cfg.perceptual_weight`` is 0; ``autocast`` holds the keyword arguments of ``torch.autocast``. When a process
-    group exists the gradients are averaged over ranks after each backward (``world_size`` is kept for callers). Returns the scalar tensors
-    ``loss_g``, ``loss_pix``, ``loss_per``, ``loss_adv``, ``loss_d``, ``d_real``, ``d_fake`` (D terms are 0 when
-    ``loss_cfg.adversarial_weight`` is 0: D is then not trained).
+    ``model`` and ``disc`` are the modules as :func:`step_modules` gives them (DDP and/or ``torch.compile`` wrappers
+    of the modules the optimizers hold, or those modules). ``average_grads``: called with each optimizer's
+    parameters after its backward, for modules not wrapped in DDP (the hand-written all-reduce that DDP replaced,
+    kept as the reference of the equivalence test and the benchmark). ``vgg`` is None when
+    ``loss_cfg.perceptual_weight`` is 0; ``autocast`` holds the keyword arguments of ``torch.autocast``.
+
+    D sees each fake image once: its logits on ``sr`` give the generator's adversarial term and, with the graph
+    kept, the fake term of D's loss. That is the same value D's step would compute again on ``sr.detach()`` (D has
+    not been updated yet and ``sr`` is the batch's SR image), so the maths is the two-pass step's. The backward
+    passes are restricted to each optimizer's parameters (``inputs=``): the generator loss gives D no gradient, and
+    D's loss none to the generator.
+
+    Returns the scalar tensors ``loss_g``, ``loss_pix``, ``loss_per``, ``loss_adv``, ``loss_d``, ``d_real``,
+    ``d_fake`` (D terms are 0 when ``loss_cfg.adversarial_weight`` is 0: D is then not trained).
     """
     use_adv = loss_cfg.adversarial_weight > 0
-    # -- generator step (D frozen: its parameters get no gradient here)
-    disc.requires_grad_(False)
+    g_params, d_params = _params(opt_g), _params(opt_d)
+    # -- generator step
     with torch.autocast(**autocast):
         sr = model(lr_img)
         l_pix = L.pixel_loss(sr.float(), hr_img)
         l_per = L.perceptual_loss(vgg, sr, hr_img) if vgg is not None else sr.new_zeros(())
-        l_adv = L.g_adversarial_loss(disc(sr), loss_cfg.adversarial) if use_adv else sr.new_zeros(())
+        logit_fake = disc(sr) if use_adv else None
+        l_adv = L.g_adversarial_loss(logit_fake, loss_cfg.adversarial) if use_adv else sr.new_zeros(())
         loss_g = (loss_cfg.pixel_weight * l_pix + loss_cfg.perceptual_weight * l_per.float()
                   + loss_cfg.adversarial_weight * l_adv.float())
     opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    C.allreduce_mean_grads(_params(opt_g), lr_img.device)
+    loss_g.backward(inputs=g_params, retain_graph=use_adv)  # D's graph on the fake is used again below
+    if average_grads is not None:
+        average_grads(g_params)
     opt_g.step()
 
     # -- discriminator step
     l_d = d_real = d_fake = loss_g.detach().new_zeros(())  # on the training device, as every figure the loop sums
     if use_adv:
-        disc.requires_grad_(True)
         with torch.autocast(**autocast):
-            logit_real, logit_fake = disc(hr_img), disc(sr.detach())
+            logit_real = disc(hr_img)
             l_d = L.d_loss(logit_real.float(), logit_fake.float())
         opt_d.zero_grad(set_to_none=True)
-        l_d.backward()
-        C.allreduce_mean_grads(_params(opt_d), lr_img.device)
+        l_d.backward(inputs=d_params)
+        if average_grads is not None:
+            average_grads(d_params)
         opt_d.step()
         d_real, d_fake = logit_real.detach().float().mean(), logit_fake.detach().float().mean()
     return {"loss_g": loss_g, "loss_pix": l_pix, "loss_per": l_per, "loss_adv": l_adv,
