@@ -8,7 +8,8 @@
     .venv/bin/python benchmarks/ddp_step.py [--steps 6] [--batch 4]
 
 Model: benchmarks/model_step.py's TINY LAREN (64 px prior, 16x), random VGG16, adversarial term on. Figure: median
-seconds per step on rank 0 after 2 warm-up steps (ranks start each step together). ``measure()`` returns them for
+seconds per step on rank 0 after 2 warm-up steps (ranks start each step together; the three take turns step by
+step, so that a change of load on the machine hits all three alike). ``measure()`` returns them for
 benchmarks/run_all.py. On 2 CPU cores the all-reduce is cheap and there is little to overlap: the ddp/manual ratio
 here is a check that DDP costs nothing; the overlap pays with NCCL on GPUs, where 290 MB of fp32 gradients per 64x
 face step would otherwise be sent after the backward pass.
@@ -74,7 +75,7 @@ def _worker(rank: int, world: int, port: int, steps: int, batch: int, out: str) 
     g = torch.Generator().manual_seed(rank)
     lr = torch.rand(batch, 3, mcfg.lr_size, mcfg.lr_size, generator=g) * 2 - 1
     hr = torch.rand(batch, 3, mcfg.prior.resolution, mcfg.prior.resolution, generator=g) * 2 - 1
-    times: dict[str, float] = {}
+    steps_of = {}
     for mode in MODES:
         torch.manual_seed(0)
         model, disc = build_model(mcfg, device="cpu").train(), build_discriminator(mcfg).train()
@@ -83,17 +84,20 @@ def _worker(rank: int, world: int, port: int, steps: int, batch: int, out: str) 
         opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4)
         fwd_g, fwd_d = step_modules(model, disc, cpu) if mode == "ddp" else (model, disc)
         sync = (lambda ps: C.allreduce_mean_grads(ps, cpu)) if mode == "manual" else None
-        per = []
-        for i in range(steps + 2):
+        if mode == "before":
+            steps_of[mode] = lambda m=model, d=disc, v=vgg, og=opt_g, od=opt_d: _before_step(m, d, v, og, od, lr, hr, loss)
+        else:
+            steps_of[mode] = lambda fg=fwd_g, fd=fwd_d, v=vgg, og=opt_g, od=opt_d, s=sync: train_step(
+                fg, fd, v, og, od, lr, hr, loss, dict(device_type="cpu", enabled=False), s)
+    per: dict[str, list[float]] = {m: [] for m in MODES}
+    for i in range(steps + 2):  # the modes take turns, step by step: a change of load on the machine hits all three
+        for mode in MODES:
             dist.barrier()
             t0 = time.perf_counter()
-            if mode == "before":
-                _before_step(model, disc, vgg, opt_g, opt_d, lr, hr, loss)
-            else:
-                train_step(fwd_g, fwd_d, vgg, opt_g, opt_d, lr, hr, loss, dict(device_type="cpu", enabled=False), sync)
+            steps_of[mode]()
             if i >= 2:
-                per.append(time.perf_counter() - t0)
-        times[mode] = statistics.median(per)
+                per[mode].append(time.perf_counter() - t0)
+    times = {m: statistics.median(v) for m, v in per.items()}
     if rank == 0:
         torch.save(times, out)
     dist.destroy_process_group()
