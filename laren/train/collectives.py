@@ -6,10 +6,12 @@ every tensor handed to a collective here is made on (or already lives on) ``devi
 included, so that a one-GPU run exercises the same calls as an eight-GPU one; without a process group (a plain
 Python run) they do nothing.
 
-    allreduce_mean_grads(params, device)   one flat all-reduce, divided by the world size (StyleGAN2-ADA style)
+    allreduce_mean_grads(params, device)   one flat all-reduce, divided by the world size (the prior's GAN training;
+                                           the SR step's modules are in DDP)
     mean_across(tensor, device)            a tensor averaged over ranks, on the device (no host sync)
     broadcast_module(module, device)       rank 0's parameters and buffers to every rank
     sum_across(values, device)             a float64 vector summed over ranks (log and eval steps: a host sync)
+    barrier(device)                        every rank waits for the others (resume: after a node's download)
     gather_objects(obj, device)            one picklable object per rank (RNG states at checkpoints)
     broadcast_object(obj, device)          rank 0's picklable object to every rank (the resume choice)
 """
@@ -72,6 +74,12 @@ def sum_across(values: Union[list[float], torch.Tensor], device: torch.device) -
     if active():
         dist.all_reduce(_check(t, device))
     return t.tolist()
+
+
+def barrier(device: torch.device) -> None:
+    """Wait for every rank: an all-reduce of one element on ``device`` (NCCL-safe; nothing without a process group)."""
+    if active():
+        dist.all_reduce(torch.zeros(1, device=device))
 
 
 def gather_objects(obj: Any, device: torch.device) -> list[Any]:

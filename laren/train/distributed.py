@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -139,8 +140,8 @@ def _checkpoint_names(run_dir: Optional[str]) -> list[str]:
     return sorted(names, reverse=True)
 
 
-def _resume_copy(ck, run_dir: Optional[str], only: Optional[str] = None) -> tuple[Optional[str], Optional[str]]:
-    """(local copy, name) of the newest *complete* checkpoint of the run, or (None, None) when it has none.
+def _resume_copy(ck, run_dir: Optional[str], dest: str, only: Optional[str] = None) -> Optional[str]:
+    """The name of the newest *complete* checkpoint of the run, copied into ``dest``, or None when it has none.
 
     Candidates are Ray's checkpoint ``ck`` (may be None) and every ``checkpoint_*`` under ``run_dir``, tried newest
     first; a corrupt or incomplete one (a truncated upload, a damaged object) is skipped for the next older one.
@@ -156,30 +157,29 @@ def _resume_copy(ck, run_dir: Optional[str], only: Optional[str] = None) -> tupl
     ray_name = Path(ck.path).name if ck is not None else None
     names = [only] if only else sorted(set(_checkpoint_names(run_dir)) | ({ray_name} if ray_name else set()), reverse=True)
     if not names:
-        return None, None
-    tmp = tempfile.mkdtemp(prefix="laren-resume-")
+        return None
     for name in names:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.makedirs(dest)
         if name == ray_name:
-            def fetch(dest: str) -> None:
-                with ck.as_directory() as d:  # may be a transient download: copy what the loop needs
-                    shutil.copytree(d, dest, dirs_exist_ok=True)
+            def fetch(d: str) -> None:
+                with ck.as_directory() as src:  # may be a transient download: copy what the loop needs
+                    shutil.copytree(src, d, dirs_exist_ok=True)
         else:
             url = storage.join(run_dir.rstrip("/"), name)
 
-            def fetch(dest: str, url: str = url) -> None:
+            def fetch(d: str, url: str = url) -> None:
                 for f in (S.WEIGHTS_FILE, S.OPTIM_FILE, S.STATE_FILE):
-                    storage.download_file(storage.join(url, f), os.path.join(dest, f))
+                    storage.download_file(storage.join(url, f), os.path.join(d, f))
 
-        if _complete_copy(fetch, tmp):
+        if _complete_copy(fetch, dest):
             if name != names[0]:
                 log.warning("checkpoint %s of the run is unusable; resuming from the previous one, %s", names[0], name)
             if ray_name != name and (ray_name is None or name > ray_name):
                 log.warning("resuming from %s under %s: Ray Train handed over %s (the report of a newer checkpoint was "
                             "lost when the previous attempt ended)", name, run_dir, ray_name or "no checkpoint")
-            return tmp, name
-    shutil.rmtree(tmp, ignore_errors=True)
+            return name
+    shutil.rmtree(dest, ignore_errors=True)
     if only:
         raise S.CheckpointError(f"checkpoint {only} under {run_dir} (chosen to resume from by rank 0) is incomplete "
                                 "or corrupt on this worker; check that every node reads the same storage")
@@ -189,26 +189,36 @@ def _resume_copy(ck, run_dir: Optional[str], only: Optional[str] = None) -> tupl
     )
 
 
-def _agreed_resume_copy(ck, run_dir: Optional[str], rank: int, device) -> Optional[str]:
-    """:func:`_resume_copy` on rank 0, whose choice (or error) every other rank follows, so that all ranks resume from
-    the same checkpoint (or all start fresh, or all fail) even if storage changes or a download fails on one."""
+def _agreed_resume_copy(ck, run_dir: Optional[str], rank: int, local_rank: int, device) -> Optional[str]:
+    """The local folder holding the checkpoint every rank resumes from, or None (a fresh start); one copy per node.
+
+    Rank 0 chooses (:func:`_resume_copy`) and every other rank follows its choice (or its error), so that all ranks
+    resume from the same checkpoint (or all start fresh, or all fail) even if storage changes or a download fails
+    on one. The checkpoint is downloaded once per node, by its local rank 0, into a folder named by rank 0's token;
+    the node's other ranks read it there after a barrier. The node's local rank 0 deletes it when training ends.
+    """
     from laren.train import collectives as C
     from laren.train import state as S
 
-    if not C.active():
-        return _resume_copy(ck, run_dir)[0]
-    tmp, choice = None, [None, None]  # [checkpoint name, error text]
+    choice = [None, None, uuid.uuid4().hex]  # [checkpoint name, error text, token naming the node folders]
     if rank == 0:
         try:
-            tmp, choice[0] = _resume_copy(ck, run_dir)
+            choice[0] = _resume_copy(ck, run_dir, _node_folder(choice[2]))
         except S.CheckpointError as err:
             choice[1] = str(err)
-    choice = C.broadcast_object(choice, device)
+    choice = C.broadcast_object(choice, device)  # without a process group: rank 0's own
     if choice[1]:
         raise S.CheckpointError(choice[1])
-    if rank != 0 and choice[0]:
-        tmp = _resume_copy(ck, run_dir, only=choice[0])[0]
-    return tmp
+    if not choice[0]:
+        return None
+    if local_rank == 0 and rank != 0:
+        _resume_copy(ck, run_dir, _node_folder(choice[2]), only=choice[0])
+    C.barrier(device)  # every node's copy is complete before its other ranks read it
+    return _node_folder(choice[2])
+
+
+def _node_folder(token: str) -> str:
+    return os.path.join(tempfile.gettempdir(), f"laren-resume-{token}")
 
 
 def _train_fn(loop_config: dict[str, Any]) -> None:
@@ -226,8 +236,8 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         ray.train.report(clean, checkpoint=ck, checkpoint_dir_name=name if ck else None)
 
-    rank, world = rc.get_world_rank(), rc.get_world_size()
-    tmp = _agreed_resume_copy(ray.train.get_checkpoint(), loop_config.get("run_dir"), rank, device)
+    rank, world, local_rank = rc.get_world_rank(), rc.get_world_size(), rc.get_local_rank()
+    tmp = _agreed_resume_copy(ray.train.get_checkpoint(), loop_config.get("run_dir"), rank, local_rank, device)
     try:
         ctx = WorkerContext(
             rank=rank, world_size=world, device=device, report=report,
@@ -236,7 +246,7 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
         )
         (prior_worker if prior else train_worker)(cfg, ctx)
     finally:
-        if tmp:
+        if tmp and local_rank == 0:  # the node's copy (the other local ranks read it when they started)
             shutil.rmtree(tmp, ignore_errors=True)
 
 
