@@ -233,6 +233,10 @@ class TrainConfig(Section):
     max_failures: int = Field(3, ge=0, le=1000, description="Worker-group restarts (from the last checkpoint) before the run fails.")
     seed: int = Field(0, ge=0, lt=1 << 63, description="Seed of model init, data order and noise.")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
+    checkpoint_upload: Literal["async", "sync"] = Field(
+        "async", description="How a checkpoint reaches storage under Ray Train: async (uploaded in the background "
+                             "while training goes on; a resume verifies state.json's checksums, so a partial upload "
+                             "is never resumed from) or sync (the step waits for the upload).")
     compile: bool = Field(
         False, description="torch.compile the SR model and D for training (inductor; the first steps compile). Off by "
                            "default: it pays on GPUs, where the eager step issues ~25k small ops; on CPU it only costs.")

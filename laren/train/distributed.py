@@ -231,10 +231,15 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
     rc = ray.train.get_context()
     device = ray.train.torch.get_device()
 
+    mode = ray.train.CheckpointUploadMode[cfg.train.checkpoint_upload.upper()]
+
     def report(metrics: dict[str, float], checkpoint_dir: Optional[str], name: Optional[str]) -> None:
+        """Takes ``checkpoint_dir`` over: Ray Train removes it once it is in storage (asynchronously uploaded: while
+        training goes on)."""
         ck = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        ray.train.report(clean, checkpoint=ck, checkpoint_dir_name=name if ck else None)
+        ray.train.report(clean, checkpoint=ck, checkpoint_dir_name=name if ck else None, checkpoint_upload_mode=mode,
+                         delete_local_checkpoint_after_upload=True)
 
     rank, world, local_rank = rc.get_world_rank(), rc.get_world_size(), rc.get_local_rank()
     tmp = _agreed_resume_copy(ray.train.get_checkpoint(), loop_config.get("run_dir"), rank, local_rank, device)

@@ -58,7 +58,8 @@ log = logging.getLogger("laren.train")
 # own process, once: LAREN_TEST_KILL_MARKER names a file created just before, so a restarted attempt does not fire.
 KILL_STEP_ENV, KILL_RANK_ENV, KILL_MARKER_ENV = "LAREN_TEST_KILL_AT_STEP", "LAREN_TEST_KILL_RANK", "LAREN_TEST_KILL_MARKER"
 
-ReportFn = Callable[[dict[str, float], Optional[str], Optional[str]], None]  # (metrics, checkpoint dir, dir name)
+# (metrics, checkpoint dir, dir name): a barrier; takes the checkpoint folder over and removes it once it is stored
+ReportFn = Callable[[dict[str, float], Optional[str], Optional[str]], None]
 
 
 @dataclass
@@ -573,9 +574,11 @@ def _checkpoint(cfg, ctx: WorkerContext, model, disc, optimizers, st: S.TrainSta
     elif ctx.rank == 0:
         d = tempfile.mkdtemp(prefix="laren-ckpt-")
         S.save_checkpoint(d, model, disc, optimizers, st, cfg.to_dict())
+    if ctx.report is None:
+        return
     try:
-        if ctx.report is not None:
-            ctx.report(metrics, d, name if d else None)
-    finally:
+        ctx.report(metrics, d, name if d else None)  # takes the folder over (removes it once it is in storage)
+    except BaseException:
         if d is not None:
             shutil.rmtree(d, ignore_errors=True)
+        raise
