@@ -4,6 +4,8 @@ peaks. (The training loop's perf/tflops_per_gpu and perf/mfu: tests/unit/test_tr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from laren import flops, losses as L
 from laren.models.build import build_discriminator, build_model
+from laren.specs import load_job
 from tests.unit.test_train_loop import tiny_config
 
 
@@ -93,6 +96,10 @@ def test_peak_tflops_is_bounded_and_not_part_of_the_run_id():
     cfg = tiny_config("data", "sqlite:///x.db")
     with_peak = tiny_config("data", "sqlite:///x.db", resources=dict(peak_tflops=100.0))
     assert with_peak.run_id == cfg.run_id  # the peak changes no result
+    for job in ("jobs/face64x.yaml", "jobs/eval-demo.yaml", "jobs/ablation-synth.yaml"):  # train, eval, grid
+        spec = load_job(Path(__file__).parents[2] / job)
+        peaked = spec.model_copy(update={"resources": spec.resources.model_copy(update={"peak_tflops": 100.0})})
+        assert peaked.config_hash() == spec.config_hash(), job
     for bad in (0, -1.0, 1e6):
         with pytest.raises(ValidationError, match="peak_tflops"):
             tiny_config("data", "sqlite:///x.db", resources=dict(peak_tflops=bad))
