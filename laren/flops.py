@@ -33,8 +33,10 @@ convolutions, the FIR blurs, have a fixed kernel: no weight gradient). The count
 (:func:`_conv_backward_flop`, divided by the groups), so a batch-B count equals B x the batch-1 count
 (tests/unit/test_flops.py checks both against a hand count). The precision (bf16 autocast or fp32) changes no count.
 
-The full-size 64x face step (jobs/face64x.yaml, 16 -> 1024) counts 3.48 TFLOP per image (the 4.06 of the first count
-was made while the HR image still went through VGG16 in the SR image's graph: 0.58 TFLOP per image more). MFU =
+The full-size 64x face step (jobs/face64x.yaml, 16 -> 1024) counts 3.48 TFLOP per image: the SR model forward and
+backward 0.48 (almost all in the frozen generator), VGG16 1.75 (SR image forward and backward 1.17, HR image forward
+0.58), D in the generator step 0.32 (forward, input gradients), the D step 0.94. (The 4.06 of the first count was made
+while the HR image still went through VGG16 in the SR image's graph: its backward, 0.58, is gone.) MFU =
 images/s per GPU x FLOPs per image / the device's dense peak at the run's precision (bf16 autocast on, or fp32).
 """
 
