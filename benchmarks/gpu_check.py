@@ -7,13 +7,11 @@ encoder / GDM / CGM) and discriminator step (Adam on D).
 
 Figures (one JSON object per compile setting, also written to --out):
   images_per_s    batch / median step time over --steps timed steps after --warmup steps (CUDA-synchronised)
-  flops_per_step  counted, not estimated: ``torch.utils.flop_counter.FlopCounterMode`` around one whole step at
-                  batch 1 (forward and backward of G and D, VGG16 included; matmuls and convolutions), times the
-                  batch. At batch B torch's counter over-counts the backward of the modulated convolutions (batched
-                  as grouped convolutions, groups = B): it counts their weight gradient as if every group saw the
-                  whole input. Every op of the step is per-sample, so batch 1 x B is the exact count.
-  mfu             flops_per_step x steps/s / peak; peak: the device's dense bf16 peak from its name
-                  (:func:`peak_bf16_tflops`: H200 SXM 989, H200 NVL 835, H100 SXM 989, ...), or --peak-tflops
+  flops_per_step  counted, not estimated, as the training loop's perf/mfu counts it: batch x
+                  ``laren.flops.step_flops_per_image`` (torch's FLOP counter on the meta device at batch 1, forward and
+                  backward of G and D, VGG16 included; how and why batch 1: the docstring of laren/flops.py)
+  mfu             flops_per_step x steps/s / peak; peak: the device's dense bf16 (fp32 with --no-bf16) peak from its
+                  name (``laren.flops.PEAK_TFLOPS``: H200 989, H200 NVL 835, H100 SXM 989, ...), or --peak-tflops
   peak_mem_gib    torch.cuda.max_memory_allocated over the timed steps (CPU: not measured, null)
   compile_s       torch.compile: time of the first (compiling) steps
 
@@ -34,6 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from laren.flops import device_peak_tflops, step_flops_per_image  # noqa: E402 - after the checkout is on the path
 
 TINY_MODEL = dict(
     lr_size=8,
@@ -91,41 +90,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-#: Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by device-name substring, most specific first (NVIDIA data
-#: sheets: the sparse figures halved).
-PEAK_BF16_TFLOPS = (("H200 NVL", 835.0), ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),
-                    ("GH200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0))
-
-
-def peak_bf16_tflops(device_name: str):
-    """The dense bf16 peak of a device from its name (``torch.cuda.get_device_name``), or None when unknown."""
-    for key, peak in PEAK_BF16_TFLOPS:
-        if key in device_name:
-            return peak
-    return None
-
-
-def count_flops(mcfg, loss, batch: int, device: torch.device, bf16: bool) -> int:
-    """FLOPs of one training step at ``batch``: counted on a batch-1 step (eager), times ``batch`` (docstring)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    step = Step(mcfg, loss, 1, device, bf16, False)
-    with FlopCounterMode(display=False) as fc:
-        step()
-    del step
-    return int(fc.get_total_flops()) * batch
-
-
 def run(mcfg, loss, batch: int, device: torch.device, bf16: bool, compile_: bool, warmup: int, steps: int,
-        peak_tflops: float, flops: int | None = None) -> dict:
+        peak_tflops: float | None, flops: int) -> dict:
+    """Time ``steps`` steps after ``warmup`` (with compile: the compilation); ``flops``: FLOPs of one step."""
     step = Step(mcfg, loss, batch, device, bf16, compile_)
     t0 = time.perf_counter()
     for _ in range(warmup):  # with compile: the compilation happens here
         step()
     _sync(device)
     warm_s = time.perf_counter() - t0
-    if flops is None:
-        flops = count_flops(mcfg, loss, batch, device, bf16)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -156,7 +129,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=None, help="timed steps, default 10 (2 with --tiny)")
     ap.add_argument("--compile", choices=["off", "on", "both"], default="both")
     ap.add_argument("--peak-tflops", type=float, default=None,
-                    help="accelerator peak for MFU (default: from the device name, e.g. H200 SXM 989, H200 NVL 835)")
+                    help="accelerator peak for MFU (default: laren.flops.PEAK_TFLOPS by the device name, e.g. H200 989)")
     ap.add_argument("--no-bf16", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "gpu_check.json"))
     args = ap.parse_args(argv)
@@ -173,14 +146,13 @@ def main(argv=None) -> list[dict]:
         torch.backends.cudnn.benchmark = True
     mcfg, loss = load_setup(args.tiny)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = args.peak_tflops or peak_bf16_tflops(name)
+    peak = device_peak_tflops(device, bf16, args.peak_tflops)
+    flops = batch * step_flops_per_image(mcfg, loss)  # the same figure for both compile settings
     print(f"device {name}, torch {torch.__version__}, model {'tiny' if args.tiny else 'face64x (16 -> 1024)'}, "
           f"batch {batch}, bf16 {bf16}", flush=True)
     results: list[dict] = []
-    flops = None
     for comp in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
         r = run(mcfg, loss, batch, device, bf16, comp, warmup, steps, peak, flops)
-        flops = r["flops_per_step"]
         r["device"] = name
         results.append(r)
         mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "n/a"

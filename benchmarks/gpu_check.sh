@@ -6,8 +6,9 @@
 #              the PyTorch CUDA index only when the environment's torch is not a CUDA build           (<= 90 s)
 #   2. train   a real `laren train` of a small job through Ray Train, 1 GPU worker (NCCL, bf16): past its first log
 #              and eval steps, a checkpoint, a crash at step 6 and the resume (benchmarks/gpu_train_check.py)  (<= 150 s)
-#   3. step    the full-size 64x face step (16 -> 1024, batch 8, bf16), eager: images/s, FLOPs counted at batch 1
-#              and scaled, MFU against the device's dense bf16 peak read from its name (H200 SXM 989, NVL 835)  (<= 120 s)
+#   3. step    the full-size 64x face step (16 -> 1024, batch 8, bf16), eager: images/s, peak memory, FLOPs counted
+#              at batch 1 and scaled and MFU against the device's dense bf16 peak, both from laren/flops.py as the
+#              training loop's perf/mfu (H200 989 TFLOP/s)                                              (<= 120 s)
 #   4. compile the same step under torch.compile                                                         (<= 120 s)
 #   bash benchmarks/gpu_check.sh            (from the repository root; PY=... to choose the interpreter)
 set -uo pipefail

@@ -8,7 +8,8 @@ every step, evaluations and checkpoints at steps 4 and 8, one worker (use_gpu wi
 CPU), ``train.max_failures: 1``. The worker kills itself at step 6 (the test fault hook), Ray Train restarts the
 worker group, and the run resumes from checkpoint 4. Checked afterwards: the run succeeded; ``plan.json`` and both
 checkpoints exist; MLflow holds steps 1..8 of ``train/loss_g``, steps 1..4 once each (nothing trained twice before
-the checkpoint), and ``val/psnr`` at 4 and 8. Prints one JSON line of findings; exit 1 if a check failed.
+the checkpoint), ``perf/tflops_per_gpu`` at steps 1..8 (and which steps have ``perf/mfu``: those of a GPU in
+laren/flops.py's table), and ``val/psnr`` at 4 and 8. Prints one JSON line of findings; exit 1 if a check failed.
 """
 
 from __future__ import annotations
@@ -57,12 +58,16 @@ def check(work: Path, job: Path, proc: subprocess.CompletedProcess, seconds: flo
         steps = [m.step for m in c.get_metric_history(run.info.run_id, "train/loss_g")]
         out.update(loss_steps=sorted(set(steps)), once_before_ckpt=all(steps.count(s) == 1 for s in range(1, 5)),
                    val_steps=sorted(m.step for m in c.get_metric_history(run.info.run_id, "val/psnr")),
-                   status=run.info.status, params_bf16=run.data.params.get("train.bf16"))
+                   status=run.info.status, params_bf16=run.data.params.get("train.bf16"),
+                   # laren/flops.py: perf/tflops_per_gpu at every log step; perf/mfu where the GPU's peak is known
+                   tflops_steps=sorted({m.step for m in c.get_metric_history(run.info.run_id, "perf/tflops_per_gpu")}),
+                   mfu_steps=sorted({m.step for m in c.get_metric_history(run.info.run_id, "perf/mfu")}))
     except Exception as err:  # noqa: BLE001 - reported as a finding
         out["mlflow_error"] = f"{type(err).__name__}: {err}"
     out["ok"] = (proc.returncode == 0 and out["killed_at_6"] and out["plan"]
                  and out["checkpoints"] == ["checkpoint_000000004", "checkpoint_000000008"]
-                 and out.get("loss_steps") == list(range(1, 9)) and out.get("once_before_ckpt") is True
+                 and out.get("loss_steps") == out.get("tflops_steps") == list(range(1, 9))
+                 and out.get("once_before_ckpt") is True
                  and set(out.get("val_steps", [])) == {4, 8} and out.get("status") == "FINISHED")
     return out
 

@@ -293,6 +293,11 @@ class ResourcesConfig(Section):
         None, ge=0, le=1e6,
         description="Price of one worker (its GPU, or its CPUs) per hour in USD; training then logs cost/usd.",
     )
+    peak_tflops: Optional[float] = Field(
+        None, gt=0, le=1e5,
+        description="Dense peak TFLOP/s of one worker's accelerator at the run's precision, for perf/mfu; default: "
+                    "the device's figure from its name (laren/flops.py: H200, H100, A100, L4, ...), none on the CPU.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "ResourcesConfig":
@@ -343,6 +348,7 @@ class RunConfig(Section):
         for section, key in (("data", "train_url"), ("data", "val_url"), ("loss", "vgg16_path"), ("eval", "alexnet_path")):
             d[section][key] = path_identity(d[section][key])
         d["resources"].pop("hourly_price_usd", None)  # a price changes no result
+        d["resources"].pop("peak_tflops", None)  # nor does the peak MFU is measured against
         if d.get("train", {}).get("keep_best_metric") is None:  # unset: the ids of runs from before the fields stay
             d["train"].pop("keep_best_metric", None)
             d["train"].pop("keep_best_mode", None)

@@ -46,6 +46,7 @@ from laren import losses as L
 from laren.config import ConfigError, LossConfig, RunConfig
 from laren.cost import usage_metrics
 from laren.data.storage import StorageError
+from laren.flops import device_peak_tflops, mfu_metrics, step_flops_per_image
 from laren.models import health
 from laren.plan import check_rules
 from laren.progress import ProgressPrinter, record_attempt, record_failure
@@ -332,6 +333,9 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
 
     lpips = make_lpips(cfg.eval.alexnet_path, cfg.eval.random_backbone_for_tests, dev)
     autocast = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=t_cfg.bf16 and dev.type == "cuda")
+    # perf/mfu: the step's FLOPs per image, counted once on the meta device, against the device's peak (laren/flops.py)
+    flops_per_image = step_flops_per_image(cfg.model, cfg.loss)
+    peak = device_peak_tflops(dev, autocast["enabled"], cfg.resources.peak_tflops)
     model.train()
     disc.train()
     fwd_g, fwd_d = step_modules(model, disc, dev, t_cfg.compile)
@@ -386,6 +390,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
                     # same value on every rank)
                     "perf/data_wait_share": sums[len(LOSS_KEYS) + 4] / max(sums[len(LOSS_KEYS) + 5], 1e-9),
                 })
+                metrics.update(mfu_metrics(metrics["perf/images_per_s"] / world, flops_per_image, peak))
                 if rank == 0:  # cheap: one no-grad encoder + head + CGM pass on two images, and the step's gradients;
                     # logged here, not returned: the run's final metrics are the same on every rank
                     tracker.log_metrics({f"health/{k}": v for k, v in health.step_figures(model, lr_img).items()},

@@ -85,7 +85,8 @@ def _run(cfg: RunConfig, run_id: str, **ctx_kw):
 def test_same_seed_same_curve_and_resume_continues_it(dataset, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = tiny_config(dataset, uri)
-    a = _run(cfg, "a", checkpoint_root=str(tmp_path / "ck_a"))
+    peak = 0.5  # TFLOP/s, a stand-in (the CPU has no figure of its own): run a logs perf/mfu, run b does not
+    a = _run(tiny_config(dataset, uri, resources=dict(peak_tflops=peak)), "a", checkpoint_root=str(tmp_path / "ck_a"))
     b = _run(cfg, "b")
     ca, cb = loss_curve(uri, "tiny", "a"), loss_curve(uri, "tiny", "b")
     assert [s for s, _ in ca] == list(range(1, 11)) and ca == cb  # same seed on CPU -> identical loss curves
@@ -99,6 +100,15 @@ def test_same_seed_same_curve_and_resume_continues_it(dataset, tmp_path):
     assert {"val/psnr", "val/ssim", "val/lpips_alex", "perf/images_per_s", "data/skipped", "train/lr"} <= set(a)
     assert 0 < a["perf/data_wait_share"] < 1  # the in-process loader decodes PNGs: some, not all, of the time
     assert a["val/images"] == 8
+    # perf/tflops_per_gpu at every log step: images/s (one worker) x the step's FLOPs per image; perf/mfu against the peak
+    from laren.flops import step_flops_per_image
+
+    per_image, rate = step_flops_per_image(cfg.model, cfg.loss), dict(loss_curve(uri, "tiny", "a", "perf/images_per_s"))
+    tflops = loss_curve(uri, "tiny", "a", "perf/tflops_per_gpu")
+    assert [s for s, _ in tflops] == list(range(1, 11)) and per_image > 1e9
+    assert [v for _, v in tflops] == pytest.approx([rate[s] * per_image / 1e12 for s, _ in tflops], rel=1e-6)
+    assert loss_curve(uri, "tiny", "a", "perf/mfu") == [(s, pytest.approx(v / peak, rel=1e-6)) for s, v in tflops]
+    assert b["perf/tflops_per_gpu"] > 0 and "perf/mfu" not in b
 
     # A new process resuming from the step-5 checkpoint redoes nothing and reproduces steps 6..10 exactly.
     ck = tmp_path / "ck_a" / "checkpoint_000000005"
