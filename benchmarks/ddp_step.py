@@ -38,7 +38,7 @@ from laren import losses as L  # noqa: E402
 from laren.config import LossConfig, ModelConfig  # noqa: E402
 from laren.models.build import build_discriminator, build_model  # noqa: E402
 from laren.train import collectives as C  # noqa: E402
-from laren.train.loop import step_modules, train_step  # noqa: E402
+from laren.train.step import step_modules, train_step  # noqa: E402
 
 MODES = ("before", "manual", "ddp")
 

@@ -79,7 +79,7 @@ class Step:
         self.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def __call__(self) -> dict[str, torch.Tensor]:
-        from laren.train.loop import train_step
+        from laren.train.step import train_step
 
         return train_step(self.fwd_g, self.fwd_d, self.vgg, self.opt_g, self.opt_d, self.lr, self.hr, self.loss,
                           self.autocast)

@@ -178,7 +178,7 @@ GPU_PENDING = """## GPU check (64x face step, batch 8, bf16, H200): pending
 Not measured yet: no GPU was available where these figures were made. `benchmarks/gpu_check.sh` (under 8 minutes on
 one H200) measures the full-size 64x face training step at batch 8 in bf16: images/s, FLOPs per step counted as the
 training loop's `perf/mfu` counts them (`laren/flops.py`: PyTorch's FLOP counter on the meta device at batch 1, times
-the batch: 3.48 TFLOP per image), MFU against the device's dense bf16 peak (H200: 989 TFLOP/s), peak memory, with
+the batch: 3.32 TFLOP per image), MFU against the device's dense bf16 peak (H200: 989 TFLOP/s), peak memory, with
 torch.compile off and on. It writes `benchmarks/gpu_check.json` and prints a table to paste here. Its
 Python part was smoke-tested on the CPU: `.venv/bin/python benchmarks/gpu_check.py --device cpu --tiny`.
 """

@@ -9,17 +9,19 @@ How the FLOPs are counted
 -------------------------
 ``torch.utils.flop_counter.FlopCounterMode`` records the matrix products and convolutions (forward and backward; a
 multiply-add is 2 FLOPs; elementwise ops, pooling, the optimizers and the loss reductions are not counted, as usual for
-MFU) of one training step as ``laren.train.loop.train_step`` runs it, built on the meta device (shapes only: no memory,
+MFU) of one training step, ``laren.train.step.train_step`` itself, run on the meta device (shapes only: no memory,
 no weights; the prior is the job's architecture with random weights, which changes no FLOP):
 
     generator step      sr = F(lr) (encoder, latent head / GDM, CGM, the frozen StyleGAN2 generator); pixel loss;
-                        VGG16 on sr (with grad) and on hr (under no_grad); D(sr) with D frozen; backward of the sum
-    discriminator step  D(hr), D(sr.detach()); backward
+                        VGG16 on sr (with grad) and on hr (under no_grad); D(sr); backward to the generator's
+                        trainable parameters only
+    discriminator step  D(hr); backward of D's loss (its fake term reuses D(sr) above) to D's parameters only
 
 Backward is counted for what autograd computes, i.e. what the trainer differentiates: gradients reach the trainable
-parameters (encoder, head, CGM; then D) and the activations on the way to them. The frozen generator's and D's (in the
-generator step) weights get no weight gradient (``requires_grad`` False: torch's ``convolution_backward`` skips it and
-the counter sees its ``output_mask``), but the modulated weights (frozen weight x style) do, since the style is trained.
+parameters (encoder, head, CGM; then D) and the activations on the way to them. The frozen generator's weights get
+no weight gradient (``requires_grad`` False: torch's ``convolution_backward`` skips it and the counter sees its
+``output_mask``), nor do D's in the generator's backward (restricted to the generator's parameters), but the
+modulated weights (frozen weight x style) do, since the style is trained.
 The GDM's chunks are built without recomputation here (``gdm.checkpoint_chunks`` off): recomputation is work done,
 not model FLOPs, so MFU does not count it (as PaLM's definition). Everything in the step is per sample, so
 
@@ -33,10 +35,11 @@ convolutions, the FIR blurs, have a fixed kernel: no weight gradient). The count
 (:func:`_conv_backward_flop`, divided by the groups), so a batch-B count equals B x the batch-1 count
 (tests/unit/test_flops.py checks both against a hand count). The precision (bf16 autocast or fp32) changes no count.
 
-The full-size 64x face step (jobs/face64x.yaml, 16 -> 1024) counts 3.48 TFLOP per image: the SR model forward and
+The full-size 64x face step (jobs/face64x.yaml, 16 -> 1024) counts 3.32 TFLOP per image: the SR model forward and
 backward 0.48 (almost all in the frozen generator), VGG16 1.75 (SR image forward and backward 1.17, HR image forward
-0.58), D in the generator step 0.32 (forward, input gradients), the D step 0.94. (The 4.06 of the first count was made
-while the HR image still went through VGG16 in the SR image's graph: its backward, 0.58, is gone.) MFU =
+0.58), D 1.09 (forward on the fake once and on the real image, the fake's input gradient for the generator, D's
+weight gradients). (The first count, 4.06, was made while the HR image still went through VGG16 in the SR image's
+graph, its backward 0.58 since gone, and D saw each fake twice, 0.16 more.) MFU =
 images/s per GPU x FLOPs per image / the device's dense peak at the run's precision (bf16 autocast on, or fp32).
 """
 
@@ -50,6 +53,7 @@ from torch.utils import flop_counter as fc
 from laren import losses as L
 from laren.config import LossConfig, ModelConfig
 from laren.models.build import build_discriminator, build_model
+from laren.train.step import train_step
 
 aten = torch.ops.aten
 
@@ -100,20 +104,13 @@ def flop_counter() -> fc.FlopCounterMode:
 
 
 def count_step_flops(model, disc, vgg, lr_img: torch.Tensor, hr_img: torch.Tensor, loss_cfg: LossConfig) -> int:
-    """FLOPs (corrected counter) of the forward and backward passes of one training step of these modules on this
-    batch: what ``train_step`` differentiates, without its optimizer updates and collectives."""
+    """FLOPs (corrected counter) of one ``train_step`` of these modules on this batch: its forward and backward
+    passes, the very code training runs (the optimizers here are SGD with a zero rate: their elementwise updates
+    count no FLOP and change nothing)."""
+    opt_g = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    opt_d = torch.optim.SGD(disc.parameters(), lr=0.0)
     with flop_counter() as counter:
-        disc.requires_grad_(False)
-        sr = model(lr_img)
-        loss = L.pixel_loss(sr, hr_img)
-        if vgg is not None:
-            loss = loss + L.perceptual_loss(vgg, sr, hr_img)
-        if loss_cfg.adversarial_weight > 0:
-            loss = loss + L.g_adversarial_loss(disc(sr), loss_cfg.adversarial)
-        loss.backward()
-        if loss_cfg.adversarial_weight > 0:
-            disc.requires_grad_(True)
-            L.d_loss(disc(hr_img), disc(sr.detach())).backward()
+        train_step(model, disc, vgg, opt_g, opt_d, lr_img, hr_img, loss_cfg, dict(device_type="cpu", enabled=False))
     return int(counter.get_total_flops())
 
 

@@ -48,8 +48,9 @@ from laren.config import ConfigError, PriorRunConfig
 from laren.models.stylegan2 import Discriminator, Generator
 from laren.progress import ProgressPrinter, record_attempt, record_failure
 from laren.train import collectives as C
-from laren.train.loop import (DataStream, Schedule, WorkerContext, _check_data, _checkpoint, _maybe_kill_for_test, _params,
+from laren.train.loop import (DataStream, Schedule, WorkerContext, _check_data, _checkpoint, _maybe_kill_for_test,
                               flatten, resume_or_seed)
+from laren.train.step import optimizer_params
 
 log = logging.getLogger("laren.train")
 
@@ -158,7 +159,7 @@ def _descend(opt: torch.optim.Optimizer, loss: torch.Tensor, world: int) -> None
     """One optimizer step on ``loss`` with gradients averaged over ranks."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    C.allreduce_mean_grads(_params(opt), loss.device)
+    C.allreduce_mean_grads(optimizer_params(opt), loss.device)
     opt.step()
 
 

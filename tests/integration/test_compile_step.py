@@ -12,7 +12,7 @@ import torch
 
 from laren import losses as L
 from laren.models.build import build_discriminator, build_model
-from laren.train.loop import step_modules, train_step
+from laren.train.step import step_modules, train_step
 from tests.unit.test_train_loop import tiny_config
 
 

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from laren import losses as L
 from laren.models.build import build_discriminator, build_model
 from laren.train import collectives as C
-from laren.train.loop import step_modules, train_step
+from laren.train.step import step_modules, train_step
 from tests.unit.test_train_loop import tiny_config
 
 GLOBAL_BATCH = 8

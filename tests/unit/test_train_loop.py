@@ -180,7 +180,7 @@ def test_train_step_updates_g_and_trains_d_only_with_the_adversarial_term(advers
 
     from laren import losses as L
     from laren.models.build import build_discriminator, build_model
-    from laren.train.loop import train_step
+    from laren.train.step import train_step
 
     cfg = tiny_config("unused", "sqlite:///unused.db", loss=dict(adversarial_weight=adversarial_weight))
     torch.manual_seed(0)
