@@ -36,13 +36,16 @@ from laren.plan import RunPlan, build_plan, write_plan
 from laren.ray_address import driver_address
 from laren.submit import read_services
 from laren.tracking import check_tracking_auth
-from laren.train.loop import KILL_MARKER_ENV, KILL_RANK_ENV, KILL_STEP_ENV, WorkerContext, check_run_inputs, train_worker
+from laren.train import faults
+from laren.train.faults import KILL_MARKER_ENV, KILL_RANK_ENV, KILL_STEP_ENV, OnStep
+from laren.train.loop import WorkerContext, check_run_inputs, train_worker
 from laren.train.prior import check_prior_inputs, prior_worker
 
 log = logging.getLogger("laren.train")
 
 # Environment forwarded from the driver to the training workers (names only; never secrets: a cluster's workers get
 # their credentials from their own environment or instance role, and a local Ray instance inherits the driver's).
+# The LAREN_TEST_KILL_* variables reach the workers of a submitted job's driver (laren/train/faults.py).
 FORWARDED_ENV = (
     "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_TRACKING_URI", "LAREN_STORAGE", "LAREN_CACHE",
     KILL_STEP_ENV, KILL_RANK_ENV, KILL_MARKER_ENV,
@@ -247,7 +250,7 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
         ctx = WorkerContext(
             rank=rank, world_size=world, device=device, report=report,
             resume_dir=tmp, run_id=loop_config["run_id"], parent_run_id=loop_config.get("parent_run_id"),
-            run_dir=loop_config.get("run_dir"),
+            run_dir=loop_config.get("run_dir"), on_step=loop_config.get("on_step") or faults.from_env(),
         )
         (prior_worker if prior else train_worker)(cfg, ctx)
     finally:
@@ -276,7 +279,8 @@ def make_trainer(
     return plan_trainer(plan, parent_run_id, extra_callbacks)
 
 
-def plan_trainer(plan: RunPlan, parent_run_id: Optional[str] = None, extra_callbacks: Sequence[Any] = ()):
+def plan_trainer(plan: RunPlan, parent_run_id: Optional[str] = None, extra_callbacks: Sequence[Any] = (),
+                 on_step: Optional[OnStep] = None):
     """The TorchTrainer of a plan: its workers get the plan's config (resolved once) and check nothing again."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -307,7 +311,7 @@ def plan_trainer(plan: RunPlan, parent_run_id: Optional[str] = None, extra_callb
     return TorchTrainer(
         _train_fn,
         train_loop_config={"config": plan.config, "run_id": plan.run_id, "parent_run_id": parent_run_id,
-                           "run_dir": plan.run_dir, "kind": plan.kind},
+                           "run_dir": plan.run_dir, "kind": plan.kind, "on_step": on_step},
         scaling_config=scaling,
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
@@ -345,22 +349,25 @@ def run_training(
     parent_run_id: Optional[str] = None,
     extra_callbacks: Sequence[Any] = (),
     storage_path: Optional[str] = None,
+    on_step: Optional[OnStep] = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` with Ray Train; returns the final metrics, ``checkpoint`` (URL of the latest checkpoint) and
-    ``run_id``. Re-running the same config resumes the run from its latest checkpoint."""
+    ``run_id``. Re-running the same config resumes the run from its latest checkpoint. ``on_step``: a picklable
+    callback every worker calls with (step, rank) after each step (laren/train/faults.py)."""
     check_inputs(cfg)  # user errors before Ray (or any worker) starts
     plan = plan_run(cfg, run_id, storage_path)
     write_plan(plan)
-    return run_plan(plan, parent_run_id, extra_callbacks)
+    return run_plan(plan, parent_run_id, extra_callbacks, on_step)
 
 
-def run_plan(plan: RunPlan, parent_run_id: Optional[str] = None, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+def run_plan(plan: RunPlan, parent_run_id: Optional[str] = None, extra_callbacks: Sequence[Any] = (),
+             on_step: Optional[OnStep] = None) -> dict[str, Any]:
     """Train a planned run (``laren run-plan``: what a submitted job runs): no rule, manifest or prior metadata is
     checked or read again; the tracking server is asked once whether this environment's credentials are accepted."""
     cfg = plan.run_config()
     check_tracking_auth(cfg.tracking.tracking_uri, cfg.tracking.experiment or cfg.name)
     ensure_ray()
-    result = plan_trainer(plan, parent_run_id, extra_callbacks).fit()
+    result = plan_trainer(plan, parent_run_id, extra_callbacks, on_step).fit()
     if result.error is not None:
         raise result.error
     out: dict[str, Any] = dict(result.metrics or {})

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import shutil
-import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -49,13 +47,10 @@ from laren.plan import check_rules
 from laren.progress import ProgressPrinter, record_attempt, record_failure
 from laren.train import collectives as C
 from laren.train import state as S
+from laren.train.faults import OnStep
 from laren.train.step import LOSS_KEYS, step_modules, train_step
 
 log = logging.getLogger("laren.train")
-
-# Test-only fault injection: at step LAREN_TEST_KILL_AT_STEP the rank LAREN_TEST_KILL_RANK (default 1) SIGKILLs its
-# own process, once: LAREN_TEST_KILL_MARKER names a file created just before, so a restarted attempt does not fire.
-KILL_STEP_ENV, KILL_RANK_ENV, KILL_MARKER_ENV = "LAREN_TEST_KILL_AT_STEP", "LAREN_TEST_KILL_RANK", "LAREN_TEST_KILL_MARKER"
 
 # (metrics, checkpoint dir, dir name): a barrier; takes the checkpoint folder over and removes it once it is stored
 ReportFn = Callable[[dict[str, float], Optional[str], Optional[str]], None]
@@ -74,6 +69,7 @@ class WorkerContext:
     run_id: str = ""
     parent_run_id: Optional[str] = None
     run_dir: Optional[str] = None  # the run's storage folder (default <storage.root>/runs/<run id>)
+    on_step: Optional[OnStep] = None  # called with (step, rank) after every step (laren/train/faults.py)
 
 
 @dataclass(frozen=True)
@@ -222,17 +218,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _maybe_kill_for_test(step: int, rank: int) -> None:
-    at = os.environ.get(KILL_STEP_ENV)
-    if not at or step != int(at) or rank != int(os.environ.get(KILL_RANK_ENV, "1")):
-        return
-    marker = os.environ.get(KILL_MARKER_ENV)
-    if not marker or Path(marker).exists():
-        return
-    Path(marker).write_text(f"killed rank {rank} (pid {os.getpid()}) at step {step}\n")
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 # ----------------------------------------------------------------------------------------------- data
 
 
@@ -367,7 +352,8 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
             acc += torch.stack([out[k].detach().double() for k in LOSS_KEYS])
             acc_n += 1
             img_log += lr_img.shape[0]
-            _maybe_kill_for_test(st.step, rank)
+            if ctx.on_step is not None:
+                ctx.on_step(st.step, rank)
 
             done = st.step >= sched.total_steps
             metrics: dict[str, float] = {}

@@ -48,7 +48,7 @@ from laren.config import ConfigError, PriorRunConfig
 from laren.models.stylegan2 import Discriminator, Generator
 from laren.progress import ProgressPrinter, record_attempt, record_failure
 from laren.train import collectives as C
-from laren.train.loop import (DataStream, Schedule, WorkerContext, _check_data, _checkpoint, _maybe_kill_for_test,
+from laren.train.loop import (DataStream, Schedule, WorkerContext, _check_data, _checkpoint,
                               flatten, resume_or_seed)
 from laren.train.step import optimizer_params
 
@@ -303,7 +303,8 @@ def prior_worker(cfg: PriorRunConfig, ctx: WorkerContext) -> dict[str, Any]:
                 acc[k] += out[k]
             acc_n += 1
             img_log += real.shape[0]
-            _maybe_kill_for_test(st.step, rank)
+            if ctx.on_step is not None:
+                ctx.on_step(st.step, rank)
 
             done = st.step >= sched.total_steps
             metrics: dict[str, float] = {}

@@ -63,19 +63,17 @@ def test_killed_prior_run_resumes_in_the_same_mlflow_run(env, monkeypatch, tmp_p
 
     from laren.models.prior_io import import_prior, load_prior
     from laren.train.distributed import run_training
-    from laren.train.loop import KILL_MARKER_ENV, KILL_RANK_ENV, KILL_STEP_ENV
+    from laren.train.faults import KillOnce
 
     uri = f"sqlite:///{env}/mlflow.db"
     ref = run_training(_cfg(env, "ref"), run_id="ref")
     assert ref["step"] == 8
 
     marker = tmp_path / "killed"
-    monkeypatch.setenv(KILL_STEP_ENV, "5")
-    monkeypatch.setenv(KILL_RANK_ENV, "1")
-    monkeypatch.setenv(KILL_MARKER_ENV, str(marker))
+    kill = KillOnce(5, rank=1, marker=str(marker))
     cfg = _cfg(env, "job")
     with pytest.raises(ray.train.WorkerGroupError):
-        run_training(cfg, run_id="job")
+        run_training(cfg, run_id="job", on_step=kill)
     assert "step 5" in marker.read_text()
     assert not (env / "priors" / "job.json").exists()  # no prior from a failed run
     out = run_training(cfg, run_id="job")

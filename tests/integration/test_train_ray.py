@@ -125,13 +125,11 @@ def test_killed_worker_resumes_from_last_checkpoint(env, reference, monkeypatch,
     from mlflow.tracking import MlflowClient
 
     from laren.train.distributed import run_training
-    from laren.train.loop import KILL_MARKER_ENV, KILL_RANK_ENV, KILL_STEP_ENV
+    from laren.train.faults import KillOnce
 
     marker = tmp_path / "killed"
-    monkeypatch.setenv(KILL_STEP_ENV, "7")  # checkpoints at 5 and 10: steps 6-7 are redone
-    monkeypatch.setenv(KILL_RANK_ENV, "1")
-    monkeypatch.setenv(KILL_MARKER_ENV, str(marker))
-    out = run_training(_cfg(env), run_id="tiny-fault")
+    kill = KillOnce(7, rank=1, marker=str(marker))  # checkpoints at 5 and 10: steps 6-7 are redone
+    out = run_training(_cfg(env), run_id="tiny-fault", on_step=kill)
     assert marker.is_file() and "step 7" in marker.read_text()  # the worker process really was killed
     assert out["step"] == reference["step"] == 10
 

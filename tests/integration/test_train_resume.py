@@ -52,7 +52,7 @@ def test_failed_run_resumes_from_its_last_checkpoint(env, monkeypatch, tmp_path)
     from mlflow.tracking import MlflowClient
 
     from laren.train.distributed import run_training
-    from laren.train.loop import KILL_MARKER_ENV, KILL_RANK_ENV, KILL_STEP_ENV
+    from laren.train.faults import KillOnce
 
     cfg = _cfg(env)
     ref = run_training(cfg, run_id="ref")  # uninterrupted
@@ -60,12 +60,10 @@ def test_failed_run_resumes_from_its_last_checkpoint(env, monkeypatch, tmp_path)
 
     # Attempt 1: rank 1 is SIGKILLed during step 5, just after the step-4 checkpoint; no retries -> the run fails.
     marker = tmp_path / "killed"
-    monkeypatch.setenv(KILL_STEP_ENV, "5")
-    monkeypatch.setenv(KILL_RANK_ENV, "1")
-    monkeypatch.setenv(KILL_MARKER_ENV, str(marker))
+    kill = KillOnce(5, rank=1, marker=str(marker))
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "5")  # the step-4 report is very likely still unpolled
     with pytest.raises(ray.train.WorkerGroupError):
-        run_training(cfg, run_id="job")
+        run_training(cfg, run_id="job", on_step=kill)
     assert marker.is_file() and "step 5" in marker.read_text()
     run_dir = env["storage"] / "runs" / "job"
     assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_000000004"]

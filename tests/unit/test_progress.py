@@ -43,9 +43,8 @@ def test_training_prints_progress_and_records_attempts(dataset, tmp_path, capsys
         if step == 4:
             raise RuntimeError("disk full\nsecond line")
 
-    monkeypatch.setattr(loop, "_maybe_kill_for_test", fail_at_4)
     with pytest.raises(RuntimeError, match="disk full"):
-        loop.train_worker(cfg, loop.WorkerContext(run_id="p", checkpoint_root=str(ck)))
+        loop.train_worker(cfg, loop.WorkerContext(run_id="p", checkpoint_root=str(ck), on_step=fail_at_4))
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[p] ")]
     assert len(lines) == 3  # steps 1..3 logged; step 4 failed before its log
     assert re.fullmatch(r"\[p\] kimg 0\.004/0\.024 \(17%\)  \d+\.\d img/s  ETA \d+(s|m\d\ds)", lines[0]), lines[0]
@@ -53,7 +52,6 @@ def test_training_prints_progress_and_records_attempts(dataset, tmp_path, capsys
     assert run.data.tags[P.ATTEMPTS_TAG] == "1"
     assert run.data.tags[P.FAILURE_TAG] == "attempt 1 failed at step 4: RuntimeError: disk full second line"
 
-    monkeypatch.setattr(loop, "_maybe_kill_for_test", lambda step, rank: None)
     out = loop.train_worker(cfg, loop.WorkerContext(run_id="p", checkpoint_root=str(tmp_path / "ck2"),
                                                     resume_dir=str(ck / "checkpoint_000000002")))
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[p] ")]
