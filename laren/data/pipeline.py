@@ -15,6 +15,25 @@ fewer shards than workers, worker g reads shard g mod S and a warning says so). 
 stream never runs dry, so every rank yields exactly ``batches_per_epoch`` batches and no rank waits on another in a
 collective. Samples pass a shuffle buffer, are decoded, flipped (p = 0.5) and batched inside the worker.
 
+Data position and resume. A worker's stream (shard draws, flip coins, buffer pops) depends only on its RNG, the
+manifest's shard counts and which sample positions are bad, never on pixels. ``TrainLoader.position()`` is this rank's
+position in the current pass, JSON-ready::
+
+    {"epoch": pass, "layout": [world_size, loader workers (>= 1)],
+     "items": [items (batches and bad-sample reports) taken from each loader worker],
+     "at": [[shard visit, shard name, offset] of each worker: the next sample position it reads, or None],
+     "bad": [[worker, shard visit, offset, n], ...]}   # the bad samples met this pass
+
+(worker = the stream's index on this rank; visit v = its (v+1)-th shard draw; offsets count tar samples). On resume
+(``seek``), each worker replays its ``items`` items at index level (draws, coins and pops, the saved bad positions
+marked bad, nothing read), checks that it reaches ``at``, reads and decodes only the samples in its buffer and partial
+batch, and goes on reading its shard from the offset: the batches are exactly those of the uninterrupted pass, and at
+most shuffle_buffer + batch_size images are decoded before the first. The resumed DataLoader starts its round robin
+at the worker that was next. A position of another layout (world size or loader workers changed) cannot be
+continued exactly: the pass goes on at the saved batch count with fresh streams. Without a position (checkpoints of
+older versions), the pass is replayed and the consumed batches decoded and dropped. Bad-sample counts
+(``stats()``) are those of this loader object: a resumed rank does not count the bad samples met before the cut again.
+
 Evaluation (:func:`make_eval_loader`). The first N = min(limit, num_samples) samples in manifest order are cut into
 contiguous ranges, rank r taking [r*N/W, (r+1)*N/W): every sample exactly once across ranks, in the same order with
 the same LR on every run (no randomness at all). The last batch may be short; ranks differ by at most one sample, so
@@ -116,7 +135,7 @@ def _fetch_samples(base_url: str, name: str, positions: set[int], hr_size: int) 
     with storage.open_read(storage.join(base_url, name)) as stream:
         for pos, (key, files, reason) in enumerate(_pack.iter_tar_samples(stream)):
             if pos in positions:
-                img, reason = decode_image(_pack.image_member(files), hr_size) if files else (None, reason)
+                img, reason = decode_image(_pack.image_member(files), hr_size) if files is not None else (None, reason)
                 if img is None:
                     raise BadDataError(f"{name}/{key}: {reason}; it was good when the data position was saved (the "
                                        f"shard changed?): resume from a checkpoint of this data set")
