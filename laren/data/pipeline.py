@@ -377,7 +377,7 @@ class TrainLoader(_Loader):
                         "streams", mine and mine.get("layout"), self.epoch, start)
         skip = start if start > 0 and not positions else 0  # no saved position: decode and drop (old checkpoints)
         self.stream.epoch = self.epoch  # workers copy the stream when the DataLoader iterator starts
-        self.stream.resume = self._pos if exact else None
+        self.stream.resume = mine if exact else None  # (not self._pos, which this process updates)
         self.epoch += 1
         n = start  # batches of this pass already consumed
         if self.batches_per_epoch is not None and n >= self.batches_per_epoch:
