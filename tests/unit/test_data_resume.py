@@ -1,6 +1,7 @@
 """Resume without replay: a training loader that seeks to a saved data position yields exactly the batches (keys and
 pixels) of the uninterrupted pass, with 0 and 2 loader workers, 2 ranks and a bad sample in a shard, and decodes only
-its shuffle buffer and partial batch before its first batch. Real shards packed from scikit-image photos."""
+its shuffle buffer and partial batch before its first batch; the training loop's DataStream resumes across the end of
+a pass. Real shards packed from scikit-image photos."""
 
 from __future__ import annotations
 
@@ -105,3 +106,24 @@ def test_resume_decodes_only_the_buffer_and_partial_batch(shards, monkeypatch):
     old.seek(10, None)
     next(iter(old))
     assert len(decoded) >= 10 * BATCH  # the replay decodes every sample already consumed
+
+
+@pytest.mark.parametrize("cut", [4, 10])
+def test_data_stream_resumes_across_the_end_of_a_pass(shards, tmp_path, cut):
+    """The training loop's stream, from a state saved mid-pass and at the pass's end, through the next pass."""
+    from laren.train.loop import DataStream
+    from laren.train.state import TrainState
+    from tests.unit.test_train_loop import tiny_config
+
+    data = dict(loader_workers=2, shuffle_buffer=BUFFER, max_bad_fraction=0.5)
+    cfg = tiny_config(shards, f"sqlite:///{tmp_path}/m.db", data=data)
+    ref = DataStream(cfg, 0, 1, TrainState())
+    assert ref.per_pass == 10  # 40 samples, batch 4
+    want = [next(ref) for _ in range(cut + 8)]
+    st = TrainState()
+    a = DataStream(cfg, 0, 1, st)
+    head = [next(a) for _ in range(cut)]
+    saved = TrainState(data_epoch=st.data_epoch, data_batch=st.data_batch, data_ranks=[a.position()])
+    b = DataStream(cfg, 0, 1, saved)
+    _assert_same(head + [next(b) for _ in range(8)], want)
+    assert (saved.data_epoch, saved.data_batch) == (1, cut - 2)
