@@ -176,7 +176,7 @@ def assign_shards(num_shards: int, worker: int, num_workers: int) -> list[int]:
 
 
 class _Walk:
-    """One loader worker's stream, as positions: its RNG, shard visit (the visit-th draw, index ``shard`` into its
+    """One loader worker's stream, as positions: its RNG, shard visit (0 for its first draw; index ``shard`` into its
     shards), offset in that shard, shuffle buffer and partial batch, each sample held as (key, payload, flip).
 
     :meth:`run` advances it over the sample events that ``events(visit, entry, start)`` gives for each shard from
