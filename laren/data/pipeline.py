@@ -368,9 +368,10 @@ class TrainLoader(_Loader):
         self._start = (0, None)
         self._pos = self._fresh_position()
         mine = positions[self.rank] if positions and len(positions) == self.stream.world_size else None
-        exact = start > 0 and mine is not None and [mine.get("epoch"), mine.get("layout")] == [self.epoch,
-                                                                                               self._pos["layout"]]
+        exact = start > 0 and isinstance(mine, dict) and [mine.get("epoch"), mine.get("layout")] == [
+            self.epoch, self._pos["layout"]]
         if exact:
+            _check_position(mine, self.rank)
             self._pos = json.loads(json.dumps(mine))
         elif start > 0 and positions:
             log.warning("data position saved for another layout (%s): pass %d continues at batch %d with fresh "
@@ -401,6 +402,24 @@ class TrainLoader(_Loader):
             if hasattr(it, "_shutdown_workers"):
                 it._shutdown_workers()
             del it
+
+
+def _counts(xs, n: int) -> bool:
+    return isinstance(xs, list) and len(xs) == n and all(type(x) is int and x >= 0 for x in xs)
+
+
+def _check_position(pos: dict, rank: int) -> None:
+    """A saved position has the shape :meth:`TrainLoader.position` gives, or a clear error."""
+    nw = pos["layout"][1]
+    at, bad = pos.get("at"), pos.get("bad")
+    ok = (_counts(pos.get("items"), nw) and isinstance(at, list) and len(at) == nw and isinstance(bad, list)
+          and all(a is None or (isinstance(a, list) and len(a) == 3 and _counts(a[::2], 2) and isinstance(a[1], str))
+                  for a in at)
+          and all(_counts(b, 4) and b[0] < nw and b[3] > 0 for b in bad))
+    if not ok:
+        raise ValueError(f"checkpoint data position of rank {rank} (state.json data_ranks[{rank}]) is malformed: "
+                         f"expected {{'items': [{nw} counts], 'at': [{nw} x [visit, shard, offset] or null], 'bad': "
+                         f"[[worker, visit, offset, n], ...]}}")
 
 
 class EvalLoader(_Loader):

@@ -127,3 +127,14 @@ def test_data_stream_resumes_across_the_end_of_a_pass(shards, tmp_path, cut):
     b = DataStream(cfg, 0, 1, saved)
     _assert_same(head + [next(b) for _ in range(8)], want)
     assert (saved.data_epoch, saved.data_batch) == (1, cut - 2)
+
+
+def test_malformed_saved_position_is_refused(shards):
+    a = _loader(shards)
+    _take(a, 2)
+    pos = a.position()
+    for field, value in (("items", [-1]), ("at", [[0, 3, 1]]), ("bad", [[0, 0, 1]])):
+        b = _loader(shards)
+        b.seek(2, [{**pos, field: value}])
+        with pytest.raises(ValueError, match=rf"data_ranks\[0\]\) is malformed"):
+            next(iter(b))
