@@ -58,7 +58,7 @@ def measure(images: int = 3000, side: int = 128, batch_size: int = 8, buffer: in
     it.close()
     old_s, old_b = first_batch_s(loader(), cut, None)
     new_s, new_b = first_batch_s(loader(), cut, [position])
-    same = old_b["key"] == new_b["key"] and torch.equal(old_b["hr"], new_b["hr"]) and torch.equal(old_b["lr"], new_b["lr"])
+    same = old_b["key"] == new_b["key"] and all(torch.equal(old_b[k], new_b[k]) for k in ("hr", "lr"))
     return {"images": images, "side": side, "batch_size": batch_size, "buffer": buffer, "workers": workers,
             "batches_per_pass": per_pass, "cut": cut, "old_s": old_s, "new_s": new_s, "ratio": new_s / old_s,
             "same_batch": same}

@@ -152,14 +152,14 @@ def section_resume() -> str:
     from benchmarks.resume_seek import measure
 
     r = measure()
-    return ("How: `benchmarks/resume_seek.py`: "
-            f"{r['images']} real images (scikit-image) packed at {r['side']}^2 into a local folder; training loader with "
-            f"batch {r['batch_size']}, shuffle buffer {r['buffer']}, {r['workers']} loader worker(s); a run stops at "
-            f"batch {r['cut']} of the {r['batches_per_pass']} of a pass (90 %) and saves its data position. Timed: a "
-            "fresh loader from `iter()` (worker start-up included) to its first batch, resumed by the old path (decode "
-            "and drop the consumed batches) and the new one (seek: replay indices, decode the buffer and partial batch)"
-            f"; both give the same batch: {r['same_batch']}.\n\n| old: decode and drop | new: seek | new / old |\n"
-            f"|---:|---:|---:|\n| {r['old_s']:.2f} s | {r['new_s']:.3f} s | {100 * r['ratio']:.1f} % |")
+    how = (f"How: `benchmarks/resume_seek.py`: {r['images']} real images (scikit-image) packed at {r['side']}^2 into "
+           f"a local folder; training loader with batch {r['batch_size']}, shuffle buffer {r['buffer']}, "
+           f"{r['workers']} loader worker(s); a run stops at batch {r['cut']} of the {r['batches_per_pass']} of a pass "
+           "(90 %) and saves its data position. Timed: a fresh loader from `iter()` (worker start-up included) to its "
+           "first batch, resumed by the old path (decode and drop the consumed batches) and the new one (seek: replay "
+           f"indices, decode the buffer and partial batch); both give the same batch: {r['same_batch']}.")
+    return (f"{how}\n\n| old: decode and drop | new: seek | new / old |\n|---:|---:|---:|\n"
+            f"| {r['old_s']:.2f} s | {r['new_s']:.3f} s | {100 * r['ratio']:.1f} % |")
 
 
 SECTIONS = {
