@@ -1,7 +1,7 @@
 """Every benchmark, one after the other, written to benchmarks/RESULTS.md with the machine, the command and how each
 figure was measured (``make bench``; about 10 minutes on a 2-core CPU machine).
 
-    .venv/bin/python benchmarks/run_all.py [--out benchmarks/RESULTS.md] [--only step,gdm,data,ray,ckpt,profile]
+    .venv/bin/python benchmarks/run_all.py [--out benchmarks/RESULTS.md] [--only step,gdm,data,ray,ckpt,profile,resume]
 
 Sections: training-step throughput and peak memory (LAREN vs Base vs glean_skips), GDM chunked vs unchunked memory,
 data pipeline samples/s per loader worker, Ray Train vs a plain torch DDP loop, checkpoint save time to S3, the
@@ -163,6 +163,20 @@ def section_profile() -> str:
             f"\n\n```\n{r['torch_ops'].strip()}\n```")
 
 
+def section_resume() -> str:
+    from benchmarks.resume_seek import measure
+
+    r = measure()
+    how = (f"How: `benchmarks/resume_seek.py`: {r['images']} real images (scikit-image) packed at {r['side']}^2 into "
+           f"a local folder; training loader with batch {r['batch_size']}, shuffle buffer {r['buffer']}, "
+           f"{r['workers']} loader worker(s); a run stops at batch {r['cut']} of the {r['batches_per_pass']} of a pass "
+           "(90 %) and saves its data position. Timed: a fresh loader from `iter()` (worker start-up included) to its "
+           "first batch, resumed by the old path (decode and drop the consumed batches) and the new one (seek: replay "
+           f"indices, decode the buffer and partial batch); both give the same batch: {r['same_batch']}.")
+    return (f"{how}\n\n| old: decode and drop | new: seek | new / old |\n|---:|---:|---:|\n"
+            f"| {r['old_s']:.2f} s | {r['new_s']:.3f} s | {100 * r['ratio']:.1f} % |")
+
+
 SECTIONS = {
     "step": ("Training-step throughput and peak memory: LAREN vs Base vs glean_skips", section_step),
     "gdm": ("GDM memory: chunked vs unchunked", section_gdm),
@@ -171,6 +185,7 @@ SECTIONS = {
     "ckpt": ("Checkpoint save time to S3", section_ckpt),
     "profile": ("Profile of the training step", section_profile),
     "ddp": ("The step under DDP vs the hand-written all-reduce, and before vs after (2 gloo workers)", section_ddp),
+    "resume": ("Resume at 90 % of a pass: time to the first batch, old path vs new", section_resume),
 }
 
 GPU_PENDING = """## GPU check (64x face step, batch 8, bf16, H200): pending

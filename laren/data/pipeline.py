@@ -15,6 +15,25 @@ fewer shards than workers, worker g reads shard g mod S and a warning says so). 
 stream never runs dry, so every rank yields exactly ``batches_per_epoch`` batches and no rank waits on another in a
 collective. Samples pass a shuffle buffer, are decoded, flipped (p = 0.5) and batched inside the worker.
 
+Data position and resume. A worker's stream (shard draws, flip coins, buffer pops) depends only on its RNG, the
+manifest's shard counts and which sample positions are bad, never on pixels. ``TrainLoader.position()`` is this rank's
+position in the current pass, JSON-ready::
+
+    {"epoch": pass, "layout": [world_size, loader workers (>= 1)],
+     "items": [items (batches and bad-sample reports) taken from each loader worker],
+     "at": [[shard visit, shard name, offset] of each worker: the next sample position it reads, or None],
+     "bad": [[worker, shard visit, offset, n], ...]}   # the bad samples met this pass
+
+(worker = the stream's index on this rank; visit v = its (v+1)-th shard draw; offsets count tar samples). On resume
+(``seek``), each worker replays its ``items`` items at index level (draws, coins and pops, the saved bad positions
+marked bad, nothing read), checks that it reaches ``at``, reads and decodes only the samples in its buffer and partial
+batch, and goes on reading its shard from the offset: the batches are exactly those of the uninterrupted pass, and at
+most shuffle_buffer + batch_size images are decoded before the first. The resumed DataLoader starts its round robin
+at the worker that was next. A position of another layout (world size or loader workers changed) cannot be
+continued exactly: the pass goes on at the saved batch count with fresh streams. Without a position (checkpoints of
+older versions), the pass is replayed and the consumed batches decoded and dropped. Bad-sample counts
+(``stats()``) are those of this loader object: a resumed rank does not count the bad samples met before the cut again.
+
 Evaluation (:func:`make_eval_loader`). The first N = min(limit, num_samples) samples in manifest order are cut into
 contiguous ranges, rank r taking [r*N/W, (r+1)*N/W): every sample exactly once across ranks, in the same order with
 the same LR on every run (no randomness at all). The last batch may be short; ranks differ by at most one sample, so
@@ -28,6 +47,7 @@ manifest's per-shard count. When bad > max_bad_fraction x max(seen, this rank's 
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from typing import Iterator, Optional
@@ -70,15 +90,19 @@ def decode_image(data: Optional[bytes], hr_size: int) -> tuple[Optional[np.ndarr
     return np.asarray(im.convert("RGB")), ""
 
 
-def _shard_events(base_url: str, entry: dict, hr_size: int) -> Iterator[tuple[int, str, Optional[np.ndarray], str]]:
-    """Every sample position of one shard: (n, "shard/key", image, "") for a good one, (n, "shard/key", None, reason)
-    for n >= 1 bad ones (n > 1 only for samples lost after a truncation, counted from the manifest)."""
+def _shard_events(base_url: str, entry: dict, hr_size: int,
+                  start: int = 0) -> Iterator[tuple[int, str, Optional[np.ndarray], str]]:
+    """Every sample position of one shard from ``start`` on: (n, "shard/key", image, "") for a good one,
+    (n, "shard/key", None, reason) for n >= 1 bad ones (n > 1 only for samples lost after a truncation, counted from the
+    manifest). Samples before ``start`` are read through, not decoded."""
     name, expected = entry["name"], entry["count"]
     seen, last = 0, "start"
+    if start >= expected:
+        return
     try:
         stream = storage.open_read(storage.join(base_url, name))
     except Exception as err:
-        yield expected, f"{name}/*", None, f"unreadable shard: {type(err).__name__}: {err}"
+        yield expected - start, f"{name}/*", None, f"unreadable shard: {type(err).__name__}: {err}"
         return
     try:
         with stream:
@@ -87,6 +111,8 @@ def _shard_events(base_url: str, entry: dict, hr_size: int) -> Iterator[tuple[in
                     break
                 seen += 1
                 last = key or last
+                if seen <= start:
+                    continue
                 if files is None:
                     yield 1, f"{name}/{key}", None, reason
                     continue
@@ -95,9 +121,31 @@ def _shard_events(base_url: str, entry: dict, hr_size: int) -> Iterator[tuple[in
     except Exception as err:  # a broken connection that the storage retries could not heal
         if seen < expected:
             seen += 1
-            yield 1, f"{name}/after-{last}", None, f"read error: {type(err).__name__}: {err}"
-    if seen < expected:
-        yield expected - seen, f"{name}/after-{last}", None, f"{expected - seen} samples missing (shard ends early)"
+            if seen > start:
+                yield 1, f"{name}/after-{last}", None, f"read error: {type(err).__name__}: {err}"
+    if max(seen, start) < expected:
+        lost = expected - max(seen, start)
+        yield lost, f"{name}/after-{last}", None, f"{lost} samples missing (shard ends early)"
+
+
+def _fetch_samples(base_url: str, name: str, positions: set[int], hr_size: int) -> dict[int, tuple[str, np.ndarray]]:
+    """The decoded images at ``positions`` of one shard (others are read through, not decoded): {position: (key, img)}.
+    A sample that no longer decodes means the shard changed since the position was saved: an error."""
+    out: dict[int, tuple[str, np.ndarray]] = {}
+    with storage.open_read(storage.join(base_url, name)) as stream:
+        for pos, (key, files, reason) in enumerate(_pack.iter_tar_samples(stream)):
+            if pos in positions:
+                img, reason = decode_image(_pack.image_member(files), hr_size) if files is not None else (None, reason)
+                if img is None:
+                    raise BadDataError(f"{name}/{key}: {reason}; it was good when the data position was saved (the "
+                                       f"shard changed?): resume from a checkpoint of this data set")
+                out[pos] = (f"{name}/{key}", img)
+                if len(out) == len(positions):
+                    break
+    if len(out) < len(positions):
+        raise BadDataError(f"{name}: samples {sorted(positions - set(out))[:5]} missing; they were read when the data "
+                           f"position was saved (the shard changed?): resume from a checkpoint of this data set")
+    return out
 
 
 def _make_batch(imgs: list[np.ndarray], keys: list[str], lr_size: int) -> dict:
@@ -127,6 +175,50 @@ def assign_shards(num_shards: int, worker: int, num_workers: int) -> list[int]:
 # ------------------------------------------------------------------------------------------------ streams
 
 
+class _Walk:
+    """One loader worker's stream, as positions: its RNG, shard visit (0 for its first draw; index ``shard`` into its
+    shards), offset in that shard, shuffle buffer and partial batch, each sample held as (key, payload, flip).
+
+    :meth:`run` advances it over the sample events that ``events(visit, entry, start)`` gives for each shard from
+    ``start`` on. The order of draws, flips and pops depends only on the RNG and on which positions are bad, never on
+    the payload, so the same walk over decoded images (training) or over (shard, position) references (a resume's
+    seek) takes the same path. Between two items it yields, the walk's fields are exactly its state.
+    """
+
+    def __init__(self, rng: random.Random, mine: list[dict], shuffle_buffer: int, batch_size: int, hflip: bool):
+        self.rng, self.mine = rng, mine
+        self.shuffle_buffer, self.batch_size, self.hflip = shuffle_buffer, batch_size, hflip
+        self.visit, self.shard, self.offset = -1, None, 0
+        self.buf: list[tuple] = []
+        self.pending: list[tuple] = []
+
+    def run(self, events) -> Iterator[tuple]:
+        """Yields ("bad", (n, key, reason, offset)) and ("batch", [(key, payload, flip)] * batch_size), forever."""
+        while True:
+            if self.shard is None:
+                self.shard = self.rng.randrange(len(self.mine))  # resampled: with replacement, forever
+                self.visit, self.offset = self.visit + 1, 0
+            for n, key, x, reason in events(self.visit, self.mine[self.shard], self.offset):
+                at, self.offset = self.offset, self.offset + n
+                if x is None:
+                    yield "bad", (n, key, reason, at)
+                    continue
+                self.buf.append((key, x, self.hflip and self.rng.random() < 0.5))
+                if len(self.buf) < self.shuffle_buffer:
+                    continue
+                j = self.rng.randrange(len(self.buf))
+                self.buf[j], self.buf[-1] = self.buf[-1], self.buf[j]
+                self.pending.append(self.buf.pop())
+                if len(self.pending) == self.batch_size:
+                    out, self.pending = self.pending, []
+                    yield "batch", out
+            self.shard = None
+
+    def where(self) -> Optional[list]:
+        """[visit, shard name, offset]: the next sample position to read (None before the first draw)."""
+        return None if self.shard is None else [self.visit, self.mine[self.shard]["name"], self.offset]
+
+
 class _TrainStream(IterableDataset):
     def __init__(self, url, shards, hr_size, lr_size, batch_size, rank, world_size, seed, shuffle_buffer, hflip):
         super().__init__()
@@ -135,36 +227,58 @@ class _TrainStream(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.hflip = shuffle_buffer, hflip
         self.epoch = 0
+        self.resume: Optional[dict] = None  # this rank's data position in the pass (TrainLoader.position())
 
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        g, G = self.rank * nw + wid, self.world_size * nw
+        # A resumed pass starts the DataLoader's round robin at worker 0; the uninterrupted one was at item k mod nw.
+        w = (wid + (sum(self.resume["items"]) if self.resume else 0)) % nw
+        g, G = self.rank * nw + w, self.world_size * nw
         mine = [self.shards[i] for i in assign_shards(len(self.shards), g, G)]
-        rng = random.Random(f"laren-train/{self.seed}/{self.epoch}/{g}")
-        buf: list[tuple[str, np.ndarray]] = []
-        imgs, keys = [], []
-        while True:
-            entry = mine[rng.randrange(len(mine))]  # resampled: with replacement, forever
-            for n, key, img, reason in _shard_events(self.url, entry, self.hr_size):
-                if img is None:
-                    yield _bad_item(n, key, reason)
-                    continue
-                if self.hflip and rng.random() < 0.5:
-                    img = img[:, ::-1]
-                buf.append((key, img))
-                if len(buf) < self.shuffle_buffer:
-                    continue
-                j = rng.randrange(len(buf))
-                buf[j], buf[-1] = buf[-1], buf[j]
-                key, img = buf.pop()
-                keys.append(key)
-                imgs.append(img)
-                if len(imgs) == self.batch_size:
-                    b = _make_batch(imgs, keys, self.lr_size)
-                    b["_stats"] = {"bad": 0, "bad_keys": []}
-                    yield b
-                    imgs, keys = [], []
+        walk = _Walk(random.Random(f"laren-train/{self.seed}/{self.epoch}/{g}"), mine, self.shuffle_buffer,
+                     self.batch_size, self.hflip)
+        if self.resume:
+            self._seek(walk, w)
+        for kind, x in walk.run(lambda visit, entry, start: _shard_events(self.url, entry, self.hr_size, start)):
+            if kind == "bad":
+                n, key, reason, at = x
+                item = _bad_item(n, key, reason)
+                item["_pos"] = {"w": w, "at": walk.where(), "bad": [walk.visit, at, n]}
+            else:
+                item = _make_batch([img[:, ::-1] if flip else img for _, img, flip in x], [k for k, _, _ in x],
+                                   self.lr_size)
+                item["_stats"] = {"bad": 0, "bad_keys": []}
+                item["_pos"] = {"w": w, "at": walk.where()}
+            yield item
+
+    def _seek(self, walk: _Walk, w: int) -> None:
+        """Bring ``walk`` (worker ``w``'s, fresh) to the saved position: replay its ``items`` items over sample
+        references (nothing read, the saved bad positions marked bad), then decode only its buffer and partial batch."""
+        target = self.resume["items"][w]
+        bad = {(v, o): n for ww, v, o, n in self.resume["bad"] if ww == w}
+
+        def refs(visit, entry, start):
+            pos = start
+            while pos < entry["count"]:
+                n = bad.get((visit, pos))
+                yield (n, "", None, "") if n else (1, "", (entry["name"], pos), "")
+                pos += n or 1
+
+        if target:
+            for i, _ in enumerate(walk.run(refs), 1):
+                if i == target:
+                    break
+        if walk.where() != self.resume["at"][w]:
+            raise RuntimeError(f"data position of loader worker {w} does not replay: at {walk.where()} after "
+                               f"{target} items, saved {self.resume['at'][w]}")
+        wanted: dict[str, set[int]] = {}
+        for _, (name, pos), _ in walk.buf + walk.pending:
+            wanted.setdefault(name, set()).add(pos)
+        got = {(name, pos): v for name, ps in wanted.items()
+               for pos, v in _fetch_samples(self.url, name, ps, self.hr_size).items()}
+        walk.buf = [(*got[ref], flip) for _, ref, flip in walk.buf]
+        walk.pending = [(*got[ref], flip) for _, ref, flip in walk.pending]
 
 
 class _Loader:
@@ -202,39 +316,110 @@ class _Loader:
 
 
 class TrainLoader(_Loader):
-    """Endless (or ``batches_per_epoch`` long) training batches of one rank. Each ``iter()`` is a new epoch."""
+    """Endless (or ``batches_per_epoch`` long) training batches of one rank. Each ``iter()`` is a new epoch.
+
+    :meth:`position` is this rank's data position in the current pass (JSON-ready); :meth:`seek` makes the next pass
+    start from a saved one (see the module docstring).
+    """
 
     def __init__(self, stream: _TrainStream, num_workers: int, batches_per_epoch: Optional[int], expected: int,
                  max_bad_fraction: float):
         super().__init__(stream.url, stream.rank, expected, max_bad_fraction)
         self.stream, self.num_workers, self.batches_per_epoch = stream, num_workers, batches_per_epoch
         self.epoch = 0
+        self._start: tuple[int, Optional[list]] = (0, None)
+        self._pos = self._fresh_position()
 
     def __len__(self) -> int:
         if self.batches_per_epoch is None:
             raise TypeError("endless training loader: pass batches_per_epoch for a length")
         return self.batches_per_epoch
 
+    def _fresh_position(self) -> dict:
+        nw = max(self.num_workers, 1)
+        return {"epoch": self.epoch, "layout": [self.stream.world_size, nw], "items": [0] * nw, "at": [None] * nw,
+                "bad": []}
+
+    def position(self) -> dict:
+        """This rank's data position in the current pass: {"epoch", "layout": [world size, loader workers], "items":
+        items taken from each worker, "at": each worker's [shard visit, shard name, offset], "bad": [[worker, visit,
+        offset, n], ...] the bad samples met}."""
+        return json.loads(json.dumps(self._pos))
+
+    def seek(self, batch: int, positions: Optional[list[dict]]) -> None:
+        """Start the next ``iter()`` (pass ``self.epoch``) after its first ``batch`` batches, given the ranks' saved
+        ``positions`` (``position()`` of every rank). Without positions (a checkpoint from before they were saved),
+        the batches are decoded and dropped; with positions of another layout (world size, loader workers), the
+        streams start afresh for the rest of the pass."""
+        self._start = (batch, positions)
+
+    def _account(self, item: dict) -> bool:
+        pos = item.pop("_pos", None)
+        if pos is not None:
+            w = pos["w"]
+            self._pos["items"][w] += 1
+            self._pos["at"][w] = pos["at"]
+            if "bad" in pos:
+                self._pos["bad"].append([w, *pos["bad"]])
+        return super()._account(item)
+
     def __iter__(self):
+        start, positions = self._start
+        self._start = (0, None)
+        self._pos = self._fresh_position()
+        mine = positions[self.rank] if positions and len(positions) == self.stream.world_size else None
+        exact = start > 0 and isinstance(mine, dict) and [mine.get("epoch"), mine.get("layout")] == [
+            self.epoch, self._pos["layout"]]
+        if exact:
+            _check_position(mine, self.rank)
+            self._pos = json.loads(json.dumps(mine))
+        elif start > 0 and positions:
+            log.warning("data position saved for another layout (%s): pass %d continues at batch %d with fresh "
+                        "streams", mine and mine.get("layout"), self.epoch, start)
+        skip = start if start > 0 and not positions else 0  # no saved position: decode and drop (old checkpoints)
         self.stream.epoch = self.epoch  # workers copy the stream when the DataLoader iterator starts
+        self.stream.resume = mine if exact else None  # (not self._pos, which this process updates)
         self.epoch += 1
+        n = start  # batches of this pass already consumed
+        if self.batches_per_epoch is not None and n >= self.batches_per_epoch:
+            return
         # A private generator: starting the iterator draws a base seed, which must not come from (and shift) the
         # training process's global torch RNG, or a resumed run would not repeat its random draws.
         dl = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                         prefetch_factor=2 if self.num_workers else None, persistent_workers=False,
                         generator=torch.Generator().manual_seed(self.epoch))
         it = iter(dl)
-        n = 0
         try:
             while self.batches_per_epoch is None or n < self.batches_per_epoch:
                 item = next(it)
                 if self._account(item):
+                    if skip:
+                        skip -= 1
+                        continue
                     n += 1
                     yield item
         finally:
             if hasattr(it, "_shutdown_workers"):
                 it._shutdown_workers()
             del it
+
+
+def _counts(xs, n: int) -> bool:
+    return isinstance(xs, list) and len(xs) == n and all(type(x) is int and x >= 0 for x in xs)
+
+
+def _check_position(pos: dict, rank: int) -> None:
+    """A saved position has the shape :meth:`TrainLoader.position` gives, or a clear error."""
+    nw = pos["layout"][1]
+    at, bad = pos.get("at"), pos.get("bad")
+    ok = (_counts(pos.get("items"), nw) and isinstance(at, list) and len(at) == nw and isinstance(bad, list)
+          and all(a is None or (isinstance(a, list) and len(a) == 3 and _counts(a[::2], 2) and isinstance(a[1], str))
+                  for a in at)
+          and all(_counts(b, 4) and b[0] < nw and b[3] > 0 for b in bad))
+    if not ok:
+        raise ValueError(f"checkpoint data position of rank {rank} (state.json data_ranks[{rank}]) is malformed: "
+                         f"expected {{'items': [{nw} counts], 'at': [{nw} x [visit, shard, offset] or null], 'bad': "
+                         f"[[worker, visit, offset, n], ...]}}")
 
 
 class EvalLoader(_Loader):

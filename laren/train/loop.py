@@ -222,12 +222,14 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class DataStream:
-    """Endless training batches from a saved data position (``st.data_epoch``, ``st.data_batch``).
+    """Endless training batches from a saved data position (``st.data_epoch``, ``st.data_batch``, ``st.data_ranks``).
 
     A pass ("data epoch") is ``ceil(samples / batch_size_global)`` batches per rank; the loader's random streams are
-    seeded by (seed, pass, loader worker), so the batches of a pass are the same on every run. On resume the current
-    pass is re-created and the batches consumed before the checkpoint are skipped (decoded and dropped: at most one
-    pass of reading). Updates the position in ``st`` as it yields; ``skipped()`` counts the bad samples dropped.
+    seeded by (seed, pass, loader worker), so the batches of a pass are the same on every run. On resume the loader
+    seeks to the position of every loader worker saved in ``st.data_ranks`` (nothing already consumed is decoded; see
+    laren.data.pipeline); a checkpoint without it replays the pass (decodes and drops the consumed batches). Updates
+    ``st`` as it yields; ``position()`` is this rank's part of ``st.data_ranks``; ``skipped()`` counts the bad
+    samples dropped.
     """
 
     def __init__(self, cfg: RunConfig, rank: int, world_size: int, st: S.TrainState):
@@ -248,15 +250,17 @@ class DataStream:
 
     def _gen(self) -> Iterator[dict[str, Any]]:
         st = self.st
+        self.loader.seek(st.data_batch, st.data_ranks)
         while True:
             self.loader.epoch = st.data_epoch
-            for i, batch in enumerate(self.loader):
-                if i < st.data_batch:
-                    continue  # resume: consumed before the checkpoint
-                st.data_batch = i + 1
+            for batch in self.loader:
+                st.data_batch += 1
                 yield batch
             st.data_epoch += 1
             st.data_batch = 0
+
+    def position(self) -> dict[str, Any]:
+        return self.loader.position()
 
     def __next__(self) -> dict[str, Any]:
         return next(self._it)
@@ -388,12 +392,12 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
                 last.update(metrics)
                 show(st.kimg, metrics, last)
             if st.step % sched.checkpoint_every == 0 or done:
-                _checkpoint(cfg, ctx, model, disc, optimizers, st, {**last, "step": st.step, "kimg": st.kimg})
+                _checkpoint(cfg, ctx, model, disc, optimizers, st, {**last, "step": st.step, "kimg": st.kimg}, batches)
                 last_ckpt_step = st.step
             elif "val/psnr" in metrics and ctx.report is not None:
                 ctx.report({**last, "step": st.step, "kimg": st.kimg}, None, None)
         if last_ckpt_step != st.step:  # resumed at the end: still hand back a final checkpoint
-            _checkpoint(cfg, ctx, model, disc, optimizers, st, {**last, "step": st.step, "kimg": st.kimg})
+            _checkpoint(cfg, ctx, model, disc, optimizers, st, {**last, "step": st.step, "kimg": st.kimg}, batches)
         if rank == 0:
             with tempfile.TemporaryDirectory(prefix="laren-final-") as d:
                 final = S.save_checkpoint(Path(d) / "final", model, disc, optimizers, st, cfg.to_dict())
@@ -470,9 +474,12 @@ def _evaluate(cfg: RunConfig, model, lpips, rank: int, world: int, dev, tracker,
     return {f"val/{k}": (tot[i] / n if n else math.nan) for i, k in enumerate(names)} | {"val/images": n}
 
 
-def _checkpoint(cfg, ctx: WorkerContext, model, disc, optimizers, st: S.TrainState, metrics: dict[str, float]) -> None:
-    """Every rank contributes its RNG state; rank 0 writes the checkpoint; every rank calls ``report`` (a barrier)."""
+def _checkpoint(cfg, ctx: WorkerContext, model, disc, optimizers, st: S.TrainState, metrics: dict[str, float],
+                data: DataStream) -> None:
+    """Every rank contributes its RNG state and data position; rank 0 writes the checkpoint; every rank calls
+    ``report`` (a barrier)."""
     st.rng = C.gather_objects(S.capture_rng(), ctx.device)
+    st.data_ranks = C.gather_objects(data.position(), ctx.device)
     best = cfg.train.keep_best_metric
     if best and best not in metrics:  # before the first evaluation: NaN, which Ray's scoring ranks below every number
         metrics = {**metrics, best: math.nan}

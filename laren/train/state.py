@@ -47,14 +47,17 @@ class CheckpointError(ValueError):
 class TrainState:
     """Where a run is: counted in optimizer steps and images (kimg = images_seen / 1000).
 
-    ``data_epoch`` / ``data_batch`` are the data position: the pass over the training stream and the batches of that
-    pass already consumed (the loader is re-created for ``data_epoch`` and skips ``data_batch`` batches on resume).
+    ``data_epoch`` / ``data_batch`` / ``data_ranks`` are the data position: the pass over the training stream, the
+    batches of that pass already consumed, and per rank where each of its loader workers is in the pass
+    (``TrainLoader.position()``, format in laren.data.pipeline): the loader seeks there on resume. Checkpoints from
+    before ``data_ranks`` was saved load with it empty (the consumed batches are then replayed).
     """
 
     step: int = 0
     images_seen: int = 0
     data_epoch: int = 0
     data_batch: int = 0
+    data_ranks: list[dict[str, Any]] = field(default_factory=list)  # one entry per rank
     mlflow_run_id: Optional[str] = None
     worker_s: float = 0.0  # workers x wall seconds of training, summed over attempts, to the last log step (laren.cost)
     rng: list[dict[str, Any]] = field(default_factory=list)  # one entry per rank, see capture_rng()

@@ -38,13 +38,19 @@ def test_round_trip_restores_weights_optimizers_and_rng(tmp_path):
     torch.manual_seed(11)
     np.random.seed(12)
     random.seed(13)
-    st = S.TrainState(step=7, images_seen=56, data_epoch=1, data_batch=3, mlflow_run_id="abc", rng=[S.capture_rng()])
+    pos = {"epoch": 1, "layout": [1, 2], "items": [2, 2], "at": [[0, "shard-000000.tar", 4], None], "bad": [[0, 0, 1, 1]]}
+    st = S.TrainState(step=7, images_seen=56, data_epoch=1, data_batch=3, data_ranks=[pos], mlflow_run_id="abc",
+                      rng=[S.capture_rng()])
     S.write_checkpoint_dir(tmp_path / "ck", model, disc, opts, st, config={"name": "x"})
     expected_draws = (torch.rand(3), np.random.rand(2), random.random())
 
     m2, d2, o2 = _modules(1)  # different init: everything must come from the checkpoint
     got = S.load_checkpoint(tmp_path / "ck", m2, d2, o2)
     assert (got.step, got.images_seen, got.kimg, got.data_epoch, got.data_batch, got.mlflow_run_id) == (7, 56, 0.056, 1, 3, "abc")
+    assert got.data_ranks == [pos]
+    # a checkpoint from before the loader workers' positions were saved loads without them (the pass is replayed)
+    doc = {k: v for k, v in S.read_state(tmp_path / "ck").items() if k != "data_ranks"}
+    assert S.train_state_from_doc(doc).data_ranks == [] and S.train_state_from_doc(doc).data_batch == 3
     for a, b in zip(list(model.state_dict().values()) + list(disc.state_dict().values()),
                     list(m2.state_dict().values()) + list(d2.state_dict().values())):
         assert torch.equal(a, b)
