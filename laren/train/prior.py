@@ -323,10 +323,10 @@ def prior_worker(cfg: PriorRunConfig, ctx: WorkerContext) -> dict[str, Any]:
                 last.update(metrics)
                 show(st.kimg, metrics, last)
             if st.step % sched.checkpoint_every == 0 or done:
-                _checkpoint(cfg, ctx, nets, d, optimizers, st, {**last, "step": st.step, "kimg": st.kimg})
+                _checkpoint(cfg, ctx, nets, d, optimizers, st, {**last, "step": st.step, "kimg": st.kimg}, batches)
                 last_ckpt_step = st.step
         if last_ckpt_step != st.step:
-            _checkpoint(cfg, ctx, nets, d, optimizers, st, {**last, "step": st.step, "kimg": st.kimg})
+            _checkpoint(cfg, ctx, nets, d, optimizers, st, {**last, "step": st.step, "kimg": st.kimg}, batches)
         if rank == 0:
             meta = export_prior(nets, d, cfg)
             tracker.log_params({"prior.sha256": meta.sha256})
