@@ -374,8 +374,9 @@ class TrainLoader(_Loader):
             _check_position(mine, self.rank)
             self._pos = json.loads(json.dumps(mine))
         elif start > 0 and positions:
-            log.warning("data position saved for another layout (%s): pass %d continues at batch %d with fresh "
-                        "streams", mine and mine.get("layout"), self.epoch, start)
+            saved = positions[0].get("layout") if isinstance(positions[0], dict) else None
+            log.warning("data position saved for another layout ([ranks, loader workers] %s, now %s): pass %d "
+                        "continues at batch %d with fresh streams", saved, self._pos["layout"], self.epoch, start)
         skip = start if start > 0 and not positions else 0  # no saved position: decode and drop (old checkpoints)
         self.stream.epoch = self.epoch  # workers copy the stream when the DataLoader iterator starts
         self.stream.resume = mine if exact else None  # (not self._pos, which this process updates)
