@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from laren.data import pack as _pack
 from laren.data import storage
-from laren.imresize import imresize_uint8, lookup_uint8
+from laren.imresize import imresize_uint8
 
 log = logging.getLogger("laren.data")
 
@@ -117,12 +117,21 @@ def _shard_events(base_url: str, entry: dict, hr_size: int) -> Iterator[tuple[in
         yield expected - seen, f"{name}/after-{last}", None, f"{expected - seen} samples missing (shard ends early)"
 
 
+def _to_unit(img: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 x/127.5 - 1 by table lookup: the same values on every device (CUDA divides by a Python scalar
+    as a product with its reciprocal, which differs in the last bit for about half of the 256 values). On the CPU a
+    numpy gather, ~3x faster than torch's indexing (which widens the indices to int64)."""
+    if img.device.type == "cpu":
+        return torch.from_numpy(_UNIT.numpy()[img.numpy()])
+    return _UNIT.to(img.device)[img.long()]
+
+
 def lr_hr_pair(hr: torch.Tensor, lr_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 HR (B, 3, h, h) on any device -> (LR (B, 3, l, l), HR) float32 in [-1, 1] on that device; the same
     values on every device (the loader's CPU or the training GPU)."""
     lr = imresize_uint8(hr, lr_size / hr.shape[-1])  # (B, 3, l, l) uint8
     assert lr.shape[-1] == lr_size, (lr.shape, lr_size)
-    return lookup_uint8(_UNIT, lr), lookup_uint8(_UNIT, hr)
+    return _to_unit(lr), _to_unit(hr)
 
 
 def batch_to_device(batch: dict, device: torch.device, lr_size: int) -> tuple[torch.Tensor, torch.Tensor]:
