@@ -74,6 +74,13 @@ def resize_matrix(in_len: int, out_len: int, scale: float, antialiasing: bool = 
     return _matrix_f64(int(in_len), int(out_len), float(scale), bool(antialiasing)).to(dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=64)
+def _matrix_on(in_len: int, out_len: int, scale: float, antialiasing: bool, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    """:func:`resize_matrix`, kept on its device: no host-to-device copy per call (never handed out: never written)."""
+    return resize_matrix(in_len, out_len, scale, antialiasing, dtype, device)
+
+
 def imresize(img: torch.Tensor, scale: float, antialiasing: bool = True) -> torch.Tensor:
     """Resize by ``scale`` like MATLAB ``imresize(img, scale, 'bicubic')``.
 
@@ -87,8 +94,8 @@ def imresize(img: torch.Tensor, scale: float, antialiasing: bool = True) -> torc
         raise ValueError(f"scale must be > 0, got {scale}")
     H, W = img.shape[-2], img.shape[-1]
     h, w = output_size(H, scale), output_size(W, scale)
-    mh = resize_matrix(H, h, scale, antialiasing, img.dtype, img.device)  # (h, H)
-    mw = resize_matrix(W, w, scale, antialiasing, img.dtype, img.device)  # (w, W)
+    mh = _matrix_on(H, h, float(scale), bool(antialiasing), img.dtype, img.device)  # (h, H)
+    mw = _matrix_on(W, w, float(scale), bool(antialiasing), img.dtype, img.device)  # (w, W)
     out = torch.matmul(mh, img)  # (..., h, W): H first, as MATLAB
     return torch.matmul(out, mw.transpose(0, 1))  # (..., h, w)
 

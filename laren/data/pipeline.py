@@ -123,7 +123,12 @@ def _to_unit(img: torch.Tensor) -> torch.Tensor:
     numpy gather, ~3x faster than torch's indexing (which widens the indices to int64)."""
     if img.device.type == "cpu":
         return torch.from_numpy(_UNIT.numpy()[img.numpy()])
-    return _UNIT.to(img.device)[img.long()]
+    return _unit_on(img.device)[img.int()]
+
+
+@functools.lru_cache(maxsize=8)
+def _unit_on(device: torch.device) -> torch.Tensor:
+    return _UNIT.to(device)  # once per device: no host-to-device copy per batch
 
 
 def lr_hr_pair(hr: torch.Tensor, lr_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,6 +257,19 @@ class _Loader:
         return "key" in item
 
 
+def _mp_context():
+    ctx = multiprocessing.get_context(START_METHOD)
+    if START_METHOD == "forkserver":  # no effect once the server runs
+        ctx.set_forkserver_preload(["__main__", __name__])
+    return ctx
+
+
+def _set_environ(env: dict, worker_id: int) -> None:
+    """A loader worker's environment: its loader's, not the (older) forkserver's."""
+    os.environ.clear()
+    os.environ.update(env)
+
+
 class TrainLoader(_Loader):
     """Endless (or ``batches_per_epoch`` long) training batches of one rank. Each ``iter()`` is a new epoch."""
 
@@ -289,19 +307,6 @@ class TrainLoader(_Loader):
             if hasattr(it, "_shutdown_workers"):
                 it._shutdown_workers()
             del it
-
-
-def _mp_context():
-    ctx = multiprocessing.get_context(START_METHOD)
-    if START_METHOD == "forkserver":  # no effect once the server runs
-        ctx.set_forkserver_preload(["__main__", __name__])
-    return ctx
-
-
-def _set_environ(env: dict, worker_id: int) -> None:
-    """A loader worker's environment: its loader's, not the (older) forkserver's."""
-    os.environ.clear()
-    os.environ.update(env)
 
 
 class EvalLoader(_Loader):
