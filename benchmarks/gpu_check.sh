@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (one H200: under 8 minutes in all). Four independent stages, each in its own process under its own time
+# GPU check (one H200: under 9 minutes in all). Five independent stages, each in its own process under its own time
 # limit; a failing stage is reported and the next one runs. Everything goes to benchmarks/gpu_check.log; the summary
 # (one line per stage, then the step table) is printed at the end for benchmarks/RESULTS.md.
 #   1. torch   CUDA torch from the same constraints as `make setup` (constraints.txt: torch==2.13.0); installed from
@@ -10,6 +10,8 @@
 #              at batch 1 and scaled and MFU against the device's dense bf16 peak, both from laren/flops.py as the
 #              training loop's perf/mfu (H200 989 TFLOP/s)                                              (<= 120 s)
 #   4. compile the same step under torch.compile                                                         (<= 120 s)
+#   5. loader  data.lr_on_device: the LR made on the GPU has the CPU path's bytes (TF32 allowed), and loader
+#              samples/s per core, CPU LR vs device LR, at 1024^2 PNG (benchmarks/loader.py, 8 images)      (<= 60 s)
 #   bash benchmarks/gpu_check.sh            (from the repository root; PY=... to choose the interpreter)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,9 +43,11 @@ stage torch 90 bash -c "
 stage train 150 "$PY" benchmarks/gpu_train_check.py --device cuda
 stage step 120 "$PY" benchmarks/gpu_check.py --device cuda --compile off --out benchmarks/gpu_check.off.json
 stage compile 120 "$PY" benchmarks/gpu_check.py --device cuda --compile on --out benchmarks/gpu_check.on.json
+stage loader 60 "$PY" benchmarks/loader.py --device cuda --images 8 --batches 4
 
 echo
 printf '%s\n' "${SUMMARY[@]}"
+grep -h -A6 '^| loader path' "$LOG"
 grep -h '^{"run_id"' "$LOG" | tail -1
 "$PY" - <<'PY'
 import json, pathlib

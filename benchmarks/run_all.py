@@ -1,10 +1,11 @@
 """Every benchmark, one after the other, written to benchmarks/RESULTS.md with the machine, the command and how each
 figure was measured (``make bench``; about 10 minutes on a 2-core CPU machine).
 
-    .venv/bin/python benchmarks/run_all.py [--out benchmarks/RESULTS.md] [--only step,gdm,data,ray,ckpt,profile,resume]
+    .venv/bin/python benchmarks/run_all.py [--out benchmarks/RESULTS.md] [--only step,gdm,data,loader,ray,ckpt,profile,ddp,resume]
 
 Sections: training-step throughput and peak memory (LAREN vs Base vs glean_skips), GDM chunked vs unchunked memory,
-data pipeline samples/s per loader worker, Ray Train vs a plain torch DDP loop, checkpoint save time to S3, the
+data pipeline samples/s per loader worker, loader samples/s per core with the LR made on the CPU vs on the training
+device (and the cores per GPU that feed the 64x face step), Ray Train vs a plain torch DDP loop, checkpoint save time to S3, the
 profile of the training step, and the GPU check (pending until it is run on a GPU: benchmarks/gpu_check.sh).
 """
 
@@ -109,6 +110,19 @@ def section_data() -> str:
             f"to feed): {'; '.join(sorted(demand))}.\n\n" + "\n".join(out))
 
 
+def section_loader() -> str:
+    from benchmarks import loader
+
+    r = loader.measure(images=24, batches=8)
+    return ("How: `benchmarks/loader.py` (its docstring has the details): 24 synthetic 1024^2 faces (laren's `data synth` "
+            f"scene with photo-like grain, {r['mb_per_png']:.2f} MB per PNG, FFHQ's size), packed; the training stream's "
+            "loader work for batches of 4 on one core (1 torch thread, in process, each batch copied to shared memory "
+            f"as a worker hands it over), {r['batches']} batches after the first, in CPU seconds. Demand: 85 images/s "
+            "per GPU (4.06 TFLOP per image for the 64x face G + D step, 35 % MFU of an H200's 989 TFLOP/s); cores per "
+            "GPU = loaders for twice that + 1 for the training process. jobs/face64x.yaml takes the device-LR figure."
+            "\n\n" + loader.table(r))
+
+
 def section_ray() -> str:
     from benchmarks.ray_vs_ddp import measure
 
@@ -181,6 +195,7 @@ SECTIONS = {
     "step": ("Training-step throughput and peak memory: LAREN vs Base vs glean_skips", section_step),
     "gdm": ("GDM memory: chunked vs unchunked", section_gdm),
     "data": ("Data pipeline: samples/s per loader worker", section_data),
+    "loader": ("Loader: CPU LR vs device LR (samples/s per core, cores per GPU at 1024^2)", section_loader),
     "ray": ("Ray Train vs plain torch DDP (same model, 2 workers)", section_ray),
     "ckpt": ("Checkpoint save time to S3", section_ckpt),
     "profile": ("Profile of the training step", section_profile),

@@ -163,7 +163,18 @@ class DataConfig(Section):
     val_url: str = Field("", description="Evaluation dataset URL (same layout); empty uses train_url.")
     num_val_images: int = Field(64, ge=1, le=10_000_000, description="Images evaluated at each periodic evaluation (the full set in `laren eval`).")
     shuffle_buffer: int = Field(256, ge=1, le=1_000_000, description="Samples held in the training shuffle buffer per loader worker.")
-    loader_workers: int = Field(2, ge=0, le=256, description="DataLoader worker processes per training rank.")
+    loader_workers: Optional[int] = Field(
+        None, ge=0, le=256,
+        description="DataLoader worker processes per training rank (0: load in the training process). None (auto): "
+                    "resources.cpus_per_worker (the CPUs Ray reserves for the worker), capped by the CPUs the process may "
+                    "run on, minus one for the training process, at least 1. The count splits the shards, so it is part of "
+                    "the data order: set it to keep that order across machines of other sizes.",
+    )
+    lr_on_device: bool = Field(
+        True,
+        description="Make the LR images on the training device: the loader ships the decoded uint8 HR only and the loop "
+                    "runs the same MATLAB bicubic there (the same bytes as on the CPU). False: loader workers make them.",
+    )
     hflip: bool = Field(True, description="Random horizontal flip (p = 0.5) of training images.")
     max_bad_fraction: float = Field(
         0.01, ge=0, le=1, description="Abort with a clear error when more than this fraction of samples is undecodable or malformed."
@@ -349,6 +360,7 @@ class RunConfig(Section):
             d[section][key] = path_identity(d[section][key])
         d["resources"].pop("hourly_price_usd", None)  # a price changes no result
         d["resources"].pop("peak_tflops", None)  # nor does the peak MFU is measured against
+        d["data"].pop("lr_on_device", None)  # nor where the LR is made (the same bytes on every device)
         if d.get("train", {}).get("keep_best_metric") is None:  # unset: the ids of runs from before the fields stay
             d["train"].pop("keep_best_metric", None)
             d["train"].pop("keep_best_mode", None)

@@ -10,6 +10,12 @@ Each axis is one dense (out, in) weight matrix: mirrored taps of the same input 
 so a resize is ``Mh @ img @ Mw^T``: batched, exact in float64 (<= 5e-15 against MATLAB's ``contributions``),
 and fast on CPU and GPU. Weights are built in float64 and cast to the image dtype.
 
+The uint8 pipeline (:func:`imresize_uint8`) gives the same bytes on every device, so the LR can be made on the CPU in a
+loader worker or on the training GPU from the uint8 HR: it runs in float64, where the devices' different summation
+orders (and CUDA's division by a scalar as a product with its reciprocal) move a value by ~1e-13, while float32 (or
+TF32) moves it by ~1e-5: enough, now and then, to cross a 0.5 rounding boundary of the uint8 output. The /255 is
+applied to the small output rather than to the full input (the same result to ~1e-15).
+
 Shapes: B batch, C channels, H/W input size, h/w output size.
 """
 
@@ -68,6 +74,13 @@ def resize_matrix(in_len: int, out_len: int, scale: float, antialiasing: bool = 
     return _matrix_f64(int(in_len), int(out_len), float(scale), bool(antialiasing)).to(dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=64)
+def _matrix_on(in_len: int, out_len: int, scale: float, antialiasing: bool, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    """:func:`resize_matrix`, kept on its device: no host-to-device copy per call (never handed out: never written)."""
+    return resize_matrix(in_len, out_len, scale, antialiasing, dtype, device)
+
+
 def imresize(img: torch.Tensor, scale: float, antialiasing: bool = True) -> torch.Tensor:
     """Resize by ``scale`` like MATLAB ``imresize(img, scale, 'bicubic')``.
 
@@ -81,19 +94,24 @@ def imresize(img: torch.Tensor, scale: float, antialiasing: bool = True) -> torc
         raise ValueError(f"scale must be > 0, got {scale}")
     H, W = img.shape[-2], img.shape[-1]
     h, w = output_size(H, scale), output_size(W, scale)
-    mh = resize_matrix(H, h, scale, antialiasing, img.dtype, img.device)  # (h, H)
-    mw = resize_matrix(W, w, scale, antialiasing, img.dtype, img.device)  # (w, W)
+    mh = _matrix_on(H, h, float(scale), bool(antialiasing), img.dtype, img.device)  # (h, H)
+    mw = _matrix_on(W, w, float(scale), bool(antialiasing), img.dtype, img.device)  # (w, W)
     out = torch.matmul(mh, img)  # (..., h, W): H first, as MATLAB
     return torch.matmul(out, mw.transpose(0, 1))  # (..., h, w)
 
 
-def imresize_uint8(img: torch.Tensor, scale: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def imresize_uint8(img: torch.Tensor, scale: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The LR-making pipeline of GLEAN / mmagic: uint8 -> /255 -> bicubic -> clip [0, 1] -> x255 -> round -> uint8.
 
-    img: uint8 (..., H, W). Rounding is half away from zero (MATLAB); computing in float32 gives the same bytes as
-    float64 on the reference cases (no value lies within 1.4e-4 of a .5 tie).
+    img: uint8 (..., H, W) on any device. Rounding is half away from zero (MATLAB). float64 (the default) gives the same
+    bytes on the CPU and on a GPU (see the module docstring); float32 gives the same bytes as float64 on the reference
+    cases (no value lies within 1.4e-4 of a .5 tie), but not on every image, nor the same bytes on every device.
     """
     if img.dtype != torch.uint8:
         raise TypeError(f"imresize_uint8 takes a uint8 tensor, got {img.dtype}")
-    out = imresize(img.to(dtype) / 255.0, scale)
+    if img.device.type == "cpu":  # numpy converts ~4x faster than torch's .to() on one core; exact either way
+        x = torch.from_numpy(img.numpy().astype(torch.empty((), dtype=dtype).numpy().dtype))
+    else:
+        x = img.to(dtype)
+    out = imresize(x, scale) / 255.0
     return torch.floor(out.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)

@@ -6,7 +6,11 @@ Batch dict (one per step, per rank)::
      "key": [B sample keys], "shard": [B shard names]}
 
 LR synthesis is the GLEAN / mmagic pipeline on the (flipped) HR image: uint8 -> /255 -> MATLAB bicubic at l/h
-(``laren.imresize``, antialiased) -> clip -> x255 -> round -> uint8, then both images map to [-1, 1] as x/127.5 - 1.
+(``laren.imresize``, antialiased) -> clip -> x255 -> round -> uint8, then both images map to [-1, 1] as x/127.5 - 1
+(:func:`lr_hr_pair`). With ``lr_on_device`` the training loader ships the decoded HR only, ``{"hr_u8": (B, 3, h, h)
+uint8, "key", "shard"}`` (64x fewer bytes than float32 HR and no bicubic on the loader's CPU), and
+:func:`batch_to_device` makes the pair on the training device with the same function: the same bytes as the CPU path
+(``laren.imresize``'s docstring says why).
 
 Training (:func:`make_train_loader`). The shards listed in the manifest are split explicitly over the G = world_size x
 num_workers loader workers of the job (global worker g = rank * num_workers + worker id takes shards g, g+G, ...; with
@@ -43,12 +47,22 @@ Bad samples (a truncated tar member, a broken or missing shard, an undecodable i
 are counted, logged with their ``shard/key`` and skipped; samples lost after a truncation are counted from the
 manifest's per-shard count. When bad > max_bad_fraction x max(seen, this rank's share of the data set), the loader raises
 :class:`BadDataError`. ``loader.stats()`` gives ``{"samples", "bad", "bad_keys"}`` for this rank (cumulative).
+
+Loader processes start from a ``forkserver``, not by ``fork``: forking a process that runs threads (a Ray worker, CUDA,
+boto3) can deadlock the child. The server is a clean single-threaded process that imports this module once, so a
+worker starts in ~0.1 s where ``spawn`` pays Python + torch imports per worker (seconds); each worker takes the
+environment of the loader that starts it (S3 endpoint and credentials come from the environment), not the server's.
+Batches go to pinned memory when CUDA is available, so the copy to the GPU is asynchronous.
+:func:`auto_loader_workers` sizes the worker count from the CPUs a training process holds.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import multiprocessing
+import os
 import random
 from typing import Iterator, Optional
 
@@ -62,9 +76,12 @@ from laren.imresize import imresize_uint8
 
 log = logging.getLogger("laren.data")
 
-__all__ = ["make_train_loader", "make_eval_loader", "BadDataError", "assign_shards", "decode_image"]
+__all__ = ["make_train_loader", "make_eval_loader", "BadDataError", "assign_shards", "decode_image", "lr_hr_pair",
+           "batch_to_device", "auto_loader_workers"]
 
 MAX_BAD_KEYS = 1000  # bad keys kept per loader (the count is always exact)
+START_METHOD = "forkserver"  # loader worker processes (see the module docstring)
+_UNIT = torch.arange(256, dtype=torch.float32) / 127.5 - 1.0  # uint8 value -> [-1, 1], made once on the CPU
 
 
 class BadDataError(RuntimeError):
@@ -148,21 +165,59 @@ def _fetch_samples(base_url: str, name: str, positions: set[int], hr_size: int) 
     return out
 
 
-def _make_batch(imgs: list[np.ndarray], keys: list[str], lr_size: int) -> dict:
-    hr = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()  # (B, 3, h, h) uint8
+def _to_unit(img: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 x/127.5 - 1 by table lookup: the same values on every device (CUDA divides by a Python scalar
+    as a product with its reciprocal, which differs in the last bit for about half of the 256 values). On the CPU a
+    numpy gather, ~3x faster than torch's indexing (which widens the indices to int64)."""
+    if img.device.type == "cpu":
+        return torch.from_numpy(_UNIT.numpy()[img.numpy()])
+    return _unit_on(img.device)[img.int()]
+
+
+@functools.lru_cache(maxsize=8)
+def _unit_on(device: torch.device) -> torch.Tensor:
+    return _UNIT.to(device)  # once per device: no host-to-device copy per batch
+
+
+def lr_hr_pair(hr: torch.Tensor, lr_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 HR (B, 3, h, h) on any device -> (LR (B, 3, l, l), HR) float32 in [-1, 1] on that device; the same
+    values on every device (the loader's CPU or the training GPU)."""
     lr = imresize_uint8(hr, lr_size / hr.shape[-1])  # (B, 3, l, l) uint8
     assert lr.shape[-1] == lr_size, (lr.shape, lr_size)
-    return {
-        "lr": lr.float() / 127.5 - 1.0,
-        "hr": hr.float() / 127.5 - 1.0,
-        "key": [k.split("/", 1)[1] for k in keys],
-        "shard": [k.split("/", 1)[0] for k in keys],
-    }
+    return _to_unit(lr), _to_unit(hr)
+
+
+def batch_to_device(batch: dict, device: torch.device, lr_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch -> (LR, HR) float32 on ``device``: copied as they are (non-blocking from pinned memory), or, for
+    a batch of uint8 HR (``lr_on_device``), the uint8 copied and the pair made there."""
+    if "hr_u8" in batch:
+        return lr_hr_pair(batch["hr_u8"].to(device, non_blocking=True), lr_size)
+    return batch["lr"].to(device, non_blocking=True), batch["hr"].to(device, non_blocking=True)
+
+
+def _make_batch(imgs: list[np.ndarray], keys: list[str], lr_size: int, lr_on_device: bool = False) -> dict:
+    hr = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()  # (B, 3, h, h) uint8
+    b = {"key": [k.split("/", 1)[1] for k in keys], "shard": [k.split("/", 1)[0] for k in keys]}
+    if lr_on_device:
+        b["hr_u8"] = hr
+    else:
+        b["lr"], b["hr"] = lr_hr_pair(hr, lr_size)
+    return b
 
 
 def _bad_item(n: int, key: str, reason: str) -> dict:
     log.warning("bad sample %s: %s (skipped)", key, reason)
     return {"_stats": {"bad": n, "bad_keys": [key]}}
+
+
+def auto_loader_workers(cpus: Optional[float] = None) -> int:
+    """Loader processes for one training process: its CPUs (``cpus``: what Ray reserves for the worker,
+    ``resources.cpus_per_worker``), capped by the CPUs this process may run on, minus one for the training process
+    itself; at least 1."""
+    n = len(os.sched_getaffinity(0))
+    if cpus is not None:
+        n = min(n, int(cpus))
+    return max(1, n - 1)
 
 
 def assign_shards(num_shards: int, worker: int, num_workers: int) -> list[int]:
@@ -220,10 +275,11 @@ class _Walk:
 
 
 class _TrainStream(IterableDataset):
-    def __init__(self, url, shards, hr_size, lr_size, batch_size, rank, world_size, seed, shuffle_buffer, hflip):
+    def __init__(self, url, shards, hr_size, lr_size, batch_size, rank, world_size, seed, shuffle_buffer, hflip,
+                 lr_on_device=False):
         super().__init__()
         self.url, self.shards = url, shards
-        self.hr_size, self.lr_size, self.batch_size = hr_size, lr_size, batch_size
+        self.hr_size, self.lr_size, self.batch_size, self.lr_on_device = hr_size, lr_size, batch_size, lr_on_device
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.hflip = shuffle_buffer, hflip
         self.epoch = 0
@@ -247,7 +303,7 @@ class _TrainStream(IterableDataset):
                 item["_pos"] = {"w": w, "at": walk.where(), "bad": [walk.visit, at, n]}
             else:
                 item = _make_batch([img[:, ::-1] if flip else img for _, img, flip in x], [k for k, _, _ in x],
-                                   self.lr_size)
+                                   self.lr_size, self.lr_on_device)
                 item["_stats"] = {"bad": 0, "bad_keys": []}
                 item["_pos"] = {"w": w, "at": walk.where()}
             yield item
@@ -302,7 +358,7 @@ class _Loader:
             room = MAX_BAD_KEYS - len(self._bad_keys)
             if room > 0:
                 self._bad_keys.extend(st["bad_keys"][:room])
-        if "lr" in item:
+        if "key" in item:
             self._samples += len(item["key"])
         seen = self._samples + self._bad
         if self._bad > self.max_bad_fraction * max(seen, self.expected):
@@ -312,7 +368,20 @@ class _Loader:
                 f"{', '.join(self._bad_keys[:5])}. Inspect with `laren data verify {self.url} --decode` and re-pack, "
                 f"or raise data.max_bad_fraction."
             )
-        return "lr" in item
+        return "key" in item
+
+
+def _mp_context():
+    ctx = multiprocessing.get_context(START_METHOD)
+    if START_METHOD == "forkserver":  # no effect once the server runs
+        ctx.set_forkserver_preload(["__main__", __name__])
+    return ctx
+
+
+def _set_environ(env: dict, worker_id: int) -> None:
+    """A loader worker's environment: its loader's, not the (older) forkserver's."""
+    os.environ.clear()
+    os.environ.update(env)
 
 
 class TrainLoader(_Loader):
@@ -323,9 +392,10 @@ class TrainLoader(_Loader):
     """
 
     def __init__(self, stream: _TrainStream, num_workers: int, batches_per_epoch: Optional[int], expected: int,
-                 max_bad_fraction: float):
+                 max_bad_fraction: float, pin_memory: bool = False):
         super().__init__(stream.url, stream.rank, expected, max_bad_fraction)
         self.stream, self.num_workers, self.batches_per_epoch = stream, num_workers, batches_per_epoch
+        self.pin_memory = pin_memory
         self.epoch = 0
         self._start: tuple[int, Optional[list]] = (0, None)
         self._pos = self._fresh_position()
@@ -388,7 +458,9 @@ class TrainLoader(_Loader):
         # training process's global torch RNG, or a resumed run would not repeat its random draws.
         dl = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                         prefetch_factor=2 if self.num_workers else None, persistent_workers=False,
-                        generator=torch.Generator().manual_seed(self.epoch))
+                        generator=torch.Generator().manual_seed(self.epoch), pin_memory=self.pin_memory,
+                        multiprocessing_context=_mp_context() if self.num_workers else None,
+                        worker_init_fn=functools.partial(_set_environ, dict(os.environ)) if self.num_workers else None)
         it = iter(dl)
         try:
             while self.batches_per_epoch is None or n < self.batches_per_epoch:
@@ -492,10 +564,13 @@ def _open_dataset(url: str, hr_size: int, lr_size: int, batch_size: int, rank: i
 
 def make_train_loader(url: str, hr_size: int, lr_size: int, batch_size: int, rank: int = 0, world_size: int = 1,
                       num_workers: int = 2, seed: int = 0, shuffle_buffer: int = 256, hflip: bool = True,
-                      max_bad_fraction: float = 0.01, batches_per_epoch: Optional[int] = None) -> TrainLoader:
+                      max_bad_fraction: float = 0.01, batches_per_epoch: Optional[int] = None,
+                      lr_on_device: bool = False, pin_memory: Optional[bool] = None) -> TrainLoader:
     """Training batches of rank ``rank`` (see the module docstring). ``batch_size`` is per rank.
 
     Endless unless ``batches_per_epoch`` is given; then every ``iter()`` yields exactly that many batches on every rank.
+    ``lr_on_device``: batches of uint8 HR (``hr_u8``) for :func:`batch_to_device`. ``pin_memory``: page-locked batches
+    (None: when CUDA is available).
     """
     shards = _open_dataset(url, hr_size, lr_size, batch_size, rank, world_size)
     nw = max(0, int(num_workers))
@@ -506,8 +581,9 @@ def make_train_loader(url: str, hr_size: int, lr_size: int, batch_size: int, ran
     mine = {i for w in range(max(nw, 1)) for i in assign_shards(len(shards), rank * max(nw, 1) + w, G)}
     expected = sum(shards[i]["count"] for i in mine)
     stream = _TrainStream(url, shards, hr_size, lr_size, batch_size, rank, world_size, seed,
-                          max(1, int(shuffle_buffer)), hflip)
-    return TrainLoader(stream, nw, batches_per_epoch, expected, max_bad_fraction)
+                          max(1, int(shuffle_buffer)), hflip, lr_on_device)
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    return TrainLoader(stream, nw, batches_per_epoch, expected, max_bad_fraction, pin)
 
 
 def make_eval_loader(url: str, hr_size: int, lr_size: int, batch_size: int, rank: int = 0, world_size: int = 1,

@@ -40,6 +40,7 @@ import torch
 from laren import losses as L
 from laren.config import ConfigError, RunConfig
 from laren.cost import usage_metrics
+from laren.data.pipeline import auto_loader_workers, batch_to_device
 from laren.data.storage import StorageError
 from laren.flops import device_peak_tflops, mfu_metrics, step_flops_per_image
 from laren.models import health
@@ -242,8 +243,10 @@ class DataStream:
         self.loader = make_train_loader(
             cfg.data.train_url, cfg.model.prior.resolution, cfg.model.lr_size,
             cfg.train.batch_size_global // world_size, rank=rank, world_size=world_size,
-            num_workers=cfg.data.loader_workers, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+            num_workers=auto_loader_workers(cfg.resources.cpus_per_worker) if cfg.data.loader_workers is None
+            else cfg.data.loader_workers, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
             hflip=cfg.data.hflip, max_bad_fraction=cfg.data.max_bad_fraction, batches_per_epoch=self.per_pass,
+            lr_on_device=cfg.data.lr_on_device,
         )
         self.st = st
         self._it = self._gen()
@@ -340,7 +343,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
             t_wait = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - t_wait
-            lr_img, hr_img = batch["lr"].to(dev, non_blocking=True), batch["hr"].to(dev, non_blocking=True)
+            lr_img, hr_img = batch_to_device(batch, dev, cfg.model.lr_size)  # the LR made here with data.lr_on_device
             skipped = batches.skipped()
             cur_lr = cosine_lr(st.step, sched.cosine_period, o.lr, o.cosine_min_lr)
             cur_lr_d = cosine_lr(st.step, sched.cosine_period, o.lr_d, o.cosine_min_lr)

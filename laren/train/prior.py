@@ -45,6 +45,7 @@ from laren import factor_fd as FD
 from laren import losses as L
 from laren.augment import diff_augment
 from laren.config import ConfigError, PriorRunConfig
+from laren.data.pipeline import batch_to_device
 from laren.models.stylegan2 import Discriminator, Generator
 from laren.progress import ProgressPrinter, record_attempt, record_failure
 from laren.train import collectives as C
@@ -291,7 +292,7 @@ def prior_worker(cfg: PriorRunConfig, ctx: WorkerContext) -> dict[str, Any]:
             last.update(evaluate(tracker, 0))
             tracker.log_metrics(last, step=0)
         while st.step < sched.total_steps:
-            real = next(batches)["hr"].to(dev, non_blocking=True)
+            _, real = batch_to_device(next(batches), dev, cfg.model.lr_size)
             out = gan_step(nets, d, opt_g, opt_d, real, cfg, st.step, world)
             st.step += 1
             st.images_seen = st.step * t_cfg.batch_size_global

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from laren.data import pack as P
-from laren.data.pipeline import BadDataError, make_eval_loader, make_train_loader
+from laren.data.pipeline import (BadDataError, auto_loader_workers, batch_to_device, make_eval_loader,
+                                 make_train_loader)
 from laren.imresize import imresize_uint8
 
 R = 32  # packed resolution
@@ -268,6 +269,35 @@ def test_two_ranks_two_workers_disjoint_shards_equal_batches(tmp_path):
         assert shards <= set(names[g::4]), (r, w, shards)  # global worker g reads shards g, g+4, ...
     groups = list(seen.values())
     assert len(groups) == 4 and all(a.isdisjoint(b) for i, a in enumerate(groups) for b in groups[i + 1:])
+
+
+def test_lr_on_device_batches_equal_cpu_batches(tmp_path):
+    """data.lr_on_device: the loader (a spawned worker) ships uint8 HR; batch_to_device makes the same (lr, hr) floats,
+    bit for bit, as the loader's own CPU path, from the same stream (keys, flips, order)."""
+    src = tmp_path / "images"
+    make_folder(src, 10, seed=4)
+    dest = str(tmp_path / "ds")
+    P.pack(str(src), dest, "d", R, shard_size_mb=0.012, progress=False)
+    kw = dict(batch_size=3, num_workers=1, shuffle_buffer=4, batches_per_epoch=4, seed=5, pin_memory=False)
+    cpu = list(make_train_loader(dest, R, L, **kw))
+    dev = list(make_train_loader(dest, R, L, lr_on_device=True, **kw))
+    assert len(cpu) == len(dev) == 4
+    for a, b in zip(cpu, dev):
+        assert set(b) == {"hr_u8", "key", "shard"} and b["hr_u8"].dtype == torch.uint8 and b["hr_u8"].shape == (3, 3, R, R)
+        assert b["key"] == a["key"] and b["shard"] == a["shard"]
+        lr, hr = batch_to_device(b, torch.device("cpu"), L)
+        assert torch.equal(lr, a["lr"]) and torch.equal(hr, a["hr"])
+        lr2, hr2 = batch_to_device(a, torch.device("cpu"), L)  # a CPU-path batch passes through unchanged
+        assert torch.equal(lr2, a["lr"]) and torch.equal(hr2, a["hr"])
+
+
+def test_auto_loader_workers():
+    """data.loader_workers: null -> the worker's CPUs (resources.cpus_per_worker) capped by the process's, minus one."""
+    mine = len(os.sched_getaffinity(0))
+    assert auto_loader_workers(None) == max(1, mine - 1)
+    assert auto_loader_workers(1) == auto_loader_workers(0.5) == 1
+    assert auto_loader_workers(2) == max(1, min(2, mine) - 1)
+    assert auto_loader_workers(10_000) == max(1, mine - 1)
 
 
 def test_user_errors(tmp_path):

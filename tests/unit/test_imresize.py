@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from laren.data.pipeline import lr_hr_pair
 from laren.imresize import imresize, imresize_uint8
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "imresize" / "cases.npz"
@@ -68,6 +69,19 @@ def test_uint8_round_trip_exact(cases):
     for dtype in (torch.float64, torch.float32):
         out = imresize_uint8(img[None], scale, dtype=dtype)[0].numpy().transpose(1, 2, 0)
         assert out.dtype == np.uint8 and np.array_equal(out, ref_u8), dtype
+
+
+def test_lr_hr_pair_is_the_uint8_pipeline(cases):
+    """The one uint8 HR -> (lr, hr) path of the loader and of data.lr_on_device: the MATLAB uint8 bytes, then
+    x/127.5 - 1 (through tables, so every device gives the same values)."""
+    img = torch.from_numpy(cases["face256_u8img"].transpose(2, 0, 1).copy())[None]  # (1, 3, 256, 256) uint8
+    ref_u8 = torch.from_numpy(cases["face256_u8out_d16"].transpose(2, 0, 1).copy())[None]
+    assert float(cases["face256_u8scale_d16"]) == 16 / 256
+    lr, hr = lr_hr_pair(img, 16)
+    assert lr.dtype == hr.dtype == torch.float32 and lr.shape == (1, 3, 16, 16)
+    assert torch.equal(lr, ref_u8.float() / 127.5 - 1.0) and torch.equal(hr, img.float() / 127.5 - 1.0)
+    every = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    assert torch.equal(lr_hr_pair(every.expand(1, 3, 16, 16), 4)[1], every.float().expand(1, 3, 16, 16) / 127.5 - 1.0)
 
 
 def test_antialiasing_matters(cases):
