@@ -180,7 +180,7 @@ def section_profile() -> str:
 def section_resume() -> str:
     from benchmarks.resume_seek import measure
 
-    r = measure()
+    r = measure(side=256)  # at 128^2 a pass decodes so fast that the loader's start-up (~0.3 s) is most of the seek
     how = (f"How: `benchmarks/resume_seek.py`: {r['images']} real images (scikit-image) packed at {r['side']}^2 into "
            f"a local folder; training loader with batch {r['batch_size']}, shuffle buffer {r['buffer']}, "
            f"{r['workers']} loader worker(s); a run stops at batch {r['cut']} of the {r['batches_per_pass']} of a pass "
