@@ -15,9 +15,10 @@ decode, flip, MATLAB bicubic 1024 -> 16 (float64), both images to float32 in [-1
 Device LR: read, decode, flip, the uint8 HR (3 MiB) handed over; its (lr, hr) pair is made on the training device
 (timed separately, wall time, per batch).
 
-Demand: the full-size 64x face step costs 4.06 TFLOP per image (G + D step, counted on the meta device); at 35 % MFU of
-an H200's 989 dense bf16 TFLOP/s one GPU consumes 0.35 x 989 / 4.06 = 85 images/s. Cores per GPU = ceil(2 x 85 /
-samples/s per core) loader processes (a 2x margin) + 1 for the training process.
+Demand: the full-size 64x face step costs 3.32 TFLOP per image (G + D step, laren/flops.py's count of
+jobs/face64x.yaml); at 35 % MFU of an H200's 989 dense bf16 TFLOP/s one GPU consumes 0.35 x 989 / 3.32 = 104
+images/s (the first count, 4.06 TFLOP, gave 85). Cores per GPU = ceil(2 x demand / samples/s per core) loader
+processes (a 2x margin) + 1 for the training process.
 
 With ``--device cuda`` it also checks that the device path gives the CPU path's bytes: every timed batch's uint8 HR
 through ``lr_hr_pair`` on the GPU vs on the CPU (with TF32 matmuls allowed, as a fast training setup would), and the
@@ -45,8 +46,8 @@ from laren.data import synth  # noqa: E402
 from laren.data.pipeline import lr_hr_pair, make_train_loader  # noqa: E402
 
 SIDE, LR, BATCH = 1024, 16, 4
-TFLOP_PER_IMAGE, PEAK_TFLOPS, MFU = 4.06, 989.0, 0.35  # the 64x face step; H200 dense bf16
-DEMAND = MFU * PEAK_TFLOPS / TFLOP_PER_IMAGE  # images/s per GPU (85)
+TFLOP_PER_IMAGE, PEAK_TFLOPS, MFU = 3.32, 989.0, 0.35  # the 64x face step (laren/flops.py); H200 dense bf16
+DEMAND = MFU * PEAK_TFLOPS / TFLOP_PER_IMAGE  # images/s per GPU (104)
 MARGIN = 2.0
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "imresize" / "cases.npz"
 

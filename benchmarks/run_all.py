@@ -117,8 +117,9 @@ def section_loader() -> str:
     return ("How: `benchmarks/loader.py` (its docstring has the details): 24 synthetic 1024^2 faces (laren's `data synth` "
             f"scene with photo-like grain, {r['mb_per_png']:.2f} MB per PNG, FFHQ's size), packed; the training stream's "
             "loader work for batches of 4 on one core (1 torch thread, in process, each batch copied to shared memory "
-            f"as a worker hands it over), {r['batches']} batches after the first, in CPU seconds. Demand: 85 images/s "
-            "per GPU (4.06 TFLOP per image for the 64x face G + D step, 35 % MFU of an H200's 989 TFLOP/s); cores per "
+            f"as a worker hands it over), {r['batches']} batches after the first, in CPU seconds. Demand: "
+            f"{r['demand']:.0f} images/s per GPU (3.32 TFLOP per image for the 64x face G + D step, laren/flops.py; 35 % "
+            "MFU of an H200's 989 TFLOP/s); cores per "
             "GPU = loaders for twice that + 1 for the training process. jobs/face64x.yaml takes the device-LR figure."
             "\n\n" + loader.table(r))
 
