@@ -159,7 +159,7 @@ def section_ddp() -> str:
     t = measure(steps=6, batch=batch)
     return ("How: `benchmarks/ddp_step.py`: 2 gloo processes, 1 CPU thread each, TINY LAREN (64 px prior, 16x), batch "
             f"{batch} per rank, adversarial term on; median s/step on rank 0 over 6 steps after 2 warm-up steps, the "
-            "three ways one after the other. `before` = VGG16 on SR and HR in one graph, D on each fake twice, "
+            "three ways taking turns step by step. `before` = VGG16 on SR and HR in one graph, D on each fake twice, "
             "hand-written flat all-reduce; `manual` = today's step with the hand-written all-reduce; `ddp` = today's "
             f"step under torch DDP (what training runs).\n\n{table(t, batch)}\n\n"
             f"**DDP vs manual averaging: {t['manual'] / t['ddp']:.2f}x; the step after vs before: "
