@@ -28,7 +28,7 @@ def test_write_read_list_delete(tmp_path):
     with storage.open_read(storage.join(root, "b", "two.bin")) as f:
         assert f.read(4) == b"2222" and f.read() == b"2" * 6
     assert storage.list_files(root) == [storage.join(root, "a.bin"), storage.join(root, "b", "two.bin")]
-    assert not [f for f in os.listdir(root) if f.startswith(".tmp-")]  # atomic writes leave no temp files
+    assert not [f for f in os.listdir(root) if f.startswith(".")]  # atomic writes leave no temp files
     assert storage.size(storage.join(root, "a.bin")) == 4
     assert storage.exists(storage.join(root, "a.bin"))
     storage.delete(storage.join(root, "a.bin"))
