@@ -278,8 +278,6 @@ class Tracker(NullTracker):
         max_queued_items: int = 256,
         buffer_url: Optional[str] = None,
     ) -> None:
-        from mlflow.tracking import MlflowClient
-
         if not run_name or "'" in run_name or "\\" in run_name:
             raise ValueError(f"tracking run name must be non-empty without quotes or backslashes, got {run_name!r}")
         if not experiment:
@@ -295,7 +293,7 @@ class Tracker(NullTracker):
         self.experiment = experiment
         self.run_name = run_name
         self.parent_run_id = parent_run_id
-        self.client = MlflowClient(tracking_uri)
+        self.client = mlflow_client(tracking_uri)
         self.run_id = None
         self.resumed = False
         self.finished = False
