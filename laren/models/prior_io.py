@@ -29,7 +29,6 @@ import dataclasses
 import hashlib
 import json
 import re
-from pathlib import Path
 
 import torch
 from torch import Tensor
