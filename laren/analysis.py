@@ -39,11 +39,14 @@ import torch
 
 from laren import disentangle as DI
 from laren.config import AnalysisConfig, ConfigError
+from laren.data import storage
 from laren.data.synth import read_factor_samples, read_samples
 from laren.evaluate import load_model_from_checkpoint, lr_images
 from laren.grid import checkpoint_run_id, checkpoint_url
 from laren.metrics import latent_correlation
-from laren.specs import JobSpec
+from laren.specs import JobSpec, experiment_name
+from laren.tracking import Tracker
+from laren.train.distributed import resolve_paths, runs_root
 
 HEAD_SPACE = {"w": "W", "w+": "W+", "s": "S", "g": "G"}
 # Paper Table II (W / W+ / S / G): D, C, I.
@@ -57,8 +60,6 @@ FIG7_ROWS, FIG7_COLS = slice(15, 20), slice(0, 15)  # dims 16-20 x 1-15, 1-based
 
 def read_labels_csv(path: str) -> tuple[dict[str, list[float]], list[str]]:
     """({image stem: attribute values}, attribute names) of a CSV: header row, image name first, one column per attribute."""
-    from laren.data import storage
-
     with open(storage.local_copy(path), newline="") as f:
         rows = list(csv.reader(f))
     if len(rows) < 2 or len(rows[0]) < 2:
@@ -198,10 +199,6 @@ def check_targets(spec: JobSpec, root: Optional[Path] = None) -> None:
 def run_analysis(spec: JobSpec, root: Optional[Path] = None, out_dir: Optional[str] = None,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run an analysis job (see the module docstring); returns {"run_id", "rows", "table_md", "fig7"}."""
-    from laren.submit import experiment_name
-    from laren.tracking import Tracker
-    from laren.train.distributed import resolve_paths, runs_root
-
     if spec.kind != "analysis" or spec.analysis is None:
         raise ConfigError(f"{spec.name}: kind is {spec.kind!r}; `laren analyze` runs kind: analysis jobs")
     acfg: AnalysisConfig = spec.analysis

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 
 import click
 
 import laren.data
 from laren.config import ConfigError
 from laren.redact import redact_text
+from laren.specs import LoadedSweep, load_any, load_job, load_sweep
+
+# Each command imports the modules it runs inside its function: they load torch, Ray, MLflow or WebDataset (seconds),
+# and `laren --help`, `laren validate` and a mistyped command must answer at once.
 
 
 class _Group(click.Group):
@@ -70,7 +76,6 @@ def data() -> None:
 def model_summary_cmd(job_file) -> None:
     """Parameter counts per module of JOB_FILE's model (Table III style); no weights are read."""
     from laren.models.build import parameter_summary
-    from laren.specs import load_job
 
     job = load_job(job_file)
     m = job.model
@@ -94,7 +99,6 @@ def model_health_cmd(job_file, seeds, tiny, per_layer) -> None:
     from laren.data import storage
     from laren.models import health
     from laren.models.prior_io import prior_paths
-    from laren.specs import load_any
     from laren.submit import run_configs
 
     failed = False
@@ -148,11 +152,21 @@ _driver_address_opt = _address_option(
     "Ray cluster to drive (env RAY_ADDRESS): GCS address host:6379, ray://host:10001, or the local head's dashboard URL.")
 
 
+def _train_options(fn):
+    """JOB, --storage, --run-id and --address: the arguments of `laren train` and `laren prior train`."""
+    for option in reversed((
+        click.argument("job", type=click.Path(dir_okay=False)),
+        click.option("--storage", "storage_path", default=None,
+                     help="Ray Train storage for checkpoints (default <storage.root>/runs)."),
+        click.option("--run-id", default=None, help="Run name (default: the job's deterministic <name>-<config hash>)."),
+        _driver_address_opt,
+    )):
+        fn = option(fn)
+    return fn
+
+
 @prior.command("train")
-@click.argument("job", type=click.Path(dir_okay=False))
-@click.option("--storage", "storage_path", default=None, help="Ray Train storage for checkpoints (default <storage.root>/runs).")
-@click.option("--run-id", default=None, help="Run name (default: the job's deterministic <name>-<config hash>).")
-@_driver_address_opt
+@_train_options
 def prior_train(job: str, storage_path, run_id, address) -> None:
     """Train the StyleGAN2 prior of JOB.yaml (kind: prior) with Ray Train (local, or the cluster at RAY_ADDRESS) and
     write it in laren's prior format to gan.output, ready for an SR job's model.prior.path.
@@ -164,9 +178,6 @@ def prior_train(job: str, storage_path, run_id, address) -> None:
 
 def _train_job(job: str, kind: str, command: str, storage_path, run_id, address=None) -> None:
     """Run a kind: train or kind: prior job with Ray Train and print its final metrics."""
-    import json
-
-    from laren.specs import load_job
     from laren.train.distributed import run_training
 
     spec = load_job(job)
@@ -286,8 +297,6 @@ def data_verify(dest, decode, quiet):
               help="Write the first batch as a PNG grid (LR upsampled by pixel repeat | HR).")
 def data_stream(url, hr_size, lr_size, batch_size, batches, eval_, workers, rank, world_size, save_grid):
     """Stream batches from a packed data set (local or s3://) and print their shapes, throughput and bad-sample counts."""
-    import time
-
     from laren.data.pipeline import BadDataError, make_eval_loader, make_train_loader
 
     try:
@@ -332,10 +341,7 @@ def torch_cat_rows(lr, hr):
 
 
 @main.command("train")
-@click.argument("job", type=click.Path(dir_okay=False))
-@click.option("--storage", "storage_path", default=None, help="Ray Train storage for checkpoints (default <storage.root>/runs).")
-@click.option("--run-id", default=None, help="Run name (default: the job's deterministic <name>-<config hash>).")
-@_driver_address_opt
+@_train_options
 def train_cmd(job: str, storage_path, run_id, address) -> None:
     """Train JOB.yaml with Ray Train on a local Ray instance, or on the cluster at --address / RAY_ADDRESS when set.
 
@@ -355,8 +361,6 @@ def train_cmd(job: str, storage_path, run_id, address) -> None:
 @click.option("--experiment", default=None, help="MLflow experiment (default: the job name).")
 def eval_cmd(checkpoint_url, data_url, out_dir, limit, batch_size, alexnet_path, tracking_uri, experiment) -> None:
     """Evaluate a checkpoint: PSNR (RGB, uint8, no crop), SSIM, LPIPS (AlexNet v0.1) per image and on average."""
-    import json
-
     from laren.evaluate import run_eval
 
     summary = run_eval(checkpoint_url, data_url, out_dir, limit=limit, batch_size=batch_size, alexnet_path=alexnet_path,
@@ -484,8 +488,6 @@ def submit_cmd(job: str, address, detach: bool) -> None:
 def sweep_cmd(sweep: str, address, detach: bool) -> None:
     """Submit a sweep file (sweeps/*.yaml): Ray Tune on the cluster, one Ray Train run and MLflow child run per trial;
     then follow its logs until it ends (--detach: return at once)."""
-    from laren.specs import LoadedSweep, load_any
-
     if not isinstance(load_any(sweep), LoadedSweep):
         raise click.UsageError(f"{sweep}: not a sweep file (no search_space); use `laren submit` for jobs")
     _submit_and_follow(sweep, address, detach)
@@ -565,7 +567,6 @@ def list_cmd(all_jobs, address) -> None:
 def run_grid_cmd(job: str) -> None:
     """(On the cluster) run a grid job's rows under one MLflow parent run and log the results table."""
     from laren.grid import run_grid
-    from laren.specs import load_job
 
     run_grid(load_job(job), log=click.echo)
 
@@ -574,8 +575,6 @@ def run_grid_cmd(job: str) -> None:
 @click.argument("plan_url")
 def run_plan_cmd(plan_url: str) -> None:
     """(On the cluster) train the run that `laren submit` planned (PLAN_URL: its plan.json in the run's storage)."""
-    import json
-
     from laren.plan import read_plan
     from laren.train.distributed import run_plan
 
@@ -586,7 +585,6 @@ def run_plan_cmd(plan_url: str) -> None:
 @click.argument("sweep", type=click.Path(dir_okay=False))
 def run_sweep_cmd(sweep: str) -> None:
     """(On the cluster) run a sweep with Ray Tune."""
-    from laren.specs import load_sweep
     from laren.sweep import run_sweep
 
     run_sweep(load_sweep(sweep), log=click.echo)
@@ -596,10 +594,7 @@ def run_sweep_cmd(sweep: str) -> None:
 @click.argument("job", type=click.Path(dir_okay=False))
 def run_eval_cmd(job: str) -> None:
     """(On the cluster) evaluate the checkpoint an eval job names."""
-    import json
-
     from laren.grid import run_eval_job
-    from laren.specs import load_job
 
     click.echo(json.dumps(run_eval_job(load_job(job)), indent=1, default=str))
 
@@ -611,7 +606,6 @@ def analyze_cmd(job: str, out_dir) -> None:
     """Table II and Fig. 7 of JOB.yaml (kind: analysis): DCI of each code space (Z, W, W+, S, G) of trained models
     against the images' ground-truth labels, and |Pearson rho| maps of Z and G, as one MLflow run."""
     from laren.analysis import run_analysis
-    from laren.specs import load_job
 
     run_analysis(load_job(job), out_dir=out_dir, log=click.echo)
 
@@ -733,8 +727,6 @@ def tracking_sync_cmd(run, storage, tracking_uri) -> None:
     from laren.tracking import sync_buffers, tracking_buffer_url
 
     if run.endswith((".yaml", ".yml")):
-        from laren.specs import load_job
-
         cfg = load_job(run).run_config()
         run, url = cfg.run_id, tracking_buffer_url(cfg, cfg.run_id)
         tracking_uri = tracking_uri or cfg.tracking.tracking_uri

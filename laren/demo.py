@@ -26,7 +26,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from laren.tracking import ui_url
+from laren import submit as S
+from laren.data.pack import pack, read_manifest
+from laren.data.synth import synth
+from laren.specs import load_any
+from laren.tracking import RUN_ID_TAG, find_run, mlflow_client, ui_url
 
 # Colour photographs shipped inside scikit-image (no download).
 DEMO_IMAGES = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "rocket", "retina")
@@ -72,8 +76,6 @@ def write_demo_images(out_dir: str | Path, split: str, per_image: int, min_side:
 def pack_demo_data(train_url: str, val_url: str, resolution: int = 32, train_per_image: int = 40,
                    val_per_image: int = 4, log: Callable[[str], None] = print) -> dict[str, int]:
     """Crops -> shards + manifest at ``train_url`` / ``val_url`` (local or s3://); already complete sets are kept."""
-    from laren.data.pack import pack
-
     counts = {}
     for split, url, per in (("train", train_url, train_per_image), ("val", val_url, val_per_image)):
         have = _complete(url, resolution)
@@ -92,8 +94,6 @@ def pack_demo_data(train_url: str, val_url: str, resolution: int = 32, train_per
 
 def _complete(url: str, resolution: int) -> Optional[int]:
     """The sample count of a complete packed set at ``url`` with this resolution, else None."""
-    from laren.data.pack import read_manifest
-
     try:
         m = read_manifest(url)
     except Exception:  # absent or unreadable: (re)write it
@@ -105,8 +105,6 @@ def synth_demo_data(train_url: str = SYNTH_TRAIN_URL, val_url: str = SYNTH_VAL_U
                     train_count: int = 10_000, val_count: int = 512, log: Callable[[str], None] = print) -> dict[str, int]:
     """Procedural faces (``laren data synth faces``) at ``train_url`` (seed 0) / ``val_url`` (seed 1); complete sets
     are kept."""
-    from laren.data.synth import synth
-
     counts = {}
     for split, url, n, seed in (("train", train_url, train_count, 0), ("val", val_url, val_count, 1)):
         have = _complete(url, resolution)
@@ -123,33 +121,21 @@ def synth_demo_data(train_url: str = SYNTH_TRAIN_URL, val_url: str = SYNTH_VAL_U
 def _mlflow_metrics(uri: str, experiment: str, run_name: str, tag: str = "") -> tuple[dict[str, float], str]:
     """(latest metrics, run URL) of the newest run in ``experiment`` whose ``tag`` (default ``laren.run_id``) is
     ``run_name``."""
-    from mlflow.tracking import MlflowClient
-
-    from laren.tracking import RUN_ID_TAG
-
-    c = MlflowClient(uri)
+    c = mlflow_client(uri)
     exp = c.get_experiment_by_name(experiment)
-    if exp is None:
+    r = find_run(c, [exp.experiment_id], run_name, tag=tag or RUN_ID_TAG, newest=True) if exp else None
+    if r is None:
         return {}, ""
-    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{tag or RUN_ID_TAG}` = '{run_name}'", max_results=1,
-                         order_by=["attributes.start_time DESC"])
-    if not runs:
-        return {}, ""
-    r = runs[0]
     return dict(r.data.metrics), ui_url(uri, f"experiments/{exp.experiment_id}/runs/{r.info.run_id}")
 
 
 def _submit(path: Path, address: str, log):
-    from laren import submit as S
-
     sub = S.submit(path, address=address, log=log)
     log(f"{sub.kind} job {sub.run_id}: {sub.action} on {address}")
     return sub
 
 
 def _wait(sub, address: str, log, timeout_s: float, follow: bool = True) -> str:
-    from laren import submit as S
-
     if sub.action == "finished":
         return "SUCCEEDED"
     t0 = time.monotonic()
@@ -168,9 +154,6 @@ def _fmt(v, digits: int = 2) -> str:
 def run_demo(root: Optional[Path] = None, num_cpus: Optional[int] = None, log: Callable[[str], None] = print,
              timeout_s: float = 1200.0, photos: bool = False) -> bool:
     """Run the demo end to end (see the module docstring); True when every job succeeded."""
-    from laren import submit as S
-    from laren.specs import load_any
-
     t0 = time.monotonic()
     root = root or S.project_root()
     jobs = root / "jobs"

@@ -23,10 +23,18 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from laren import metrics as M
+from laren.config import RunConfig
+from laren.cost import usage_metrics
+from laren.data.pack import read_manifest
+from laren.data.pipeline import make_eval_loader
 from laren.imresize import imresize, imresize_uint8
+from laren.models.build import build_model
+from laren.tracking import make_tracker
+from laren.train import state as S
 
 # Metric names: split / what they average (architecture rule 10).
 PER_IMAGE = ("psnr", "ssim", "lpips_alex", "loss_pix", "psnr_bicubic")
@@ -149,10 +157,6 @@ def evaluate_model(
 
 def load_model_from_checkpoint(checkpoint_url: str, device="cpu", workdir: Optional[str] = None):
     """(model in eval mode, resolved RunConfig, state doc) from a checkpoint directory (local path or s3://)."""
-    from laren.config import RunConfig
-    from laren.models.build import build_model
-    from laren.train import state as S
-
     local = S.fetch_checkpoint(checkpoint_url, workdir or tempfile.mkdtemp(prefix="laren-ckpt-"))
     doc = S.read_state(local)
     if not doc.get("config"):
@@ -182,8 +186,6 @@ def run_eval(
     """`laren eval`: evaluate a checkpoint on a shard set; writes ``per_image.csv`` and ``summary.json`` into
     ``out_dir`` and, when a tracking URI is given, logs them to the MLflow run of this (checkpoint, data set)
     (:func:`log_eval_run`; ``run_name``: the eval job's run id, which prefixes that run's name)."""
-    from laren.data.pipeline import make_eval_loader
-
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg, doc = load_model_from_checkpoint(checkpoint_url, dev)
     lp = make_lpips(alexnet_path or cfg.eval.alexnet_path, random_backbone_for_tests or cfg.eval.random_backbone_for_tests, dev)
@@ -211,8 +213,6 @@ def run_eval(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if res.grid is not None:
-        from PIL import Image
-
         Image.fromarray(res.grid).save(out / "samples.png")
     if tracking_uri:
         log_eval_run(tracking_uri, experiment or cfg.tracking.experiment or cfg.name, cfg, doc, summary, out, res.grid,
@@ -222,8 +222,6 @@ def run_eval(
 
 def dataset_name(data_url: str) -> str:
     """The ``name`` a packed set's manifest gives it (``laren data pack --name``), else the URL's last part."""
-    from laren.data.pack import read_manifest
-
     try:
         name = read_manifest(data_url).get("name")
     except (OSError, ValueError):
@@ -245,9 +243,6 @@ def log_eval_run(tracking_uri: str, experiment: str, cfg, doc: dict[str, Any], s
     UI then lists it under the training run and links to it); params naming the checkpoint and the data set; the
     ``test/*`` means, and the training cost up to the checkpoint (``train/kimg``, ``perf/*``, ``cost/usd``), at the
     checkpoint's step. Returns the MLflow run id."""
-    from laren.cost import usage_metrics
-    from laren.tracking import make_tracker
-
     step = int(doc.get("step") or 0)
     name = eval_run_name(job_run_id or f"eval-{cfg.run_id}", summary["checkpoint"], summary["data"], step,
                          summary["data_name"])

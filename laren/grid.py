@@ -20,14 +20,22 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
+
+from laren import factor_fd as FD
 from laren.config import ConfigError, RunConfig
 from laren.cost import COST_KEYS, format_cost
-from laren.specs import JobSpec, load_job
+from laren.data import pack, storage
+from laren.data.synth import read_factor_samples
+from laren.evaluate import load_model_from_checkpoint, lr_images, run_eval, super_resolve
+from laren.specs import JobSpec, experiment_name, load_job
+from laren.tracking import Tracker, find_run, mlflow_client
+from laren.train.distributed import ensure_ray, resolve_paths, run_training, runs_root
+from laren.train.state import STATE_FILE, checkpoint_names
 
 TABLE_METRICS = (("PSNR", "val/psnr"), ("SSIM", "val/ssim"), ("LPIPS", "val/lpips_alex"))
 
@@ -73,20 +81,12 @@ def results_table(rows: list[dict[str, Any]], split: str = "val") -> tuple[str, 
 
 def logged_metrics(tracking_uri: str, experiment: str, run_id: str) -> dict[str, float]:
     """The latest value of each table metric the MLflow run ``run_id`` (its ``laren.run_id`` tag) logged; {} if none."""
-    from mlflow.tracking import MlflowClient
-
-    from laren.tracking import RUN_ID_TAG, set_http_env_defaults
-
-    set_http_env_defaults()
-    c = MlflowClient(tracking_uri)
+    c = mlflow_client(tracking_uri)
     exp = c.get_experiment_by_name(experiment)
-    if exp is None:
+    run = find_run(c, [exp.experiment_id], run_id) if exp else None
+    if run is None:
         return {}
-    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{run_id}'",
-                         order_by=["attributes.start_time ASC"], max_results=1)
-    if not runs:
-        return {}
-    m = runs[0].data.metrics
+    m = run.data.metrics
     return {k: m[k] for k in (*(key for _, key in TABLE_METRICS), "train/kimg", *COST_KEYS) if k in m}
 
 
@@ -95,12 +95,7 @@ def eval_rows(tracking_uri: str, experiment: str, train_run_ids: Optional[list[s
     """One table row per eval run (``laren eval`` / eval jobs: one per checkpoint and data set) in ``experiment``, read
     from those runs alone: model (``labels[train run id]`` or the train run id), data set, ``test/*``, the kimg and
     cost of the checkpoint, run id, status; ordered by train run, data set, step. ``train_run_ids``: only these."""
-    from mlflow.tracking import MlflowClient
-
-    from laren.tracking import RUN_ID_TAG, set_http_env_defaults
-
-    set_http_env_defaults()
-    c = MlflowClient(tracking_uri)
+    c = mlflow_client(tracking_uri)
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         return []
@@ -122,8 +117,6 @@ def eval_rows(tracking_uri: str, experiment: str, train_run_ids: Optional[list[s
 
 def _row_task(cfg_dict: dict[str, Any], parent_run_id: str, storage_path: Optional[str]) -> dict[str, Any]:
     """One grid row (runs as a Ray task holding no CPU: its TorchTrainer's workers hold the resources)."""
-    from laren.train.distributed import run_training
-
     cfg = RunConfig.model_validate(cfg_dict)
     try:
         return {"status": "FINISHED", **run_training(cfg, parent_run_id=parent_run_id, storage_path=storage_path)}
@@ -173,13 +166,6 @@ def sr_factor_fd(base: RunConfig, checkpoints: dict[str, str], log: Callable[[st
     of them, with a factor regressor fitted once on up to 4096 training images (``regressor_steps``, seed train.seed,
 as `laren prior train`'s default). {} when
     the validation set has no factors."""
-    import torch
-
-    from laren import factor_fd as FD
-    from laren.data import pack
-    from laren.data.synth import read_factor_samples
-    from laren.evaluate import load_model_from_checkpoint, lr_images, super_resolve
-
     if not base.data.val_url or not pack.read_manifest(base.data.val_url).get("factors"):
         return {}
     src = base.data.train_url if base.data.train_url and pack.read_manifest(base.data.train_url).get("factors") \
@@ -199,11 +185,7 @@ as `laren prior train`'s default). {} when
 
 def run_grid(spec: JobSpec, storage_path: Optional[str] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every row of a grid job under one MLflow parent run; log the results table to the parent."""
-    import ray
-
-    from laren.submit import experiment_name
-    from laren.tracking import Tracker
-    from laren.train.distributed import ensure_ray, resolve_paths, runs_root
+    import ray  # heavy (seconds): loaded when a grid runs, not when this module is imported (analysis, sweeps)
 
     if spec.kind != "grid":
         raise ConfigError(f"{spec.name}: kind is {spec.kind!r}; `laren run-grid` runs kind: grid jobs")
@@ -281,22 +263,14 @@ def run_grid(spec: JobSpec, storage_path: Optional[str] = None, log: Callable[[s
 
 
 def latest_checkpoint(runs_url: str, run_id: str) -> str:
-    """The newest ``checkpoint_*`` directory of a run under ``runs_url`` (local path or s3://)."""
-    from laren.data import storage
-
+    """The newest complete ``checkpoint_*`` directory of a run under ``runs_url`` (local path or s3://): the
+    completeness rule of :func:`laren.train.state.checkpoint_names` (a ``state.json``, written last)."""
     base = storage.join(runs_url, run_id)
-    names: set[str] = set()
-    if storage.is_s3(base):
-        for url in storage.list_files(base.rstrip("/") + "/"):
-            rest = url[len(base.rstrip("/")) + 1:]
-            if rest.startswith("checkpoint_") and "/" in rest:
-                names.add(rest.split("/", 1)[0])
-    elif os.path.isdir(base):
-        names = {n for n in os.listdir(base) if n.startswith("checkpoint_") and os.path.isdir(os.path.join(base, n))}
+    names = checkpoint_names(base)
     if not names:
-        raise FileNotFoundError(f"no checkpoint_* under {base}: train that run first (`laren submit` its job) or "
-                                "point checkpoint: at a checkpoint directory")
-    return storage.join(base, max(names))
+        raise FileNotFoundError(f"no complete checkpoint_* (with {STATE_FILE}) under {base}: train that run first "
+                                "(`laren submit` its job) or point checkpoint: at a checkpoint directory")
+    return storage.join(base, names[0])
 
 
 def checkpoint_run_id(ref: str, root: Optional[Path] = None) -> str:
@@ -330,17 +304,11 @@ def checkpoint_url(ref: str, runs_url: str, root: Optional[Path] = None) -> str:
 
 def resolve_checkpoint(spec: JobSpec, root: Optional[Path] = None) -> str:
     """The checkpoint URL an eval job names (see the module docstring)."""
-    from laren.train.distributed import resolve_paths, runs_root
-
     return checkpoint_url(spec.checkpoint, runs_root(resolve_paths(spec.run_config())), root)
 
 
 def run_eval_job(spec: JobSpec, out_dir: Optional[str] = None, root: Optional[Path] = None) -> dict[str, Any]:
     """Evaluate an eval job's checkpoint on its data.val_url; the MLflow run is named after the eval job's run id."""
-    from laren.evaluate import run_eval
-    from laren.submit import experiment_name
-    from laren.train.distributed import resolve_paths
-
     if spec.kind != "eval":
         raise ConfigError(f"{spec.name}: kind is {spec.kind!r}; `laren run-eval` runs kind: eval jobs")
     cfg = resolve_paths(spec.run_config())

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from laren.data import storage
+from laren.models.state_dict import load_strict, read_torch_state_dict
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 
@@ -64,18 +64,9 @@ class VGG16Features(nn.Module):
 
 
 def _load_vgg_state(vgg: VGG16Features, state: dict[str, torch.Tensor], source: str) -> VGG16Features:
-    own = vgg.state_dict()
-    picked = {k: v for k, v in state.items() if k in own}  # classifier.* and deeper features.* are ignored
-    missing = sorted(set(own) - set(picked))
-    if missing:
-        raise ValueError(
-            f"{source}: not a torchvision VGG16 state dict (missing {missing[:4]}…). "
-            f"Use torchvision's vgg16-397923af.pth from {VGG16_URL}."
-        )
-    for k, v in picked.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)} (VGG16).")
-    vgg.load_state_dict(picked, strict=True)
+    # classifier.* and deeper features.* are ignored
+    load_strict(vgg, state, f"{source}: not a torchvision VGG16 state dict; use torchvision's vgg16-397923af.pth from "
+                f"{VGG16_URL}", ignore_unexpected=True)
     return vgg
 
 
@@ -90,18 +81,11 @@ def load_vgg16(path: str | Path | None) -> VGG16Features:
             f"loss.vgg16_path is not set but loss.perceptual_weight > 0: download torchvision's VGG16 weights "
             f"({VGG16_URL}) and set loss.vgg16_path to the file, or set loss.perceptual_weight: 0."
         )
-    try:
-        p = storage.local_copy(path)  # a local file, or an s3:// object cached once per node
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"VGG16 weights not found: {path} (loss.vgg16_path). The perceptual loss needs torchvision's ImageNet "
-            f"VGG16 state dict: download {VGG16_URL} and set loss.vgg16_path to the file or its s3:// URL "
-            f"(or set loss.perceptual_weight: 0 to train without it)."
-        ) from None
-    state = torch.load(p, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{p}: expected a state dict (name -> tensor), got {type(state).__name__}.")
-    return _load_vgg_state(VGG16Features(), state, str(p))
+    state = read_torch_state_dict(
+        path, f"VGG16 weights not found: {path} (loss.vgg16_path). The perceptual loss needs torchvision's ImageNet "
+        f"VGG16 state dict: download {VGG16_URL} and set loss.vgg16_path to the file or its s3:// URL "
+        f"(or set loss.perceptual_weight: 0 to train without it).")
+    return _load_vgg_state(VGG16Features(), state, str(path))
 
 
 def random_vgg16(seed: int = 0) -> VGG16Features:

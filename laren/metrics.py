@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from laren.data import storage
+from laren.models.state_dict import load_strict, read_torch_state_dict
 
 ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
 
@@ -150,13 +150,12 @@ class LPIPS(nn.Module):
                 torch.manual_seed(seed)
                 self.net = AlexNetFeatures()
         else:
-            self.net = AlexNetFeatures()
             if alexnet_path is None:
                 raise ValueError(
                     "eval.alexnet_path is not set: LPIPS needs torchvision's ImageNet AlexNet state dict "
                     f"(alexnet-owt-7be5be79.pth from {ALEXNET_URL})."
                 )
-            self.net.load_state_dict(_load_alexnet_state(alexnet_path), strict=True)
+            self.net = load_alexnet(alexnet_path)
         self.lins = nn.ParameterList(
             [nn.Parameter(torch.zeros(1, c, 1, 1), requires_grad=False) for c in AlexNetFeatures.CHANNELS]
         )
@@ -185,27 +184,20 @@ class LPIPS(nn.Module):
         return total
 
 
-def _load_alexnet_state(path: str | Path) -> dict[str, torch.Tensor]:
-    try:
-        p = storage.local_copy(path)  # a local file, or an s3:// object cached once per node
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"AlexNet weights not found: {path} (eval.alexnet_path). LPIPS needs torchvision's ImageNet AlexNet state "
-            f"dict: download {ALEXNET_URL} and set eval.alexnet_path to the file or its s3:// URL (or leave it unset "
-            "to skip LPIPS)."
-        ) from None
-    state = torch.load(p, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{p}: expected a state dict (name -> tensor), got {type(state).__name__}.")
-    own = AlexNetFeatures().state_dict()
-    picked = {k: v for k, v in state.items() if k in own}  # classifier.* ignored
-    missing = sorted(set(own) - set(picked))
-    if missing:
-        raise ValueError(f"{p}: not a torchvision AlexNet state dict (missing {missing[:4]}…); use {ALEXNET_URL}.")
-    for k, v in picked.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"{p}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)} (AlexNet).")
-    return picked
+def load_alexnet(path: str | Path) -> AlexNetFeatures:
+    """The AlexNet feature stack of LPIPS from torchvision's ImageNet AlexNet state dict (``eval.alexnet_path``: a
+    local file or an s3:// URL, cached once per node), read with ``weights_only=True``."""
+    state = read_torch_state_dict(
+        path, f"AlexNet weights not found: {path} (eval.alexnet_path). LPIPS needs torchvision's ImageNet AlexNet "
+        f"state dict: download {ALEXNET_URL} and set eval.alexnet_path to the file or its s3:// URL (or leave it unset "
+        "to skip LPIPS).")
+    net = AlexNetFeatures()
+    # classifier.* ignored
+    load_strict(net, state, f"{path}: not a torchvision AlexNet state dict; use {ALEXNET_URL}",
+                ignore_unexpected=True)
+    return net
+
+
 
 
 # ----------------------------------------------------------------------------------------------- latent analysis

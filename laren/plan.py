@@ -31,7 +31,8 @@ from typing import Any, Optional, Union
 
 from laren.config import ConfigError, PriorRunConfig, RunConfig
 from laren.data import storage
-from laren.models.build import _check_combination
+from laren.models.build import check_combination
+from laren.models.prior_io import PriorMeta, prior_paths
 from laren.redact import redact, redact_text
 
 STDDEV_GROUP = 4  # laren.models.stylegan2.Discriminator.stddev_group
@@ -74,7 +75,7 @@ def check_elastic(cfg: RunConfig) -> None:
 
 def check_rules(cfg: RunConfig) -> None:
     """Every cross-field rule of one run config: the model combination and the elastic sizes."""
-    _check_combination(cfg.model)
+    check_combination(cfg.model)
     check_elastic(cfg)
 
 
@@ -101,8 +102,6 @@ class RunPlan:
 def resolve_prior(cfg: RunConfig) -> RunConfig:
     """``cfg`` with ``model.prior``'s architecture read from the prior's metadata (.json); a job whose resolution or
     style width differs from the prior's is an error naming the field."""
-    from laren.models.prior_io import PriorMeta, prior_paths
-
     p = cfg.model.prior
     if not p.path:
         return cfg
@@ -131,7 +130,8 @@ def input_urls(cfg: Union[RunConfig, PriorRunConfig]) -> dict[str, str]:
 
 def build_plan(cfg: RunConfig, run_id: Optional[str] = None, run_dir: Optional[str] = None) -> RunPlan:
     """The plan of ``cfg`` (rules checked, paths absolute, prior architecture from its metadata)."""
-    from laren.train.distributed import resolve_paths, runs_root  # function-local: it imports this module (via loop)
+    # function-local: laren.train.distributed imports this module (through laren.train.loop), a cycle at module level
+    from laren.train.distributed import resolve_paths, runs_root
 
     check_rules(cfg)
     run_id = run_id or cfg.run_id  # == rcfg.run_id (RunConfig.config_hash)

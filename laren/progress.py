@@ -20,6 +20,8 @@ import math
 import time
 from typing import Any, Mapping, Optional
 
+from laren.tracking import find_run, mlflow_client
+
 ATTEMPTS_TAG = "laren.attempts"
 FAILURE_TAG = "laren.last_failure"
 FAILED_ATTEMPT_TAG = "laren.last_failure_attempt"
@@ -120,16 +122,8 @@ def record_failure(tracker, attempt: int, step: int, err: BaseException) -> None
 
 def find_mlflow_run(tracking_uri: str, run_name: str):
     """The MLflow run named ``run_name`` (tag ``laren.run_id``) in any experiment, or None."""
-    from mlflow.tracking import MlflowClient
-
-    from laren.tracking import RUN_ID_TAG, set_http_env_defaults
-
-    set_http_env_defaults()
-    c = MlflowClient(tracking_uri)
-    ids = [e.experiment_id for e in c.search_experiments()]
-    runs = c.search_runs(ids, filter_string=f"tags.`{RUN_ID_TAG}` = '{run_name}'",
-                         order_by=["attributes.start_time ASC"], max_results=1) if ids else []
-    return runs[0] if runs else None
+    c = mlflow_client(tracking_uri)
+    return find_run(c, [e.experiment_id for e in c.search_experiments()], run_name)
 
 
 def status_lines(run, now: Optional[float] = None) -> list[str]:

@@ -39,8 +39,13 @@ from safetensors.torch import load_file, save_file
 
 import laren
 from laren.config import RunConfig
+from laren.data import storage
 from laren.evaluate import load_model_from_checkpoint
+from laren.models.build import build_model
+from laren.models.prior_io import prior_paths
 from laren.redact import redact
+from laren.tracking import set_http_env_defaults
+from laren.train.state import FORMAT, load_prefixed
 
 log = logging.getLogger("laren.registry")
 
@@ -63,10 +68,6 @@ def is_model_uri(source: str) -> bool:
 
 def write_inference_files(model: torch.nn.Module, config: Mapping[str, Any], dest: str | Path) -> dict[str, str]:
     """The inference weights, the config and the prior's metadata under ``dest``; {artifact name: local path}."""
-    from laren.data import storage
-    from laren.models.prior_io import prior_paths
-    from laren.train.state import FORMAT
-
     d = Path(dest)
     d.mkdir(parents=True, exist_ok=True)
     weights = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
@@ -86,13 +87,10 @@ def write_inference_files(model: torch.nn.Module, config: Mapping[str, Any], des
 
 def load_inference_model(weights: str | Path, config: str | Path, device="cpu") -> tuple[torch.nn.Module, RunConfig]:
     """(model in eval mode, its RunConfig) from the files :func:`write_inference_files` wrote."""
-    from laren.models.build import build_model
-    from laren.train.state import _load_prefixed
-
     cfg = RunConfig.model_validate(json.loads(Path(config).read_text()))
     # The weights hold the frozen generator too: no prior file is read.
     model = build_model(cfg.model.model_copy(update={"prior": cfg.model.prior.model_copy(update={"path": None})}))
-    _load_prefixed(model, load_file(str(weights)), "model.", str(weights))
+    load_prefixed(model, load_file(str(weights)), "model.", str(weights))
     return model.to(device).eval(), cfg
 
 
@@ -102,10 +100,6 @@ def load_model(source: str, device="cpu", tracking_uri: Optional[str] = None) ->
     if not is_model_uri(source):
         model, cfg, _ = load_model_from_checkpoint(source, device)
         return model, cfg
-    import mlflow.artifacts
-
-    from laren.tracking import set_http_env_defaults
-
     set_http_env_defaults()
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source.rstrip("/") + "/artifacts",
                                                      dst_path=tempfile.mkdtemp(prefix="laren-model-"),

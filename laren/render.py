@@ -10,7 +10,7 @@ on a laptop. Everything cluster-specific comes from the job's ``resources`` sect
   from the pod's environment, not the machine that rendered it) mounted at :data:`JOBS_DIR` in every Ray pod; an eval
   job's ``checkpoint: jobs/<train job>.yaml`` travels with it.
 - entrypoint: ``cd /home/ray/laren && laren <command> jobs/<file>``, the command per kind as ``laren submit`` runs it
-  (``laren.submit.ENTRY``: train -> train, eval -> eval, grid -> the grid runner).
+  (``laren.specs.ENTRY``: train -> train, eval -> eval, grid -> the grid runner).
 - resources: one worker pod per training worker (``num_workers`` -> replicas / maxReplicas, ``min_workers`` -> minReplicas
   with the in-tree autoscaler on, ``use_gpu`` -> one ``nvidia.com/gpu`` per pod, ``cpus_per_worker`` -> CPU request and
   Ray's ``num-cpus``, ``gpu_type`` -> a nodeSelector on ``gpu_label_key``; Ray itself sees the accelerator type of the
@@ -36,7 +36,7 @@ import yaml
 
 from laren.config import ConfigError
 from laren.plan import check_rules
-from laren.specs import JobSpec, load_job
+from laren.specs import ENTRY, JobSpec, load_job
 
 RAY_VERSION = "2.60.0"
 try:
@@ -49,8 +49,6 @@ PROJECT_DIR = "/home/ray/laren"
 JOBS_DIR = f"{PROJECT_DIR}/jobs"
 #: Local-path fields that a pod only has when a shared volume provides them (warned about, not refused).
 LOCAL_PATH_FIELDS = ("data.train_url", "data.val_url", "model.prior.path", "loss.vgg16_path", "eval.alexnet_path")
-#: laren command per job kind when the jobs section (laren.submit.ENTRY) is not available.
-_FALLBACK_ENTRY = {"train": "train", "eval": "eval", "grid": "train"}
 #: ``resources.gpu_type`` (Ray's accelerator type) -> the ``nvidia.com/gpu.product`` label NVIDIA's GPU feature discovery
 #: puts on such nodes. A type not listed gets no nodeSelector (give --gpu-label-value): a made-up value matches no node.
 GPU_PRODUCT_LABELS = {
@@ -119,11 +117,7 @@ def _quoted_resources(res: dict[str, float]) -> str:
 
 def command_for(kind: str) -> str:
     """The laren command that runs a job of ``kind`` (the same one ``laren submit`` uses)."""
-    try:
-        from laren.submit import ENTRY
-    except ImportError:
-        ENTRY = _FALLBACK_ENTRY
-    return ENTRY.get(kind) or _FALLBACK_ENTRY[kind]
+    return ENTRY[kind]
 
 
 def entrypoint(job: JobSpec, file_name: str) -> str:

@@ -272,7 +272,7 @@ class RayHead(_Process):
             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
             f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
             f"--dashboard-agent-grpc-port={free_port()}",
-            f"--temp-dir={self._temp_dir()}",
+            f"--temp-dir={self.temp_dir()}",
         ]
         if self.num_cpus is not None:
             argv.append(f"--num-cpus={self.num_cpus}")
@@ -287,7 +287,7 @@ class RayHead(_Process):
         self._wait(ready, timeout_s=120)
         return self
 
-    def _temp_dir(self) -> str:
+    def temp_dir(self) -> str:
         # Ray's socket paths must stay short (AF_UNIX limit of 107 bytes): keep them under /tmp.
         d = Path("/tmp") / f"ray-{self.port}"
         d.mkdir(parents=True, exist_ok=True)
@@ -295,4 +295,4 @@ class RayHead(_Process):
 
     def stop(self) -> None:
         super().stop()
-        shutil.rmtree(self._temp_dir(), ignore_errors=True)
+        shutil.rmtree(self.temp_dir(), ignore_errors=True)

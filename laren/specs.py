@@ -353,3 +353,28 @@ def load_any(path: str | Path) -> Union[JobSpec, LoadedSweep]:
     if isinstance(data, dict) and "search_space" in data:
         return load_sweep(path)
     return load_job(path)
+
+
+# ----------------------------------------------------------------------------------------------- describing a job
+
+
+Spec = Union[JobSpec, LoadedSweep]
+
+#: The laren command that runs a job of each kind on the cluster (``laren submit``'s entrypoint, the RayJob's).
+ENTRY = {"train": "train", "eval": "run-eval", "grid": "run-grid", "sweep": "run-sweep", "prior": "prior train",
+         "analysis": "analyze"}
+
+
+def spec_kind(spec: Spec) -> str:
+    return "sweep" if isinstance(spec, LoadedSweep) else spec.kind
+
+
+def spec_name(spec: Spec) -> str:
+    return spec.spec.name if isinstance(spec, LoadedSweep) else spec.name
+
+
+def experiment_name(spec: Spec) -> str:
+    """One MLflow experiment per job family: tracking.experiment, else the job (or sweep) name."""
+    if isinstance(spec, LoadedSweep):
+        return spec.base.tracking.experiment or spec.spec.name
+    return spec.tracking.experiment or spec.name

@@ -18,8 +18,10 @@ against the project: a job on a local Ray head gets a ``.laren`` link to the pro
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import os
 import shlex
 import signal
@@ -30,14 +32,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
+import yaml
+
 from laren.config import ConfigError, RunConfig, project_root  # noqa: F401 - project_root: laren.submit's API
-from laren.data.storage import StorageError
+from laren.data.storage import StorageError, atomic_local_file
 from laren.models import health
+from laren.models.build import parameter_summary
 from laren.plan import RunPlan, check_rules, input_urls, plan_url, write_plan
+from laren.progress import find_mlflow_run, status_lines
 from laren.ray_address import jobs_api_url
 from laren.redact import is_secret_key, redact_text
-from laren.specs import JobSpec, LoadedSweep, load_any
-from laren.tracking import check_tracking_auth
+from laren.services import MLflowServer, RayHead, S3Server, free_port, port_open
+from laren.specs import (ENTRY, JobSpec, LoadedSweep, Spec, experiment_name, load_any, load_job, spec_kind,
+                         spec_name)
+from laren.tracking import check_tracking_auth, create_experiment, find_run, flatten, mlflow_client, ui_url
+from laren.train.loop import check_run_inputs, input_problems
+from laren.train.prior import check_prior_inputs
 
 STATE_DIR = ".laren"
 SERVICES_FILE = "services.json"
@@ -72,11 +82,8 @@ def read_services(root: Optional[Path] = None) -> dict[str, Any]:
 
 def _write_services(root: Path, svc: dict[str, Any]) -> Path:
     f = state_dir(root) / SERVICES_FILE
-    f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps(svc, indent=2))
-    os.chmod(tmp, 0o600)  # holds the local S3 server's key
-    tmp.replace(f)
+    with atomic_local_file(f, mode=0o600) as tmp:  # 0600: it holds the local S3 server's key
+        Path(tmp).write_text(json.dumps(svc, indent=2))
     return f
 
 
@@ -89,8 +96,6 @@ def _alive(pid: int) -> bool:
 
 
 def _preferred_port(port: int) -> int:
-    from laren.services import free_port, port_open
-
     return port if not port_open(port) else free_port()
 
 
@@ -114,8 +119,6 @@ def start_services(root: Optional[Path] = None, ray: bool = True, mlflow: bool =
 
     Preferred ports: Ray dashboard 8265 (GCS 6379), MLflow 5000, S3 8333; any that is taken is replaced by a free one.
     """
-    from laren.services import MLflowServer, RayHead, S3Server
-
     root = root or project_root()
     sd = state_dir(root)
     svc = read_services(root)
@@ -136,7 +139,7 @@ def start_services(root: Optional[Path] = None, ray: bool = True, mlflow: bool =
         head = RayHead(sd / "ray", num_cpus=num_cpus, port=_preferred_port(6379),
                        dashboard_port=_preferred_port(8265), node_env=services_env(svc)).start()
         svc["ray"] = {"pid": head.proc.pid, "address": head.address, "dashboard_url": head.dashboard_url,
-                      "temp_dir": head._temp_dir(), "log": str(head.log_path)}
+                      "temp_dir": head.temp_dir(), "log": str(head.log_path)}
         log(f"Ray head        {head.dashboard_url}  (dashboard and Jobs API; GCS {head.address})")
         _write_services(root, svc)
     # The Popen objects are dropped on purpose: each service runs in its own session and keeps running.
@@ -197,9 +200,7 @@ def resolve_address(address: Optional[str] = None, root: Optional[Path] = None) 
 
 def client(address: Optional[str] = None, root: Optional[Path] = None, start_local: bool = False, log=print):
     """A JobSubmissionClient for the resolved address; with ``start_local``, a local head is started when none is known."""
-    from ray.job_submission import JobSubmissionClient
-
-    from laren.services import RayHead
+    from ray.job_submission import JobSubmissionClient  # Ray is heavy: loaded when a cluster is contacted
 
     os.environ.update({k: v for k, v in RayHead.env().items() if k not in os.environ})
     addr = resolve_address(address, root)
@@ -227,24 +228,6 @@ def _is_local(addr: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- describing a job
-
-
-Spec = Union[JobSpec, LoadedSweep]
-
-
-def spec_kind(spec: Spec) -> str:
-    return "sweep" if isinstance(spec, LoadedSweep) else spec.kind
-
-
-def spec_name(spec: Spec) -> str:
-    return spec.spec.name if isinstance(spec, LoadedSweep) else spec.name
-
-
-def experiment_name(spec: Spec) -> str:
-    """One MLflow experiment per job family: tracking.experiment, else the job (or sweep) name."""
-    if isinstance(spec, LoadedSweep):
-        return spec.base.tracking.experiment or spec.spec.name
-    return spec.tracking.experiment or spec.name
 
 
 def run_configs(spec: Spec) -> list[tuple[str, RunConfig]]:
@@ -281,10 +264,6 @@ def resources_text(spec: Spec) -> str:
 
 def model_summary_text(cfg: RunConfig) -> str:
     """Parameter table of the model (built on the meta device by laren.models.build; no weights are read)."""
-    try:
-        from laren.models.build import parameter_summary
-    except ImportError as err:  # pragma: no cover - the model package is part of laren
-        return f"(model summary unavailable: {err})"
     rows = parameter_summary(cfg.model)
     w = max(len(r[0]) for r in rows)
     out = [f"{'module':<{w}}  {'parameters':>14}  trainable"]
@@ -302,27 +281,16 @@ def _check_eval_target(spec: JobSpec, path: Path) -> None:
         target = project_root(path.parent) / target
     if not target.is_file():
         raise ConfigError(f"invalid config in {path}:\n  checkpoint: job file not found: {spec.checkpoint} (looked at {target})")
-    from laren.specs import load_job
-
     tj = load_job(target)
     a = spec.model.model_dump(mode="json")
     b = tj.model.model_dump(mode="json")
     a["prior"].pop("source")
     b["prior"].pop("source")
-    diffs = [k for k in sorted(set(_flat(a)) | set(_flat(b))) if _flat(a).get(k) != _flat(b).get(k)]
+    fa, fb = flatten(a), flatten(b)
+    diffs = [k for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
     if diffs:
         raise ConfigError(f"invalid config in {path}:\n  model: differs from {spec.checkpoint} at "
                           + ", ".join(f"model.{k}" for k in diffs) + "; copy the train job's model section")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def validate(path: Union[str, Path], summary: bool = True, health: bool = True) -> tuple[Spec, str]:
@@ -345,8 +313,6 @@ def validate(path: Union[str, Path], summary: bool = True, health: bool = True) 
             check_rules(cfg)
         except ConfigError as err:
             raise ConfigError(f"invalid config in {path} ({label}):\n  {err}") from None
-    import yaml
-
     parts = [f"# {path}: kind {spec_kind(spec)}", f"run id: {spec.run_id}"]
     if isinstance(spec, LoadedSweep):
         parts.append("# resolved sweep\n" + yaml.safe_dump(spec.spec.model_dump(mode="json"), sort_keys=False).rstrip())
@@ -384,10 +350,6 @@ def _health_text(spec: Spec) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- submit
-
-
-ENTRY = {"train": "train", "eval": "run-eval", "grid": "run-grid", "sweep": "run-sweep", "prior": "prior train",
-         "analysis": "analyze"}
 
 
 @dataclass
@@ -437,12 +399,7 @@ def mlflow_url(tracking_uri: str, experiment: str, run_name: str, create: bool =
     if not tracking_uri.startswith("http"):
         return f"(run `mlflow ui --backend-store-uri {redact_text(tracking_uri)}`; run name {run_name})"
     try:
-        from mlflow.tracking import MlflowClient
-
-        from laren.tracking import RUN_ID_TAG, create_experiment, set_http_env_defaults, ui_url
-
-        set_http_env_defaults()
-        c = MlflowClient(tracking_uri)
+        c = mlflow_client(tracking_uri)
         exp = c.get_experiment_by_name(experiment)
         if exp is None:
             if not create:
@@ -450,11 +407,11 @@ def mlflow_url(tracking_uri: str, experiment: str, run_name: str, create: bool =
             exp_id = create_experiment(c, tracking_uri, experiment)
         else:
             exp_id = exp.experiment_id
-        runs = c.search_runs([exp_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{run_name}'", max_results=1)
+        run = find_run(c, [exp_id], run_name)
     except Exception:
         return ""
-    if runs:
-        return ui_url(tracking_uri, f"experiments/{exp_id}/runs/{runs[0].info.run_id}")
+    if run is not None:
+        return ui_url(tracking_uri, f"experiments/{exp_id}/runs/{run.info.run_id}")
     return ui_url(tracking_uri, f"experiments/{exp_id}", searchFilter=f"attributes.run_name = '{run_name}'")
 
 
@@ -557,9 +514,6 @@ def input_warnings(path: Union[str, Path]) -> list[str]:
     """`laren validate`'s warnings: every input of the job, grid or sweep at ``path`` (data manifests, prior, VGG16 /
     AlexNet weights) that is missing or does not fit, seen from here with the job's environment (a cluster's own
     paths may differ: hence warnings). Prior jobs: their data sets."""
-    from laren.train.loop import input_problems
-    from laren.train.prior import check_prior_inputs
-
     spec = load_any(path)
     root = project_root(Path(path).parent)
     out: list[str] = []
@@ -594,8 +548,6 @@ def _check_inputs_here(spec: JobSpec) -> None:
     missing file is an error of `laren submit` itself, before a Ray head is started or a job is queued. Called in the
     job's context (:func:`_job_context`), so relative paths and s3:// URLs mean what they will mean in the job.
     (A remote cluster checks them in the job, before any worker starts: its paths need not exist here.)"""
-    from laren.train.loop import check_run_inputs
-
     check_run_inputs(spec.run_config())
 
 
@@ -605,7 +557,8 @@ def _job_plan(spec: Spec, local: bool) -> Optional[RunPlan]:
     for other kinds, and for a remote cluster whose runs would live in a local folder of this machine, which it cannot
     read, or whose inputs include local paths, which name files of its own copy of the project (the job then plans the
     run there, from the same file)."""
-    from laren.train.distributed import plan_run, runs_root  # function-local: imports torch and the training loop
+    # function-local: laren.train.distributed imports this module (read_services), a cycle at module level
+    from laren.train.distributed import plan_run, runs_root
 
     kind = spec_kind(spec)
     if kind not in ("train", "prior"):
@@ -653,8 +606,6 @@ def _wait_supervisor_gone(addr: str, run_id: str, timeout_s: float = 30.0) -> No
 
 def _quiet_packaging() -> None:
     """Ray logs every ignored file of the working_dir upload at INFO; keep the submit output to what matters."""
-    import logging
-
     for name in ("ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir",
                  "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -702,8 +653,6 @@ def run_name(run: str) -> str:
 def mlflow_status(run_id: str, tracking_uri: Optional[str] = None, root: Optional[Path] = None) -> list[str]:
     """`laren status`'s MLflow lines for ``run_id`` (laren.progress.status_lines), from ``tracking_uri`` or the one a
     job submitted from here gets; [] when MLflow has no such run, one line when it cannot be reached."""
-    from laren.progress import find_mlflow_run, status_lines
-
     uri = tracking_uri or _job_env(root or project_root())["MLFLOW_TRACKING_URI"]
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         return []
@@ -738,8 +687,6 @@ def logs(run: str, address: Optional[str] = None) -> str:
 
 def follow_logs(run: str, address: Optional[str] = None) -> Iterator[str]:
     """Stream the job's log lines until it ends."""
-    import asyncio
-
     c, _ = client(address)
     run_id = resolve_run(c, run)
     agen = c.tail_job_logs(run_id)

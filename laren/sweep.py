@@ -35,9 +35,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from laren.specs import LoadedSweep, field_values
+from laren.data.storage import arrow_filesystem
+from laren.grid import per_run_resources
+from laren.specs import LoadedSweep, experiment_name, field_values
 from laren.sweep_results import (Layout, Trial, best_trial, common_step, fig8_csv, fig8_points, from_reports,
                                  plot_fig8, trials_table)
+from laren.tracking import Tracker, find_run, mlflow_client
+from laren.train.distributed import ensure_ray, make_trainer, resolve_paths, runs_root
+
+# Ray is imported inside the functions that use it: it takes seconds to load, and the result helpers need none of it.
 
 # Tiny share of a CPU for the trial's driver function: its TorchTrainer's workers hold the real resources.
 DRIVER_RESOURCES = {"CPU": 0.01}
@@ -103,8 +109,6 @@ def _make_driver(sw: LoadedSweep, experiment: str, parent_run_id: str, storage_p
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from laren.train.distributed import make_trainer, resolve_paths
-
         k = _trial_index(tune.get_context().get_trial_id())
         cfg = trial_run_config(sw, trial_overrides(sw, config), k)
         with _cwd(cwd):  # Tune moved this process into the trial's directory
@@ -122,8 +126,6 @@ def _make_driver(sw: LoadedSweep, experiment: str, parent_run_id: str, storage_p
 
 def default_concurrency(sw: LoadedSweep, cluster: dict[str, float]) -> int:
     """Trials the cluster holds at once: its CPUs (GPUs) over one trial's workers plus its driver's share; at least 1."""
-    from laren.grid import per_run_resources
-
     n = len(sw.spec.grid_points(sw.base)) * sw.spec.num_samples
     need = per_run_resources(sw.base)
     need["CPU"] = need.get("CPU", 0.0) + DRIVER_RESOURCES["CPU"]
@@ -150,29 +152,22 @@ def layout(sw: LoadedSweep) -> Layout:
 
 def _children(tracking_uri: str, experiment: str, run_ids: list[str], log: Callable[[str], None]) -> dict[str, Any]:
     """The trials' MLflow child runs by laren run id ({} when MLflow cannot be read)."""
-    from mlflow.tracking import MlflowClient
-
-    from laren.tracking import RUN_ID_TAG, set_http_env_defaults
-
-    set_http_env_defaults()
     out: dict[str, Any] = {}
     try:
-        c = MlflowClient(tracking_uri)
+        c = mlflow_client(tracking_uri)
         exp = c.get_experiment_by_name(experiment)
         for rid in run_ids:
-            runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{rid}'") if exp else []
-            if runs:
-                out[rid] = runs[0]
+            run = find_run(c, [exp.experiment_id], rid) if exp else None
+            if run is not None:
+                out[rid] = run
     except Exception as err:  # the results matter more than their source: Tune's copy of the metrics stands in
         log(f"could not read the trials' MLflow runs (using Ray Tune's results): {type(err).__name__}: {err}")
     return out
 
 
 def _history(tracking_uri: str, run, metric: str) -> Optional[dict[int, float]]:
-    from mlflow.tracking import MlflowClient
-
     try:
-        hist = MlflowClient(tracking_uri).get_metric_history(run.info.run_id, metric)
+        hist = mlflow_client(tracking_uri).get_metric_history(run.info.run_id, metric)
     except Exception:  # noqa: BLE001 - Tune's copy stands in
         return None
     return {int(m.step): float(m.value) for m in hist}
@@ -219,10 +214,8 @@ def collect(sw: LoadedSweep, grid, tracking_uri: str, experiment: str,
 def close_stopped_children(tracking_uri: str, trials: list[Trial], children: dict[str, Any],
                            log: Callable[[str], None] = print) -> None:
     """Close the MLflow child runs that killed trials left RUNNING: KILLED (stopped by the scheduler) or FAILED."""
-    from mlflow.tracking import MlflowClient
-
     try:
-        c = MlflowClient(tracking_uri)
+        c = mlflow_client(tracking_uri)
         for t in trials:
             run = children.get(t.run_id)
             if run is None or run.info.status != "RUNNING":
@@ -238,10 +231,6 @@ def run_sweep(sw: LoadedSweep, storage_path: Optional[str] = None, log: Callable
     """Run the sweep with Ray Tune on the current cluster (RAY_ADDRESS or local); see the module docstring."""
     import ray
     from ray import tune
-
-    from laren.submit import experiment_name
-    from laren.tracking import Tracker
-    from laren.train.distributed import _storage, ensure_ray, resolve_paths, runs_root
 
     exp = experiment_name(sw)
     base = resolve_paths(sw.base)
@@ -259,7 +248,7 @@ def run_sweep(sw: LoadedSweep, storage_path: Optional[str] = None, log: Callable
     conc = sw.spec.max_concurrent_trials or default_concurrency(sw, ray.cluster_resources())
     parent.log_params({"max_concurrent_trials": conc})
     root = runs_root(base, storage_path)
-    path, fs = _storage(root)
+    path, fs = arrow_filesystem(root)
     log(f"sweep {sw.run_id}: {len(sw.spec.grid_points(sw.base))} grid point(s) x {sw.spec.num_samples}, "
         f"{conc} trial(s) at a time; MLflow parent run {parent.run_id} in {exp!r}")
     trainable = tune.with_resources(_make_driver(sw, exp, parent.run_id, storage_path, os.getcwd()), DRIVER_RESOURCES)

@@ -52,6 +52,7 @@ import numpy as np
 import yaml
 
 from laren.config import ConfigError
+from laren.data import storage
 from laren.redact import has_password, is_secret_key, redact, redact_text
 
 
@@ -107,6 +108,27 @@ def ui_url(tracking_uri: str, page: str, **query: str) -> str:
     "Model training" view: MLflow 3's UI otherwise opens an experiment in its GenAI view, which hides the runs table."""
     q = urllib.parse.urlencode({**query, "workflowType": "machine_learning"}, quote_via=urllib.parse.quote)
     return f"{redact_text(tracking_uri.rstrip('/'))}/#/{page}?{q}"
+
+
+def mlflow_client(tracking_uri: str):
+    """An ``MlflowClient`` of ``tracking_uri`` that fails fast on a down server (:func:`set_http_env_defaults`)."""
+    from mlflow.tracking import MlflowClient  # mlflow is heavy (seconds): loaded only where MLflow is used
+
+    set_http_env_defaults()
+    return MlflowClient(tracking_uri)
+
+
+def find_run(client, experiment_ids: list[str], value: str, tag: str = RUN_ID_TAG, newest: bool = False):
+    """The run of these experiments whose ``tag`` (default ``laren.run_id``) is ``value``: the oldest (the one a
+    resumed job continues) or, with ``newest``, the newest; None if there is none. Several such runs are
+    warned about."""
+    if not experiment_ids:
+        return None
+    runs = client.search_runs(list(experiment_ids), filter_string=f"tags.`{tag}` = '{value}'", max_results=2,
+                              order_by=[f"attributes.start_time {'DESC' if newest else 'ASC'}"])
+    if len(runs) > 1:
+        log.warning("several MLflow runs carry %s=%s; using the %s", tag, value, "newest" if newest else "oldest")
+    return runs[0] if runs else None
 
 
 def create_experiment(client, tracking_uri: str, name: str) -> str:
@@ -256,8 +278,6 @@ class Tracker(NullTracker):
         max_queued_items: int = 256,
         buffer_url: Optional[str] = None,
     ) -> None:
-        from mlflow.tracking import MlflowClient
-
         if not run_name or "'" in run_name or "\\" in run_name:
             raise ValueError(f"tracking run name must be non-empty without quotes or backslashes, got {run_name!r}")
         if not experiment:
@@ -273,7 +293,7 @@ class Tracker(NullTracker):
         self.experiment = experiment
         self.run_name = run_name
         self.parent_run_id = parent_run_id
-        self.client = MlflowClient(tracking_uri)
+        self.client = mlflow_client(tracking_uri)
         self.run_id = None
         self.resumed = False
         self.finished = False
@@ -321,15 +341,7 @@ class Tracker(NullTracker):
 
     def find_run(self, experiment_id: str):
         """The existing run with ``laren.run_id == run_name`` in the experiment (the oldest if several), or None."""
-        runs = self.client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`{RUN_ID_TAG}` = '{self.run_name}'",
-            order_by=["attributes.start_time ASC"],
-            max_results=10,
-        )
-        if len(runs) > 1:
-            log.warning("%d MLflow runs carry %s=%s; continuing the oldest", len(runs), RUN_ID_TAG, self.run_name)
-        return runs[0] if runs else None
+        return find_run(self.client, [experiment_id], self.run_name)
 
     def _start_or_resume(self) -> None:
         from mlflow.entities import RunStatus
@@ -577,8 +589,6 @@ class Tracker(NullTracker):
         or None without a ``buffer_url`` or when the storage fails too."""
         if not self.buffer_url:
             return None
-        from laren.data import storage
-
         doc = {
             "format": "laren-tracking-buffer", "version": 1, "experiment": self.experiment, "run_name": self.run_name,
             "parent_run_id": self.parent_run_id, "run_tags": self._extra_tags, "mlflow_run_id": self.run_id,
@@ -610,8 +620,6 @@ def _image_item(client, img: np.ndarray, key: str, step: int, ts: int) -> _Pendi
 
 def tracking_buffer_url(cfg, run_id: str, run_dir: Optional[str] = None) -> str:
     """Where a run's unsent tracking records go: ``<run dir>/tracking-buffer`` (run dir: ``<storage.root>/runs/<id>``)."""
-    from laren.data import storage
-
     return storage.join(run_dir or storage.join(cfg.storage.root, "runs", run_id), BUFFER_DIR)
 
 
@@ -621,8 +629,6 @@ def sync_buffers(buffer_url: str, tracking_uri: str) -> list[str]:
     texts and images are sent, and it is marked with the status it ended with. Each file is deleted once all of it
     is sent. Returns the URLs replayed; an error (naming the file) if the server is still unreachable."""
     from mlflow.entities import Metric
-
-    from laren.data import storage
 
     done = []
     for url in [u for u in storage.list_files(buffer_url) if u.endswith(".json")]:

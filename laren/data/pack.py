@@ -325,14 +325,6 @@ def _tarinfo(name: str, n: int) -> tarfile.TarInfo:
     return ti
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class _ShardWriter:
     """One shard being written to a local temp file; ``finish`` publishes it whole under its final name."""
 
@@ -357,14 +349,14 @@ class _ShardWriter:
         self.tar.close()
         self.fobj.close()
         entry = {"name": shard_name(self.index), "count": self.count, "bytes": os.path.getsize(self.tmp),
-                 "sha256": _sha256_file(self.tmp), "first_input": self.first_input, "end_input": end_input}
+                 "sha256": storage.sha256_file(self.tmp), "first_input": self.first_input, "end_input": end_input}
         final = storage.join(self.dest, entry["name"])
         try:
             if storage.is_s3(final):
                 storage.upload_file(self.tmp, final)  # one object, appears whole (multipart when large)
             else:
-                os.chmod(self.tmp, storage._file_mode())
-                os.replace(self.tmp, storage._local(final))  # same folder: atomic rename
+                with storage.atomic_local_file(storage.local_path(final)) as out:
+                    os.replace(self.tmp, out)  # same folder: a rename, then the one atomic publish
         finally:
             if os.path.exists(self.tmp):
                 os.unlink(self.tmp)
@@ -437,9 +429,9 @@ def write_samples(dest: str, settings: dict, jobs: Callable[[int], Iterator], pr
     at ``dest``; resumable (``start`` is where a previous run with the same ``settings`` stopped)."""
     storage.ensure_local_dir(dest)
     if not storage.is_s3(dest):  # temp shards of a killed run
-        for f in os.listdir(storage._local(dest)):
+        for f in os.listdir(storage.local_path(dest)):
             if f.startswith(".shard-") and f.endswith(".part"):
-                os.unlink(os.path.join(storage._local(dest), f))
+                os.unlink(os.path.join(storage.local_path(dest), f))
 
     m = _resume_state(dest, settings)
     result = PackResult(manifest=m, shards_kept=len(m["shards"]))
@@ -450,7 +442,7 @@ def write_samples(dest: str, settings: dict, jobs: Callable[[int], Iterator], pr
     total = settings["num_inputs"]
     limit = int(settings["shard_size_mb"] * 1024 * 1024)
     start = m["inputs_done"]
-    tmpdir = storage._local(dest) if not storage.is_s3(dest) else None
+    tmpdir = storage.local_path(dest) if not storage.is_s3(dest) else None
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) if workers and workers > 1 else None
     results: Iterator = _ordered_results(pool, process, jobs(start), 4 * workers) if pool else map(process, jobs(start))
 

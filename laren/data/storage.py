@@ -38,7 +38,7 @@ log = logging.getLogger("laren.data")
 __all__ = [
     "is_s3", "split_s3", "join", "read_bytes", "write_bytes", "open_read", "exists", "list_files", "delete",
     "upload_file", "download_file", "s3_client", "size", "register_webdataset_s3", "local_copy", "StorageError",
-    "endpoint_url",
+    "endpoint_url", "local_path", "atomic_local_file", "file_mode", "sha256_file", "arrow_filesystem",
 ]
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024  # bytes; S3 parts must be >= 5 MiB (except the last)
@@ -50,7 +50,8 @@ def is_s3(url: str | os.PathLike) -> bool:
     return str(url).startswith("s3://")
 
 
-def _local(url: str | os.PathLike) -> str:
+def local_path(url: str | os.PathLike) -> str:
+    """The local path of a local URL (``file://`` dropped)."""
     u = str(url)
     return u[len("file://"):] if u.startswith("file://") else u
 
@@ -93,6 +94,23 @@ PATIENT = {"connect_timeout": 10, "read_timeout": 60}  # retries: LAREN_S3_MAX_A
 def endpoint_url() -> Optional[str]:
     """The S3 endpoint of this environment (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``), None for AWS itself."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def arrow_filesystem(url: str) -> tuple[str, object]:
+    """(path, pyarrow filesystem or None) for ``url``: an s3:// URL as ``bucket/key`` on a pyarrow S3FileSystem with
+    the endpoint of :func:`endpoint_url` (so Ray's checkpoint uploads reach a custom server: SeaweedFS, MinIO); a
+    local folder (created) as itself with None."""
+    if not is_s3(url):
+        Path(local_path(url)).mkdir(parents=True, exist_ok=True)
+        return local_path(url), None
+    import pyarrow.fs as pafs  # heavy, and needed only by Ray Train's storage
+
+    endpoint = endpoint_url()
+    kw: dict = {"region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kw.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https", force_virtual_addressing=False)
+    return url[len("s3://"):], pafs.S3FileSystem(**kw)
 
 
 def s3_client():
@@ -191,7 +209,7 @@ def _is_missing(err: Exception) -> bool:
     return False
 
 
-def _file_mode() -> int:
+def file_mode() -> int:
     """0666 minus the umask: what open() would give (mkstemp makes 0600)."""
     mask = os.umask(0)
     os.umask(mask)
@@ -268,7 +286,7 @@ def open_read(url: str | os.PathLike) -> BinaryIO:
     u = str(url)
     if is_s3(u):
         return io.BufferedReader(_S3Reader(u), buffer_size=1 << 20)
-    return open(_local(u), "rb")
+    return open(local_path(u), "rb")
 
 
 def read_bytes(url: str | os.PathLike) -> bytes:
@@ -286,7 +304,7 @@ def exists(url: str | os.PathLike) -> bool:
             return True
         except FileNotFoundError:
             return False
-    return os.path.exists(_local(u))
+    return os.path.exists(local_path(u))
 
 
 def size(url: str | os.PathLike) -> int:
@@ -296,7 +314,7 @@ def size(url: str | os.PathLike) -> int:
         bucket, key = split_s3(u)
         with _s3_errors(u, "looking up"):
             return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
-    return os.path.getsize(_local(u))
+    return os.path.getsize(local_path(u))
 
 
 def list_files(url_prefix: str | os.PathLike, page_size: int = 1000) -> list[str]:
@@ -319,7 +337,7 @@ def list_files(url_prefix: str | os.PathLike, page_size: int = 1000) -> list[str
                     if not obj["Key"].endswith("/"):
                         out.append(f"s3://{bucket}/{obj['Key']}")
         return sorted(out)
-    root = _local(u)
+    root = local_path(u)
     if not os.path.isdir(root):
         return []
     out = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
@@ -330,22 +348,34 @@ def list_files(url_prefix: str | os.PathLike, page_size: int = 1000) -> list[str
 
 
 @contextlib.contextmanager
-def _atomic_local_file(dest: str | os.PathLike) -> Iterator[str]:
-    """A temporary file beside the local file ``dest`` (its folder created), for the caller to fill. On success it gets
-    the mode open() would give and replaces ``dest`` in one os.replace, so readers see the old file or the new one,
-    never a part; on any error it is removed and ``dest`` is left as it was."""
+def atomic_local_file(dest: str | os.PathLike, mode: Optional[int] = None) -> Iterator[str]:
+    """A temporary file beside the local file ``dest`` (its folder created), for the caller to fill. On success it is
+    flushed to disk, gets ``mode`` (default: what open() would give) and replaces ``dest`` in one os.replace, so
+    readers see the old file or the new one, never a part, even after a crash; on any error it is removed and
+    ``dest`` is left as it was."""
     folder = os.path.dirname(os.path.abspath(dest))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, _file_mode())
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode() if mode is None else mode)
         os.replace(tmp, dest)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 (hex) of a local file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_bytes(url: str | os.PathLike, data: bytes) -> None:
@@ -359,36 +389,34 @@ def write_bytes(url: str | os.PathLike, data: bytes) -> None:
             else:
                 s3_client().upload_fileobj(io.BytesIO(data), bucket, key, Config=_transfer_config())
         return
-    with _atomic_local_file(_local(u)) as tmp, open(tmp, "wb") as f:
+    with atomic_local_file(local_path(u)) as tmp, open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
-def upload_file(local_path: str | os.PathLike, url: str | os.PathLike) -> None:
+def upload_file(src: str | os.PathLike, url: str | os.PathLike) -> None:
     """Copy a local file to ``url`` (S3: multipart above MULTIPART_THRESHOLD; local: atomic copy)."""
     u = str(url)
-    if not os.path.isfile(local_path):
-        raise FileNotFoundError(f"{local_path}: no such file to upload")
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"{src}: no such file to upload")
     if is_s3(u):
         bucket, key = split_s3(u)
         with _s3_errors(u, "uploading"):
-            s3_client().upload_file(str(local_path), bucket, key, Config=_transfer_config())
+            s3_client().upload_file(str(src), bucket, key, Config=_transfer_config())
         return
-    with _atomic_local_file(_local(u)) as tmp:
-        shutil.copyfile(local_path, tmp)
+    with atomic_local_file(local_path(u)) as tmp:
+        shutil.copyfile(src, tmp)
 
 
-def download_file(url: str | os.PathLike, local_path: str | os.PathLike) -> None:
+def download_file(url: str | os.PathLike, dest: str | os.PathLike) -> None:
     """Copy ``url`` to a local file (atomically)."""
     u = str(url)
-    with _atomic_local_file(local_path) as tmp:
+    with atomic_local_file(dest) as tmp:
         if is_s3(u):
             bucket, key = split_s3(u)
             with _s3_errors(u, "downloading"):
                 s3_client().download_file(bucket, key, tmp, Config=_transfer_config())
         else:
-            shutil.copyfile(_local(u), tmp)
+            shutil.copyfile(local_path(u), tmp)
 
 
 def delete(url: str | os.PathLike) -> None:
@@ -400,7 +428,7 @@ def delete(url: str | os.PathLike) -> None:
             s3_client().delete_object(Bucket=bucket, Key=key)
         return
     try:
-        os.unlink(_local(u))
+        os.unlink(local_path(u))
     except FileNotFoundError:
         pass
 
@@ -422,7 +450,7 @@ def local_copy(url: str | os.PathLike) -> str:
     """
     u = str(url)
     if not is_s3(u):
-        p = os.path.expanduser(_local(u))
+        p = os.path.expanduser(local_path(u))
         if not os.path.isfile(p):
             raise _not_found(u)
         return p
@@ -487,7 +515,7 @@ register_webdataset_s3()
 def ensure_local_dir(path: str | os.PathLike) -> None:
     """Create a local folder; for S3 (no folders) check that the bucket exists, with an error saying what to do."""
     if not is_s3(path):
-        Path(_local(path)).mkdir(parents=True, exist_ok=True)
+        Path(local_path(path)).mkdir(parents=True, exist_ok=True)
         return
     bucket, _ = split_s3(str(path))
     try:

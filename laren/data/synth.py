@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from laren.data import pack, storage
+from laren.data.pipeline import decode_image
 
 SUPERSAMPLE = 4
 KINDS = ("faces",)
@@ -150,8 +151,6 @@ def read_samples(url: str, limit: Optional[int] = None, member: str = "json"
                  ) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
     """The first ``limit`` samples of a packed set in manifest order: (uint8 images (N, R, R, 3), each sample's
     ``<key>.<member>`` parsed as JSON, the manifest). Raises ValueError for a sample without that member."""
-    from laren.data.pipeline import decode_image
-
     m = pack.read_manifest(url)
     imgs, docs = [], []
     for entry in m["shards"]:

@@ -22,6 +22,7 @@ from laren.models.encoder import GleanEncoder
 from laren.models.gdm import GraphDisentangle, GraphDisentangleVRR
 from laren.models.laren import GleanDecoder, LarenSR
 from laren.models.latent import SHead, WHead, WPlusHead
+from laren.models.prior_io import load_prior
 from laren.models.stylegan2 import Discriminator, Generator
 
 __all__ = ["build_model", "build_discriminator", "build_generator", "parameter_summary", "SUMMARY_ROWS"]
@@ -40,7 +41,8 @@ SUMMARY_ROWS = (
 )
 
 
-def _check_combination(cfg: ModelConfig) -> None:
+def check_combination(cfg: ModelConfig) -> None:
+    """A ConfigError for model options that cannot work together (checked by build_model and by the run plan)."""
     if cfg.noise_source == "cgm" and cfg.latent_space == "s":
         raise ConfigError(
             "model.noise_source: 'cgm' reads the latent codes g_n, which a StyleSpace head (model.latent_space: s) does "
@@ -62,8 +64,6 @@ def build_generator(cfg: ModelConfig) -> Generator:
 
 
 def _load_prior(cfg: ModelConfig) -> tuple[Generator, Any, Any]:
-    from laren.models.prior_io import load_prior  # the prior format lives with its importer
-
     G, D, meta = load_prior(cfg.prior.path)
     mget = meta.get if isinstance(meta, dict) else (lambda k, d=None: getattr(meta, k, d))
     for field in ("resolution", "style_dim"):
@@ -100,7 +100,7 @@ def _build_head(cfg: ModelConfig, G: Generator) -> nn.Module:
 
 
 def _assemble(cfg: ModelConfig, G: Generator) -> LarenSR:
-    _check_combination(cfg)
+    check_combination(cfg)
     H = G.style_dim
     e = cfg.encoder
     encoder = GleanEncoder(cfg.lr_size, G.channels, H, e.rrdb_blocks, e.rrdb_channels, e.rrdb_growth)

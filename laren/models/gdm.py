@@ -136,14 +136,25 @@ def mask_variance_share(count: float, support: float, s1: float, s2: float) -> f
 
 
 class _GraphBase(nn.Module):
-    """What HMRR and VRR share: the sizes, the argument checks, the ordered node pairs and U = nodes(z).
+    """What HMRR and VRR share: the arguments (see :class:`GraphDisentangle`), their checks, the ordered node pairs,
+    kappa, the node projection W_U and U = nodes(z).
 
-    Holds no parameters: each subclass creates its own, ``node_proj`` (W_U) among them, in its own order (which is the
-    order of the random initialisation).
+    Each subclass then creates the rest of its parameters in :meth:`_build`; ``node_proj`` (W_U) is the first
+    parameter of both, and the order of creation is the order of the random initialisation.
     """
 
-    def __init__(self, latent_dim: int, num_nodes: int, node_dim: int, num_codes: int, chunk_size: int,
-                 checkpoint_chunks: bool, relation_logits: str):
+    def __init__(
+        self,
+        latent_dim: int,
+        num_nodes: int,
+        node_dim: int,
+        num_codes: int,
+        convkb_filters: int = 8,
+        relation_scale: Optional[float] = None,
+        chunk_size: int = 256,
+        checkpoint_chunks: bool = True,
+        relation_logits: str = "std",
+    ):
         super().__init__()
         if relation_logits not in RELATION_LOGITS:
             raise ValueError(f"relation_logits must be one of {RELATION_LOGITS}, got {relation_logits!r}")
@@ -158,6 +169,17 @@ class _GraphBase(nn.Module):
         i_P, j_P = ordered_pairs(num_nodes)
         self.register_buffer("pair_i", i_P, persistent=False)
         self.register_buffer("pair_j", j_P, persistent=False)
+        self.relation_scale = float(self._default_relation_scale() if relation_scale is None else relation_scale)
+        self.node_proj = nn.Linear(latent_dim, num_nodes * node_dim)  # W_U, b_U  (JC x H)
+        self._build(convkb_filters)
+
+    def _default_relation_scale(self) -> float:
+        """kappa when relation_scale is None."""
+        raise NotImplementedError
+
+    def _build(self, convkb_filters: int) -> None:
+        """Create the parameters after W_U."""
+        raise NotImplementedError
 
     @property
     def num_pairs(self) -> int:
@@ -183,23 +205,12 @@ class GraphDisentangle(_GraphBase):
     Parameters: J*C*H + J*C + 2C*D + D + Omega*4 + Omega*C (419,424 for H=512, N=18, J=64, C=8, Omega=8).
     """
 
-    def __init__(
-        self,
-        latent_dim: int,
-        num_nodes: int,
-        node_dim: int,
-        num_codes: int,
-        convkb_filters: int = 8,
-        relation_scale: Optional[float] = None,
-        chunk_size: int = 256,
-        checkpoint_chunks: bool = True,
-        relation_logits: str = "std",
-    ):
-        super().__init__(latent_dim, num_nodes, node_dim, num_codes, chunk_size, checkpoint_chunks, relation_logits)
-        self.relation_scale = float(self.num_attributes if relation_scale is None else relation_scale)
-        self.node_proj = nn.Linear(latent_dim, num_nodes * node_dim)  # W_U, b_U  (JC x H)
-        self.attr = nn.Linear(2 * node_dim, self.num_attributes)  # W_attr, b_attr  (D x 2C)
-        self.convkb = ConvKB(node_dim, convkb_filters)
+    def _default_relation_scale(self) -> float:
+        return self.num_attributes  # kappa = D (choice C5)
+
+    def _build(self, convkb_filters: int) -> None:
+        self.attr = nn.Linear(2 * self.node_dim, self.num_attributes)  # W_attr, b_attr  (D x 2C)
+        self.convkb = ConvKB(self.node_dim, convkb_filters)
 
     # -- chunk kernels (pure functions of their tensor inputs so that checkpoint can recompute them) --------------
 
@@ -301,25 +312,14 @@ class GraphDisentangleVRR(_GraphBase):
     Parameters: J*C*H + J*C + (2C + 1) + Omega*4 + Omega*C + D*C (336,497 for H=512, N=18, J=64, C=8, Omega=8).
     """
 
-    def __init__(
-        self,
-        latent_dim: int,
-        num_nodes: int,
-        node_dim: int,
-        num_codes: int,
-        convkb_filters: int = 8,
-        relation_scale: Optional[float] = None,
-        chunk_size: int = 256,
-        checkpoint_chunks: bool = True,
-        relation_logits: str = "std",
-    ):
-        super().__init__(latent_dim, num_nodes, node_dim, num_codes, chunk_size, checkpoint_chunks, relation_logits)
-        self.relation_scale = float(num_nodes - 1 if relation_scale is None else relation_scale)
-        self.node_proj = nn.Linear(latent_dim, num_nodes * node_dim)  # W_U, b_U  (JC x H)
-        self.relation = nn.Linear(2 * node_dim, 1)  # w_r, b_r
+    def _default_relation_scale(self) -> float:
+        return self.num_nodes - 1  # kappa = J - 1, the size of the softmax support
+
+    def _build(self, convkb_filters: int) -> None:
+        self.relation = nn.Linear(2 * self.node_dim, 1)  # w_r, b_r
         nn.init.zeros_(self.relation.bias)  # b_r = 0: no seed starts with every relation dead (module docstring)
-        self.convkb = ConvKB(node_dim, convkb_filters)
-        self.rel_embed = nn.Parameter(torch.empty(self.num_attributes, node_dim))  # E (D, C)
+        self.convkb = ConvKB(self.node_dim, convkb_filters)
+        self.rel_embed = nn.Parameter(torch.empty(self.num_attributes, self.node_dim))  # E (D, C)
         nn.init.normal_(self.rel_embed, std=1.0)
 
     def adjacency(self, u_BJC: Tensor) -> Tensor:

@@ -28,14 +28,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from laren.data import storage
 from laren.models.safe_pickle import MAX_DEPTH, Opaque, UnsafePickleError, read_checkpoint_object
+from laren.models.state_dict import load_strict
 from laren.models.stylegan2 import Discriminator, Generator
 
 STOCK_BASE_UNIT = 16384  # rosinality: channel_base = 16384 * channel_multiplier
@@ -291,12 +291,8 @@ def _load_strict(module: torch.nn.Module, sd: dict[str, Tensor], what: str, sour
     for k, v in own.items():  # constant FIR kernels may be absent in converted layouts: take the built value
         if k.endswith("kernel") and k not in sd:
             sd[k] = v
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or bad:
-        raise ValueError(f"{source}: {what} does not match the detected architecture: missing {missing[:6]}, "
-                         f"unexpected {unexpected[:6]}, shape mismatch {bad[:6]}")
-    module.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    load_strict(module, {k: v.float() for k, v in sd.items()},
+                f"{source}: {what} does not match the detected architecture")
 
 
 _ARCH_LIMITS = {"resolution": (32, 1024), "style_dim": (1, 4096), "mapping_layers": (1, 32),
@@ -371,39 +367,11 @@ def read_prior_source(src: str) -> tuple[Generator, Discriminator | None, dict, 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _is_s3(url: str) -> bool:
-    return str(url).startswith("s3://")
-
-
 def _read(url: str, what: str, hint: str) -> bytes:
-    if _is_s3(url):
-        from laren.data import storage
-
-        try:
-            return storage.read_bytes(url)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{url}: {what} not found; {hint}") from err
-    path = Path(url)
-    if not path.is_file():
-        raise FileNotFoundError(f"{url}: {what} not found; {hint}")
-    return path.read_bytes()
-
-
-def _write(url: str, data: bytes) -> None:
-    if _is_s3(url):
-        from laren.data import storage
-
-        storage.write_bytes(url, data)  # an S3 PUT is atomic
-        return
-    path = Path(url)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        return storage.read_bytes(url)
+    except (FileNotFoundError, IsADirectoryError) as err:
+        raise FileNotFoundError(f"{url}: {what} not found; {hint}") from err
 
 
 def _stem(url: str) -> str:
@@ -446,8 +414,8 @@ def write_prior(g: Generator, d: Discriminator | None, arch: dict, dest: str, so
     st_url, json_url = prior_paths(dest)
     meta = PriorMeta(**arch, has_discriminator=d is not None, source=source, source_format=source_format,
                      sha256=hashlib.sha256(blob).hexdigest(), latent_avg_source=latent_avg_source)
-    _write(st_url, blob)
-    _write(json_url, meta.to_json().encode())  # written last: its presence means the prior is complete
+    storage.write_bytes(st_url, blob)  # atomic: a local temp file renamed into place, or one S3 PUT
+    storage.write_bytes(json_url, meta.to_json().encode())  # written last: its presence means the prior is complete
     return meta
 
 

@@ -196,27 +196,22 @@ def _newobj(cls, *args):
     return cls.__new__(cls)
 
 
-_TABLE: dict[tuple[str, str], object] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "dict"): dict,
-    ("builtins", "list"): list,
-    ("builtins", "tuple"): tuple,
-    ("_codecs", "encode"): _codecs_encode,
-    ("copyreg", "_reconstructor"): _reconstructor,
-    ("copyreg", "__newobj__"): _newobj,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch.storage", "_load_from_bytes"): storage_from_bytes,
-    ("torch", "Size"): torch.Size,
-    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_obj,
-    ("dnnlib.util", "EasyDict"): _EasyDict,
-    ("dnnlib", "EasyDict"): _EasyDict,
-    ("argparse", "Namespace"): NAMESPACE,
+# The allow-list: (module, name) -> what stands for it, one line per module.
+_ALLOWED: dict[str, dict[str, object]] = {
+    "builtins": {"set": set, "frozenset": frozenset, "dict": dict, "list": list, "tuple": tuple},
+    "collections": {"OrderedDict": collections.OrderedDict},
+    "_codecs": {"encode": _codecs_encode},
+    "copyreg": {"_reconstructor": _reconstructor, "__newobj__": _newobj},
+    "torch._utils": {"_rebuild_tensor_v2": _rebuild_tensor, "_rebuild_tensor": _rebuild_tensor,
+                     "_rebuild_parameter": _rebuild_parameter, "_rebuild_parameter_with_state": _rebuild_parameter},
+    "torch.storage": {"_load_from_bytes": storage_from_bytes},
+    "torch": {"Size": torch.Size},
+    "torch_utils.persistence": {"_reconstruct_persistent_obj": _persistent_obj},
+    "dnnlib.util": {"EasyDict": _EasyDict},
+    "dnnlib": {"EasyDict": _EasyDict},
+    "argparse": {"Namespace": NAMESPACE},
 }
+_TABLE: dict[tuple[str, str], object] = {(m, n): f for m, names in _ALLOWED.items() for n, f in names.items()}
 _NEWOBJ_OK = (Opaque, collections.OrderedDict, dict, set, list, _EasyDict)
 
 

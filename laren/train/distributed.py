@@ -32,11 +32,15 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from laren.config import PriorRunConfig, RunConfig
+from laren.data import storage
 from laren.plan import RunPlan, build_plan, write_plan
 from laren.ray_address import driver_address
+from laren.services import RayHead
 from laren.submit import read_services
 from laren.tracking import check_tracking_auth
+from laren.train import collectives as C
 from laren.train import faults
+from laren.train import state as S
 from laren.train.faults import KILL_MARKER_ENV, KILL_RANK_ENV, KILL_STEP_ENV, OnStep
 from laren.train.loop import WorkerContext, check_run_inputs, train_worker
 from laren.train.prior import check_prior_inputs, prior_worker
@@ -96,29 +100,12 @@ def runs_root(cfg: RunConfig, storage_path: Optional[str] = None) -> str:
     return root.rstrip("/") + "/runs"
 
 
-def _storage(storage_path: str):
-    """(storage_path for Ray, pyarrow filesystem or None). s3:// goes through an explicit S3FileSystem so that a custom
-    endpoint (AWS_ENDPOINT_URL: SeaweedFS, MinIO) is used by Ray's checkpoint uploads too."""
-    if not storage_path.startswith("s3://"):
-        Path(storage_path).mkdir(parents=True, exist_ok=True)
-        return storage_path, None
-    import pyarrow.fs as pafs
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-    kw: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kw.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https", force_virtual_addressing=False)
-    return storage_path[len("s3://"):], pafs.S3FileSystem(**kw)
-
-
 def _worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
 def _complete_copy(fetch, dest: str) -> bool:
     """``fetch(dest)`` then verify the checkpoint there (state.json + checksums); False when it is incomplete."""
-    from laren.train import state as S
 
     try:
         fetch(dest)
@@ -127,20 +114,6 @@ def _complete_copy(fetch, dest: str) -> bool:
     except (S.CheckpointError, OSError, ValueError) as err:
         log.warning("checkpoint is incomplete or corrupt: %s", err)
         return False
-
-
-def _checkpoint_names(run_dir: Optional[str]) -> list[str]:
-    """Names of the ``checkpoint_*`` folders directly under ``run_dir`` that hold a ``state.json``, newest first
-    (the names are ``checkpoint_<step:09d>``, so name order is step order)."""
-    from laren.data import storage
-    from laren.train import state as S
-
-    if not run_dir:
-        return []
-    base = run_dir.rstrip("/")
-    rels = [f[len(base):].strip("/").split("/") for f in storage.list_files(base) if f.startswith(base)]
-    names = {r[0] for r in rels if len(r) == 2 and r[1] == S.STATE_FILE and r[0].startswith("checkpoint_")}
-    return sorted(names, reverse=True)
 
 
 def _resume_copy(ck, run_dir: Optional[str], dest: str, only: Optional[str] = None) -> Optional[str]:
@@ -154,11 +127,9 @@ def _resume_copy(ck, run_dir: Optional[str], dest: str, only: Optional[str] = No
     complete checkpoints, or all of them, missing from Ray's snapshot, and ``get_checkpoint()`` is then older or None.
     ``only``: fetch exactly this checkpoint (the one rank 0 chose) and raise if it is not complete here.
     """
-    from laren.data import storage
-    from laren.train import state as S
 
     ray_name = Path(ck.path).name if ck is not None else None
-    names = [only] if only else sorted(set(_checkpoint_names(run_dir)) | ({ray_name} if ray_name else set()), reverse=True)
+    names = [only] if only else sorted(set(S.checkpoint_names(run_dir)) | ({ray_name} if ray_name else set()), reverse=True)
     if not names:
         return None
     for name in names:
@@ -200,8 +171,6 @@ def _agreed_resume_copy(ck, run_dir: Optional[str], rank: int, local_rank: int, 
     on one. The checkpoint is downloaded once per node, by its local rank 0, into a folder named by rank 0's token;
     the node's other ranks read it there after a barrier. The node's local rank 0 deletes it when training ends.
     """
-    from laren.train import collectives as C
-    from laren.train import state as S
 
     choice = [None, None, uuid.uuid4().hex]  # [checkpoint name, error text, token naming the node folders]
     if rank == 0:
@@ -226,7 +195,7 @@ def _node_folder(token: str) -> str:
 
 def _train_fn(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: builds the WorkerContext and hands over to the plain-torch loop."""
-    import ray.train
+    import ray.train  # heavy: imported where a Ray Train worker, trainer or instance is made
     import ray.train.torch
 
     prior = loop_config.get("kind") == "prior"
@@ -282,7 +251,7 @@ def make_trainer(
 def plan_trainer(plan: RunPlan, parent_run_id: Optional[str] = None, extra_callbacks: Sequence[Any] = (),
                  on_step: Optional[OnStep] = None):
     """The TorchTrainer of a plan: its workers get the plan's config (resolved once) and check nothing again."""
-    import ray.train
+    import ray.train  # heavy (see _train_fn)
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = plan.run_config()
@@ -294,7 +263,7 @@ def plan_trainer(plan: RunPlan, parent_run_id: Optional[str] = None, extra_callb
     scaling = ray.train.ScalingConfig(
         num_workers=workers, use_gpu=res.use_gpu, resources_per_worker=per_worker, accelerator_type=res.gpu_type,
     )
-    path, fs = _storage(_runs_dir(plan))
+    path, fs = storage.arrow_filesystem(_runs_dir(plan))
     env = _worker_env()
     run_config = ray.train.RunConfig(
         name=plan.run_id,
@@ -326,7 +295,7 @@ def _runs_dir(plan: RunPlan) -> str:
 def ensure_ray(num_cpus: Optional[int] = None) -> None:
     """Connect to RAY_ADDRESS when set (any form: laren/ray_address.py; a dashboard URL only for the local head),
     else start (or reuse) a local Ray instance."""
-    import ray
+    import ray  # heavy (see _train_fn)
 
     if ray.is_initialized():
         return
@@ -336,8 +305,6 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
         os.environ["RAY_ADDRESS"] = address  # ray.init and Ray's own tools read it too
         ray.init(address=address, log_to_driver=True)
     else:
-        from laren.services import RayHead
-
         for k, v in RayHead.env().items():  # a loopback-only instance: no token auth, no usage stats
             os.environ.setdefault(k, v)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
@@ -387,10 +354,8 @@ def run_plan(plan: RunPlan, parent_run_id: Optional[str] = None, extra_callbacks
 
 def _newest_state(run_dir: str) -> Optional[tuple[str, dict[str, Any]]]:
     """(URL, parsed state.json) of the newest checkpoint under ``run_dir`` with a readable laren state.json."""
-    from laren.data import storage
-    from laren.train import state as S
 
-    for name in _checkpoint_names(run_dir):
+    for name in S.checkpoint_names(run_dir):
         url = storage.join(run_dir, name)
         try:
             doc = json.loads(storage.read_bytes(storage.join(url, S.STATE_FILE)))
@@ -409,7 +374,7 @@ def _final_metrics(cfg: RunConfig, doc: dict[str, Any]) -> dict[str, Any]:
     if not mlflow_run:
         return out
     try:
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # heavy: only for a run resumed at its end
 
         metrics = MlflowClient(_absolute(cfg.tracking.tracking_uri) or None).get_run(mlflow_run).data.metrics
     except Exception as err:  # noqa: BLE001 - the tracking server is optional here; never print its URI (credentials)

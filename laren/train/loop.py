@@ -40,12 +40,18 @@ import torch
 from laren import losses as L
 from laren.config import ConfigError, RunConfig
 from laren.cost import usage_metrics
-from laren.data.pipeline import auto_loader_workers, batch_to_device
+from laren.data import pack, storage
+from laren.data.pipeline import auto_loader_workers, batch_to_device, make_eval_loader, make_train_loader
 from laren.data.storage import StorageError
+from laren.evaluate import evaluate_model, make_lpips
 from laren.flops import device_peak_tflops, mfu_metrics, step_flops_per_image
+from laren.metrics import load_alexnet
 from laren.models import health
+from laren.models.build import build_discriminator, build_model
+from laren.models.prior_io import PriorMeta, prior_paths
 from laren.plan import check_rules
 from laren.progress import ProgressPrinter, record_attempt, record_failure
+from laren.tracking import flatten, make_tracker, tracking_buffer_url
 from laren.train import collectives as C
 from laren.train import state as S
 from laren.train.faults import OnStep
@@ -155,23 +161,16 @@ def _check_vgg16(path: Optional[str]) -> None:
 
 def _check_alexnet(path: str) -> None:
     if not _weights_exist(path):
-        from laren.metrics import _load_alexnet_state
-
-        _load_alexnet_state(path)  # raises FileNotFoundError naming the file and how to obtain it
+        load_alexnet(path)  # raises FileNotFoundError naming the file and how to obtain it
 
 
 def _weights_exist(url: str) -> bool:
     """A weights file (local path or s3:// URL) is there; nothing is downloaded."""
-    from laren.data import storage
-
     return storage.exists(url) if storage.is_s3(url) else Path(url).expanduser().is_file()
 
 
 def _check_prior(cfg: RunConfig) -> None:
     """The prior's files exist and its architecture is the job's (read from its small .json, not the weights)."""
-    from laren.data import storage
-    from laren.models.prior_io import PriorMeta, prior_paths
-
     hint = "create it with `laren prior import SRC DEST` (SRC: a rosinality .pt, NVIDIA .pkl or mmagic .pth)"
     st_url, json_url = prior_paths(cfg.model.prior.path)
     for url, what in ((json_url, "prior metadata (.json)"), (st_url, "prior weights (.safetensors)")):
@@ -189,8 +188,6 @@ def _check_prior(cfg: RunConfig) -> None:
 
 def _check_data(cfg: RunConfig, fields: tuple[str, ...] = ("train_url", "val_url")) -> None:
     """The training (and validation) sets are packed at the job's HR resolution."""
-    from laren.data import pack
-
     for field_name in fields:
         url = getattr(cfg.data, field_name)
         if not url:
@@ -205,18 +202,6 @@ def _check_data(cfg: RunConfig, fields: tuple[str, ...] = ("train_url", "val_url
                 f"(model.prior.resolution) is {cfg.model.prior.resolution}; re-pack with --resolution "
                 f"{cfg.model.prior.resolution} or use a matching prior"
             )
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config -> {"model.gdm.num_nodes": 64, ...} (MLflow params are flat strings)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -234,9 +219,6 @@ class DataStream:
     """
 
     def __init__(self, cfg: RunConfig, rank: int, world_size: int, st: S.TrainState):
-        from laren.data import pack
-        from laren.data.pipeline import make_train_loader
-
         manifest = pack.read_manifest(cfg.data.train_url)
         samples = sum(int(s["count"]) for s in manifest["shards"])
         self.per_pass = max(1, math.ceil(samples / cfg.train.batch_size_global))
@@ -280,10 +262,6 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
 
     Resumes from ``ctx.resume_dir`` when given: weights, optimizer states, step, data position and this rank's RNG.
     """
-    from laren.evaluate import make_lpips
-    from laren.models.build import build_discriminator, build_model
-    from laren.tracking import make_tracker, tracking_buffer_url
-
     t_cfg, rank, world, dev = cfg.train, ctx.rank, ctx.world_size, ctx.device
     if ctx.run_dir is None:  # else the driver planned the run (laren.plan): inputs and rules were checked there
         check_run_inputs(cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"num_workers": world, "min_workers": None})}))
@@ -458,9 +436,6 @@ def _seed_all(seed: int) -> None:
 
 def _evaluate(cfg: RunConfig, model, lpips, rank: int, world: int, dev, tracker, step: int) -> dict[str, float]:
     """Periodic validation over ``data.num_val_images`` (split over ranks, summed); rank 0 logs the sample grid."""
-    from laren.data.pipeline import make_eval_loader
-    from laren.evaluate import evaluate_model
-
     url = cfg.data.val_url or cfg.data.train_url
     # ``limit`` is global: the eval loader gives each rank its contiguous share of the first num_val_images samples.
     loader = make_eval_loader(url, cfg.model.prior.resolution, cfg.model.lr_size,

@@ -45,12 +45,15 @@ from laren import factor_fd as FD
 from laren import losses as L
 from laren.augment import diff_augment
 from laren.config import ConfigError, PriorRunConfig
+from laren.data import pack
 from laren.data.pipeline import batch_to_device
+from laren.data.synth import read_factor_samples
+from laren.models.prior_io import detect_generator, write_prior
 from laren.models.stylegan2 import Discriminator, Generator
 from laren.progress import ProgressPrinter, record_attempt, record_failure
+from laren.tracking import flatten, make_tracker
 from laren.train import collectives as C
-from laren.train.loop import (DataStream, Schedule, WorkerContext, _check_data, _checkpoint,
-                              flatten, resume_or_seed)
+from laren.train.loop import DataStream, Schedule, WorkerContext, _check_data, _checkpoint, resume_or_seed
 from laren.train.step import optimizer_params
 
 log = logging.getLogger("laren.train")
@@ -85,8 +88,6 @@ def check_prior_inputs(cfg: PriorRunConfig) -> None:
         raise ConfigError("data.train_url is empty: set it to a data set written by `laren data pack` or `laren data synth`")
     _check_data(cfg)
     if cfg.gan.metric_images > 0:
-        from laren.data import pack
-
         for url in (cfg.data.train_url, cfg.data.val_url or cfg.data.train_url):
             if not pack.read_manifest(url).get("factors"):
                 raise ConfigError(f"gan.metric_images: {url} has no factors (factor-FD needs a set written by "
@@ -178,8 +179,6 @@ class PriorEval:
         self.z_metric = torch.randn(cfg.gan.metric_images, s, generator=gen)
         self.real_stats = None
         if nets.regressor is not None:
-            from laren.data.synth import read_factor_samples
-
             imgs, _, _ = read_factor_samples(cfg.data.val_url or cfg.data.train_url, limit=cfg.gan.metric_images)
             self.real_stats = FD.feature_stats(nets.regressor, FD.to_unit(imgs))
 
@@ -216,8 +215,6 @@ def image_grid(x: torch.Tensor) -> np.ndarray:
 
 def fit_regressor(cfg: PriorRunConfig, tracker) -> FD.FactorRegressor:
     """The factor regressor of the run, trained on up to 4096 training images; logs its held-out accuracy."""
-    from laren.data.synth import read_factor_samples
-
     t0 = time.perf_counter()
     imgs, factors, specs = read_factor_samples(cfg.data.train_url, limit=4096)
     net = FD.train_regressor(FD.to_unit(imgs), torch.from_numpy(factors), specs, cfg.gan.regressor_steps, seed=cfg.train.seed)
@@ -234,8 +231,6 @@ def fit_regressor(cfg: PriorRunConfig, tracker) -> FD.FactorRegressor:
 
 def _regressor_shell(cfg: PriorRunConfig) -> FD.FactorRegressor:
     """An untrained regressor of the run's shape (its weights then come from the checkpoint)."""
-    from laren.data import pack
-
     return FD.FactorRegressor(cfg.model.prior.resolution, pack.read_manifest(cfg.data.train_url)["factors"])
 
 
@@ -244,8 +239,6 @@ def _regressor_shell(cfg: PriorRunConfig) -> FD.FactorRegressor:
 
 def prior_worker(cfg: PriorRunConfig, ctx: WorkerContext) -> dict[str, Any]:
     """Train the prior of ``cfg`` on this worker until ``train.total_kimg``; rank 0 writes it to ``gan.output``."""
-    from laren.tracking import make_tracker
-
     t_cfg, gan, rank, world, dev = cfg.train, cfg.gan, ctx.rank, ctx.world_size, ctx.device
     check_prior_inputs(cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"num_workers": world, "min_workers": None})}))
     sched = Schedule.from_kimg(t_cfg.batch_size_global, t_cfg.total_kimg, t_cfg.log_every_kimg,
@@ -350,8 +343,6 @@ def prior_worker(cfg: PriorRunConfig, ctx: WorkerContext) -> dict[str, Any]:
 def export_prior(nets: GanNets, d: Discriminator, cfg: PriorRunConfig, dest: Optional[str] = None):
     """Write G_ema (latent_avg: mean of 4096 mapped z, seed 0) and D in laren's prior format at ``dest``
     (default ``gan.output``); returns the PriorMeta."""
-    from laren.models.prior_io import detect_generator, write_prior
-
     g = copy.deepcopy(nets.g_ema).cpu().eval()
     with torch.no_grad():
         z = torch.randn(4096, g.style_dim, generator=torch.Generator().manual_seed(0))

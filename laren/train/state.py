@@ -17,7 +17,6 @@ without a valid ``state.json`` or whose checksums disagree is an incomplete chec
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import random
@@ -31,6 +30,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from laren.data import storage
+from laren.models.state_dict import load_strict
 from laren.redact import redact
 
 FORMAT = "laren-checkpoint/1"
@@ -138,26 +139,10 @@ def optimizer_from_tensors(
 # ----------------------------------------------------------------------------------------------- files
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename onto ``path`` (same directory, so the rename is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    """``write(tmp_path)`` then rename onto ``path`` (:func:`laren.data.storage.atomic_local_file`)."""
+    with storage.atomic_local_file(path) as tmp:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(
@@ -191,7 +176,7 @@ def save_checkpoint(
         "kimg": state.kimg,
         "optimizers": optim_meta,
         "config": config,
-        "sha256": {WEIGHTS_FILE: _sha256(d / WEIGHTS_FILE), OPTIM_FILE: _sha256(d / OPTIM_FILE)},
+        "sha256": {name: storage.sha256_file(d / name) for name in (WEIGHTS_FILE, OPTIM_FILE)},
     }
     _atomic_write(d / STATE_FILE, lambda p: Path(p).write_text(json.dumps(doc, indent=1)))
     return d
@@ -262,7 +247,7 @@ def read_state(directory: str | os.PathLike, verify: bool = True) -> dict[str, A
             f = d / name
             if f.is_symlink() or not f.is_file():
                 raise CheckpointError(f"{f}: missing or not a regular file (listed in {STATE_FILE})")
-            if _sha256(f) != sums[name]:
+            if storage.sha256_file(f) != sums[name]:
                 raise CheckpointError(f"{f}: does not match the checksum in {STATE_FILE}")
     return doc
 
@@ -271,19 +256,11 @@ def train_state_from_doc(doc: dict[str, Any]) -> TrainState:
     return TrainState(**{k: doc[k] for k in TrainState.__dataclass_fields__ if k in doc})
 
 
-def _load_prefixed(module: torch.nn.Module, weights: dict[str, torch.Tensor], prefix: str, source: str) -> None:
+def load_prefixed(module: torch.nn.Module, weights: dict[str, torch.Tensor], prefix: str, source: str) -> None:
+    """Load the ``prefix``-ed entries of ``weights`` (``model.``, ``disc.``) strictly into ``module``."""
     sub = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-    own = module.state_dict()
-    missing, unexpected = sorted(set(own) - set(sub)), sorted(set(sub) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: {prefix[:-1]} weights do not match the model built from the config "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    for k, v in sub.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise CheckpointError(f"{source}: {prefix}{k} has shape {tuple(v.shape)}, the model {tuple(own[k].shape)}")
-    module.load_state_dict(sub, strict=True)
+    load_strict(module, sub, f"{source}: {prefix[:-1]} weights do not match the model built from the config",
+                error=CheckpointError)
 
 
 def load_weights(directory: str | os.PathLike, model: torch.nn.Module, disc: Optional[torch.nn.Module] = None) -> None:
@@ -291,9 +268,9 @@ def load_weights(directory: str | os.PathLike, model: torch.nn.Module, disc: Opt
     d = Path(directory)
     read_state(d)
     weights = load_file(str(d / WEIGHTS_FILE))
-    _load_prefixed(model, weights, "model.", str(d / WEIGHTS_FILE))
+    load_prefixed(model, weights, "model.", str(d / WEIGHTS_FILE))
     if disc is not None:
-        _load_prefixed(disc, weights, "disc.", str(d / WEIGHTS_FILE))
+        load_prefixed(disc, weights, "disc.", str(d / WEIGHTS_FILE))
 
 
 def load_checkpoint(
@@ -321,8 +298,6 @@ def fetch_checkpoint(url: str, dest: str | os.PathLike) -> Path:
         if not (p / STATE_FILE).is_file():
             raise FileNotFoundError(f"checkpoint not found: {p} has no {STATE_FILE} (pass a checkpoint directory)")
         return p
-    from laren.data import storage
-
     out = Path(dest)
     out.mkdir(parents=True, exist_ok=True)
     base = url.rstrip("/")
@@ -331,3 +306,15 @@ def fetch_checkpoint(url: str, dest: str | os.PathLike) -> Path:
     for name in (WEIGHTS_FILE, OPTIM_FILE, STATE_FILE):
         storage.download_file(storage.join(base, name), str(out / name))
     return out
+
+
+def checkpoint_names(run_dir: Optional[str]) -> list[str]:
+    """Names of the complete checkpoints of a run: the ``checkpoint_*`` folders directly under ``run_dir`` (local
+    path or s3://) that hold a ``state.json`` (the commit marker, written last), newest first (the names are
+    ``checkpoint_<step:09d>``, so name order is step order)."""
+    if not run_dir:
+        return []
+    base = str(run_dir).rstrip("/")
+    rels = [f[len(base):].strip("/").split("/") for f in storage.list_files(base) if f.startswith(base)]
+    return sorted({r[0] for r in rels if len(r) == 2 and r[1] == STATE_FILE and r[0].startswith("checkpoint_")},
+                  reverse=True)

@@ -13,10 +13,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from laren import submit
 from laren.config import ConfigError
 from laren.render import (CREDENTIAL_KEYS, JOBS_DIR, PROJECT_DIR, K8sOptions, command_for, dns1123, render_k8s_file,
                           to_yaml)
-from laren.specs import load_job
+from laren.specs import ENTRY, load_job
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
@@ -200,11 +201,9 @@ def test_kinds_run_the_submit_commands_and_eval_carries_its_train_job(tmp_path):
     g = _by_kind(render_k8s_file(grid))
     assert g["RayJob"]["spec"]["entrypoint"] == f"cd {PROJECT_DIR} && laren {command_for('grid')} jobs/abl.yaml"
     assert g["RayJob"]["spec"]["jobId"] == load_job(grid).run_id
-    try:  # the same commands as `laren submit`
-        from laren.submit import ENTRY
-    except ImportError:
-        ENTRY = {"train": "train", "eval": "eval", "grid": "train"}
-    assert [command_for(k) for k in ("train", "eval", "grid")] == [ENTRY[k] for k in ("train", "eval", "grid")]
+    # the commands `laren submit` runs (one table for both)
+    assert [command_for(k) for k in ("train", "eval", "grid", "prior")] == ["train", "run-eval", "run-grid", "prior train"]
+    assert submit.ENTRY is ENTRY
 
     _write(jobs, "face64x.yaml", ELASTIC_GPU_JOB)
     ev = _write(jobs, "eval-face64x.yaml", "kind: eval\ncheckpoint: jobs/face64x.yaml\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -28,7 +29,7 @@ def test_write_read_list_delete(tmp_path):
     with storage.open_read(storage.join(root, "b", "two.bin")) as f:
         assert f.read(4) == b"2222" and f.read() == b"2" * 6
     assert storage.list_files(root) == [storage.join(root, "a.bin"), storage.join(root, "b", "two.bin")]
-    assert not [f for f in os.listdir(root) if f.startswith(".tmp-")]  # atomic writes leave no temp files
+    assert not [f for f in os.listdir(root) if f.startswith(".")]  # atomic writes leave no temp files
     assert storage.size(storage.join(root, "a.bin")) == 4
     assert storage.exists(storage.join(root, "a.bin"))
     storage.delete(storage.join(root, "a.bin"))
@@ -73,3 +74,34 @@ def test_local_copy_of_a_local_file_is_the_file(tmp_path, monkeypatch):
     assert storage.local_copy(str(p)) == str(p) and storage.local_copy("~/w.pth") == str(p)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         storage.local_copy(str(tmp_path / "nope.pth"))
+
+
+def test_atomic_local_file_publishes_whole_or_not_at_all(tmp_path):
+    dest = tmp_path / "sub" / "f.json"
+    with storage.atomic_local_file(dest, mode=0o600) as tmp:
+        assert os.path.dirname(tmp) == str(dest.parent) and not dest.exists()  # beside dest: the rename is atomic
+        with open(tmp, "w") as f:
+            f.write("one")
+    assert dest.read_text() == "one" and (dest.stat().st_mode & 0o777) == 0o600
+    with pytest.raises(RuntimeError), storage.atomic_local_file(dest) as tmp:
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise RuntimeError("crash mid-write")
+    assert dest.read_text() == "one" and os.listdir(dest.parent) == ["f.json"]  # old file kept, no temp left
+
+
+def test_sha256_file(tmp_path):
+    p = tmp_path / "x.bin"
+    p.write_bytes(b"abc" * 700_000)  # more than one 1 MiB block
+    assert storage.sha256_file(p) == hashlib.sha256(b"abc" * 700_000).hexdigest()
+
+
+def test_arrow_filesystem_uses_the_one_endpoint_rule(tmp_path, monkeypatch):
+    local = tmp_path / "runs"
+    assert storage.arrow_filesystem(str(local)) == (str(local), None) and local.is_dir()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:2/")  # the S3-specific variable wins, as for boto3
+    path, fs = storage.arrow_filesystem("s3://bucket/runs")
+    kw = fs.__reduce__()[1][0]
+    assert path == "bucket/runs" and (kw["scheme"], kw["endpoint_override"]) == ("http", "127.0.0.1:2")
+    assert storage.endpoint_url() == "http://127.0.0.1:2/"

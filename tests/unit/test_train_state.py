@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from laren.grid import latest_checkpoint
 from laren.train import state as S
 
 
@@ -111,3 +112,17 @@ def test_mismatched_model_is_refused(tmp_path):
     other = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
     with pytest.raises(S.CheckpointError, match="shape"):
         S.load_weights(d, other)
+
+
+def test_checkpoint_discovery_counts_only_complete_checkpoints(tmp_path):
+    model, disc, opts = _modules(0)
+    run = tmp_path / "runs" / "r1"
+    S.save_checkpoint(run / "checkpoint_000000002", model, disc, opts, S.TrainState(step=2))
+    S.save_checkpoint(run / "checkpoint_000000004", model, disc, opts, S.TrainState(step=4))
+    (run / "checkpoint_000000006").mkdir()  # a newer folder without state.json: an interrupted write
+    (run / "checkpoint_000000006" / S.WEIGHTS_FILE).write_bytes(b"partial")
+    assert S.checkpoint_names(str(run)) == ["checkpoint_000000004", "checkpoint_000000002"]
+    assert latest_checkpoint(str(tmp_path / "runs"), "r1") == str(run / "checkpoint_000000004")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        latest_checkpoint(str(tmp_path / "runs"), "r2")
+    assert S.checkpoint_names(None) == []
