@@ -253,7 +253,7 @@ class SafeUnpickler(pickle._Unpickler):
                                     f"{type(inst).__name__}; only network records and dicts may carry state")
 
     def _load_newobj(self):
-        args = self.stack.pop()
+        self.stack.pop()  # the arguments: not given to cls.__new__
         cls = self.stack.pop()
         if not (isinstance(cls, type) and issubclass(cls, _NEWOBJ_OK)):
             raise UnsafePickleError(f"{self.source}: refusing to load: the pickle creates a {cls!r}")
