@@ -138,5 +138,5 @@ def test_malformed_saved_position_is_refused(shards):
     for field, value in (("items", [-1]), ("at", [[0, 3, 1]]), ("bad", [[0, 0, 1]])):
         b = _loader(shards)
         b.seek(2, [{**pos, field: value}])
-        with pytest.raises(ValueError, match=rf"data_ranks\[0\]\) is malformed"):
+        with pytest.raises(ValueError, match=r"data_ranks\[0\]\) is malformed"):
             next(iter(b))

@@ -3,7 +3,6 @@ the AWS cluster YAML passes Ray's own cluster-config validation (the check `ray 
 
 from __future__ import annotations
 
-import configparser
 import copy
 import json
 import re
