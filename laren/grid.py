@@ -33,7 +33,7 @@ from laren.data import pack, storage
 from laren.data.synth import read_factor_samples
 from laren.evaluate import load_model_from_checkpoint, lr_images, run_eval, super_resolve
 from laren.specs import JobSpec, experiment_name, load_job
-from laren.tracking import Tracker, find_run, mlflow_client
+from laren.tracking import RUN_ID_TAG, Tracker, find_run, mlflow_client
 from laren.train.distributed import ensure_ray, resolve_paths, run_training, runs_root
 from laren.train.state import STATE_FILE, checkpoint_names
 
