@@ -55,6 +55,7 @@ from laren.tracking import flatten, make_tracker, tracking_buffer_url
 from laren.train import collectives as C
 from laren.train import state as S
 from laren.train.faults import OnStep
+from laren.train.meter import StepMeter
 from laren.train.step import LOSS_KEYS, step_modules, train_step
 
 log = logging.getLogger("laren.train")
@@ -308,21 +309,18 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     disc.train()
     fwd_g, fwd_d = step_modules(model, disc, dev, t_cfg.compile)
     batches = DataStream(cfg, rank, world, st)
-    # The step's losses are summed on the device (float64, as Python floats would be) and read once per log step: no
-    # host sync in the step.
-    acc = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=dev)
-    acc_n, skipped, t_log, img_log, data_wait = 0, 0.0, time.perf_counter(), 0, 0.0
-    t_start, worker_s_before = t_log, st.worker_s
+    meter = StepMeter(LOSS_KEYS, dev)  # the step's figures stay on the device until a log step
+    t_start, worker_s_before = time.perf_counter(), st.worker_s
     last: dict[str, float] = {}
     last_ckpt_step = start_step if ctx.resume_dir else -1
     status = "FAILED"
     try:
         while st.step < sched.total_steps:
+            # -- data
             t_wait = time.perf_counter()
             batch = next(batches)
-            data_wait += time.perf_counter() - t_wait
+            wait_s = time.perf_counter() - t_wait
             lr_img, hr_img = batch_to_device(batch, dev, cfg.model.lr_size)  # the LR made here with data.lr_on_device
-            skipped = batches.skipped()
             cur_lr = cosine_lr(st.step, sched.cosine_period, o.lr, o.cosine_min_lr)
             cur_lr_d = cosine_lr(st.step, sched.cosine_period, o.lr_d, o.cosine_min_lr)
             for g in opt_g.param_groups:
@@ -330,42 +328,27 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
             for g in opt_d.param_groups:
                 g["lr"] = cur_lr_d
 
+            # -- G step, then D step
             out = train_step(fwd_g, fwd_d, vgg, opt_g, opt_d, lr_img, hr_img, cfg.loss, autocast)
-
-            st.step += 1
-            st.images_seen = st.step * t_cfg.batch_size_global
-            acc += torch.stack([out[k].detach().double() for k in LOSS_KEYS])
-            acc_n += 1
-            img_log += lr_img.shape[0]
+            st.advance(t_cfg.batch_size_global)
+            meter.add(out, lr_img.shape[0], wait_s)
             if ctx.on_step is not None:
                 ctx.on_step(st.step, rank)
 
+            # -- log (every rank: the figures are summed over the ranks), eval, checkpoint
             done = st.step >= sched.total_steps
             metrics: dict[str, float] = {}
             if st.step % sched.log_every == 0 or done:
-                now = time.perf_counter()
-                counts = torch.tensor([acc_n, img_log, skipped, now - t_start, data_wait, now - t_log],
-                                      dtype=torch.float64, device=dev)
-                sums = C.sum_across(torch.cat([acc, counts]), dev)
-                n = max(sums[len(LOSS_KEYS)], 1.0)
-                dt = now - t_log
-                st.worker_s = worker_s_before + sums[len(LOSS_KEYS) + 3]  # summed over ranks: the same on every rank
+                figures, (skipped, worker_s) = meter.read([batches.skipped(), time.perf_counter() - t_start])
+                st.worker_s = worker_s_before + worker_s  # summed over ranks: the same on every rank
+                metrics.update(figures)
                 metrics.update(usage_metrics(st.worker_s, cfg.resources.use_gpu, cfg.resources.hourly_price_usd))
-                metrics.update({f"train/{k}": sums[i] / n for i, k in enumerate(LOSS_KEYS)})
-                metrics.update({
-                    "train/lr": cur_lr, "train/lr_d": cur_lr_d, "train/kimg": st.kimg,
-                    "perf/images_per_s": sums[len(LOSS_KEYS) + 1] / max(dt, 1e-9), "data/skipped": sums[len(LOSS_KEYS) + 2],
-                    # the share of the interval the ranks spent waiting for their next batch (over all ranks: the
-                    # same value on every rank)
-                    "perf/data_wait_share": sums[len(LOSS_KEYS) + 4] / max(sums[len(LOSS_KEYS) + 5], 1e-9),
-                })
+                metrics.update({"train/lr": cur_lr, "train/lr_d": cur_lr_d, "train/kimg": st.kimg, "data/skipped": skipped})
                 metrics.update(mfu_metrics(metrics["perf/images_per_s"] / world, flops_per_image, peak))
                 if rank == 0:  # cheap: one no-grad encoder + head + CGM pass on two images, and the step's gradients;
                     # logged here, not returned: the run's final metrics are the same on every rank
                     tracker.log_metrics({f"health/{k}": v for k, v in health.step_figures(model, lr_img).items()},
                                         step=st.step)
-                acc.zero_()
-                acc_n, img_log, data_wait, t_log = 0, 0, 0.0, time.perf_counter()
             if st.step % sched.eval_every == 0 or done:
                 metrics.update(_evaluate(cfg, model, lpips, rank, world, dev, tracker, st.step))
             if metrics:

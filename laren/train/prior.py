@@ -54,6 +54,7 @@ from laren.progress import ProgressPrinter, record_attempt, record_failure
 from laren.tracking import flatten, make_tracker
 from laren.train import collectives as C
 from laren.train.loop import DataStream, Schedule, WorkerContext, _check_data, _checkpoint, resume_or_seed
+from laren.train.meter import StepMeter
 from laren.train.step import optimizer_params
 
 log = logging.getLogger("laren.train")
@@ -274,9 +275,7 @@ def prior_worker(cfg: PriorRunConfig, ctx: WorkerContext) -> dict[str, Any]:
     evaluate = PriorEval(cfg, nets, dev) if rank == 0 else None
 
     batches = DataStream(cfg, rank, world, st)
-    names = ("loss_d", "loss_g", "r1", "pl", "d_real", "d_fake")
-    acc = {k: torch.zeros((), device=dev) for k in names}
-    acc_n, t_log, img_log = 0, time.perf_counter(), 0
+    meter = StepMeter(("loss_d", "loss_g", "r1", "pl", "d_real", "d_fake"), dev)
     last: dict[str, float] = {}
     last_ckpt_step = start_step if ctx.resume_dir else -1
     status = "FAILED"
@@ -285,31 +284,25 @@ def prior_worker(cfg: PriorRunConfig, ctx: WorkerContext) -> dict[str, Any]:
             last.update(evaluate(tracker, 0))
             tracker.log_metrics(last, step=0)
         while st.step < sched.total_steps:
-            _, real = batch_to_device(next(batches), dev, cfg.model.lr_size)
+            t_wait = time.perf_counter()
+            batch = next(batches)
+            wait_s = time.perf_counter() - t_wait
+            _, real = batch_to_device(batch, dev, cfg.model.lr_size)
             out = gan_step(nets, d, opt_g, opt_d, real, cfg, st.step, world)
-            st.step += 1
-            st.images_seen = st.step * t_cfg.batch_size_global
+            st.advance(t_cfg.batch_size_global)
             ema_nimg = gan.ema_kimg * 1000.0
             if gan.ema_rampup is not None:
                 ema_nimg = min(ema_nimg, st.images_seen * gan.ema_rampup)
             _ema(nets, 0.5 ** (t_cfg.batch_size_global / max(ema_nimg, 1e-8)))
-            for k in names:
-                acc[k] += out[k]
-            acc_n += 1
-            img_log += real.shape[0]
+            meter.add(out, real.shape[0], wait_s)
             if ctx.on_step is not None:
                 ctx.on_step(st.step, rank)
 
             done = st.step >= sched.total_steps
             metrics: dict[str, float] = {}
             if st.step % sched.log_every == 0 or done:
-                sums = C.sum_across([float(acc[k]) for k in names] + [float(acc_n), float(img_log), batches.skipped()], dev)
-                n = max(sums[len(names)], 1.0)
-                metrics.update({f"train/{k}": sums[i] / n for i, k in enumerate(names)})
-                metrics.update({"train/kimg": st.kimg, "data/skipped": sums[len(names) + 2],
-                                "perf/images_per_s": sums[len(names) + 1] / max(time.perf_counter() - t_log, 1e-9)})
-                acc = {k: torch.zeros((), device=dev) for k in names}
-                acc_n, img_log, t_log = 0, 0, time.perf_counter()
+                figures, (skipped,) = meter.read([batches.skipped()])
+                metrics.update({**figures, "train/kimg": st.kimg, "data/skipped": skipped})
             if (st.step % sched.eval_every == 0 or done) and rank == 0:
                 metrics.update(evaluate(tracker, st.step))
             if metrics:

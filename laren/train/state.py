@@ -67,6 +67,11 @@ class TrainState:
     def kimg(self) -> float:
         return self.images_seen / 1000.0
 
+    def advance(self, batch_size_global: int) -> None:
+        """One optimizer step of ``batch_size_global`` images done."""
+        self.step += 1
+        self.images_seen = self.step * batch_size_global
+
 
 # ----------------------------------------------------------------------------------------------- RNG
 

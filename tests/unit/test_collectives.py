@@ -114,10 +114,12 @@ def test_two_worker_run_gives_collectives_only_training_device_tensors(tmp_path)
     for name, run in runs.items():
         ops = [op for op, _ in run["seen"]]
         assert {op for op, dev in run["seen"] if dev != run["device"]} == set(), name
-        # broadcasts of both modules, grads each step, sums at log and eval steps, RNG states at each checkpoint
-        assert ops.count("all_reduce") >= 2 * 4 + 4 + 1 and ops.count("broadcast") > 10, name
-        assert ops.count("all_gather_object") == 2 and ops.count("broadcast_object_list") == 1, name
+        # broadcasts of both modules, sums at log and eval steps (the gradients: DDP's reducer, in C++, on the
+        # parameters' device), RNG states and data positions at each checkpoint
+        assert ops.count("all_reduce") >= 4 + 1 and ops.count("broadcast") > 10, name
+        assert ops.count("all_gather_object") == 2 * 2 and ops.count("broadcast_object_list") == 1, name
     assert runs["rank0-of-2"]["seen"] == runs["rank1-of-2"]["seen"]  # same calls in the same order on every rank
-    same = lambda r: {k: v for k, v in r["result"].items() if k not in ("mlflow_run_id", "perf/images_per_s")}  # noqa: E731
+    rate = ("mlflow_run_id", "perf/images_per_s", "perf/tflops_per_gpu")  # over each rank's own clock
+    same = lambda r: {k: v for k, v in r["result"].items() if k not in rate}  # noqa: E731
     assert same(runs["rank0-of-2"]) == same(runs["rank1-of-2"])
     assert runs["rank0-of-2"]["result"]["step"] == 4
