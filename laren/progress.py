@@ -15,10 +15,11 @@ so the next attempt records that for it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 from laren.tracking import find_run, mlflow_client
 
@@ -115,6 +116,19 @@ def record_failure(tracker, attempt: int, step: int, err: BaseException) -> None
         tracker.flush(force=True)
     except Exception as rec_err:  # noqa: BLE001 - never hide the failure being recorded behind one of the recording
         log.warning("could not record the failure of attempt %d in MLflow: %s", attempt, type(rec_err).__name__)
+
+
+@contextlib.contextmanager
+def attempt_outcome(tracker, attempt: int, st) -> Iterator[None]:
+    """Around a training loop: a failure is recorded (:func:`record_failure`, at step ``st.step``) and raised again,
+    leaving the MLflow run open for the restarted attempt to resume (no duplicate run); the end of the body closes
+    the run as FINISHED."""
+    try:
+        yield
+    except Exception as err:
+        record_failure(tracker, attempt, st.step, err)
+        raise
+    tracker.finish("FINISHED")
 
 
 # ----------------------------------------------------------------------------------------------- status from MLflow

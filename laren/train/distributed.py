@@ -234,13 +234,8 @@ def plan_run(cfg: RunConfig, run_id: Optional[str] = None, storage_path: Optiona
     return build_plan(cfg, run_id, runs_root(resolve_paths(cfg), storage_path).rstrip("/") + "/" + run_id)
 
 
-def make_trainer(
-    cfg: RunConfig,
-    run_id: Optional[str] = None,
-    parent_run_id: Optional[str] = None,
-    extra_callbacks: Sequence[Any] = (),
-    storage_path: Optional[str] = None,
-):
+def make_trainer(cfg: RunConfig, run_id: Optional[str] = None, parent_run_id: Optional[str] = None,
+                 extra_callbacks: Sequence[Any] = (), storage_path: Optional[str] = None):
     """The configured TorchTrainer for ``cfg`` (not started). ``run_id`` defaults to ``cfg.run_id``."""
     check_inputs(cfg)
     plan = plan_run(cfg, run_id, storage_path)

@@ -50,7 +50,7 @@ from laren.models import health
 from laren.models.build import build_discriminator, build_model
 from laren.models.prior_io import PriorMeta, prior_paths
 from laren.plan import check_rules
-from laren.progress import ProgressPrinter, record_attempt, record_failure
+from laren.progress import ProgressPrinter, attempt_outcome, record_attempt
 from laren.tracking import flatten, make_tracker, tracking_buffer_url
 from laren.train import collectives as C
 from laren.train import state as S
@@ -78,6 +78,10 @@ class WorkerContext:
     parent_run_id: Optional[str] = None
     run_dir: Optional[str] = None  # the run's storage folder (default <storage.root>/runs/<run id>)
     on_step: Optional[OnStep] = None  # called with (step, rank) after every step (laren/train/faults.py)
+
+    def step_done(self, step: int) -> None:
+        if self.on_step is not None:
+            self.on_step(step, self.rank)
 
 
 @dataclass(frozen=True)
@@ -251,6 +255,12 @@ class DataStream:
     def __next__(self) -> dict[str, Any]:
         return next(self._it)
 
+    def take(self) -> tuple[dict[str, Any], float]:
+        """The next batch and the seconds spent waiting for it."""
+        t0 = time.perf_counter()
+        batch = next(self._it)
+        return batch, time.perf_counter() - t0
+
     def skipped(self) -> float:
         return float(self.loader.stats()["bad"])
 
@@ -293,12 +303,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
         system_metrics=cfg.tracking.system_metrics, system_metrics_interval_s=cfg.tracking.system_metrics_interval_s,
         buffer_url=tracking_buffer_url(cfg, ctx.run_id or cfg.run_id, ctx.run_dir),
     )
-    if rank == 0 and start_step == 0:
-        tracker.log_params({**flatten(cfg.to_dict()), "run_id": ctx.run_id or cfg.run_id, "world_size": world})
-        tracker.log_config(cfg.to_dict())
-    st.mlflow_run_id = getattr(tracker, "run_id", None) or st.mlflow_run_id
-    attempt = record_attempt(tracker, start_step)
-    show = ProgressPrinter(ctx.run_id or cfg.run_id, t_cfg.total_kimg, rank)
+    attempt, show = start_attempt(tracker, cfg, ctx, st)
 
     lpips = make_lpips(cfg.eval.alexnet_path, cfg.eval.random_backbone_for_tests, dev)
     autocast = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=t_cfg.bf16 and dev.type == "cuda")
@@ -313,13 +318,10 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     t_start, worker_s_before = time.perf_counter(), st.worker_s
     last: dict[str, float] = {}
     last_ckpt_step = start_step if ctx.resume_dir else -1
-    status = "FAILED"
-    try:
+    with attempt_outcome(tracker, attempt, st):
         while st.step < sched.total_steps:
             # -- data
-            t_wait = time.perf_counter()
-            batch = next(batches)
-            wait_s = time.perf_counter() - t_wait
+            batch, wait_s = batches.take()
             lr_img, hr_img = batch_to_device(batch, dev, cfg.model.lr_size)  # the LR made here with data.lr_on_device
             cur_lr = cosine_lr(st.step, sched.cosine_period, o.lr, o.cosine_min_lr)
             cur_lr_d = cosine_lr(st.step, sched.cosine_period, o.lr_d, o.cosine_min_lr)
@@ -332,8 +334,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
             out = train_step(fwd_g, fwd_d, vgg, opt_g, opt_d, lr_img, hr_img, cfg.loss, autocast)
             st.advance(t_cfg.batch_size_global)
             meter.add(out, lr_img.shape[0], wait_s)
-            if ctx.on_step is not None:
-                ctx.on_step(st.step, rank)
+            ctx.step_done(st.step)
 
             # -- log (every rank: the figures are summed over the ranks), eval, checkpoint
             done = st.step >= sched.total_steps
@@ -351,17 +352,14 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
                                         step=st.step)
             if st.step % sched.eval_every == 0 or done:
                 metrics.update(_evaluate(cfg, model, lpips, rank, world, dev, tracker, st.step))
-            if metrics:
-                tracker.log_metrics(metrics, step=st.step)
-                last.update(metrics)
-                show(st.kimg, metrics, last)
+            publish(tracker, show, st, metrics, last)
             if st.step % sched.checkpoint_every == 0 or done:
-                _checkpoint(cfg, ctx, model, disc, optimizers, st, {**last, "step": st.step, "kimg": st.kimg}, batches)
+                checkpoint(cfg, ctx, model, disc, optimizers, st, last, batches)
                 last_ckpt_step = st.step
             elif "val/psnr" in metrics and ctx.report is not None:
                 ctx.report({**last, "step": st.step, "kimg": st.kimg}, None, None)
         if last_ckpt_step != st.step:  # resumed at the end: still hand back a final checkpoint
-            _checkpoint(cfg, ctx, model, disc, optimizers, st, {**last, "step": st.step, "kimg": st.kimg}, batches)
+            checkpoint(cfg, ctx, model, disc, optimizers, st, last, batches)
         if rank == 0:
             with tempfile.TemporaryDirectory(prefix="laren-final-") as d:
                 final = S.save_checkpoint(Path(d) / "final", model, disc, optimizers, st, cfg.to_dict())
@@ -371,15 +369,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
                 tracker.flush(force=True)
             if cfg.tracking.register_model:
                 _register(cfg, ctx.run_id or cfg.run_id, tracker, model, {**last, "step": st.step})
-        status = "FINISHED"
         return {**last, "step": st.step, "kimg": st.kimg, "mlflow_run_id": st.mlflow_run_id}
-    except Exception as err:
-        record_failure(tracker, attempt, st.step, err)
-        raise
-    finally:
-        # A failed attempt leaves the MLflow run open: the restarted attempt resumes it (no duplicate run).
-        if status == "FINISHED":
-            tracker.finish(status)
 
 
 def _register(cfg: RunConfig, run_id: str, tracker, model, metrics: dict[str, float]) -> None:
@@ -435,10 +425,30 @@ def _evaluate(cfg: RunConfig, model, lpips, rank: int, world: int, dev, tracker,
     return {f"val/{k}": (tot[i] / n if n else math.nan) for i, k in enumerate(names)} | {"val/images": n}
 
 
-def _checkpoint(cfg, ctx: WorkerContext, model, disc, optimizers, st: S.TrainState, metrics: dict[str, float],
-                data: DataStream) -> None:
+def start_attempt(tracker, cfg: RunConfig, ctx: WorkerContext, st: S.TrainState) -> tuple[int, ProgressPrinter]:
+    """An attempt's start in MLflow: the params and resolved config of a fresh run (rank 0), the MLflow run id into
+    the state, the attempt counted; returns (attempt number, the progress printer)."""
+    run_id = ctx.run_id or cfg.run_id
+    if ctx.rank == 0 and st.step == 0:
+        tracker.log_params({**flatten(cfg.to_dict()), "run_id": run_id, "world_size": ctx.world_size})
+        tracker.log_config(cfg.to_dict())
+    st.mlflow_run_id = getattr(tracker, "run_id", None) or st.mlflow_run_id
+    return record_attempt(tracker, st.step), ProgressPrinter(run_id, cfg.train.total_kimg, ctx.rank)
+
+
+def publish(tracker, show: ProgressPrinter, st: S.TrainState, metrics: dict[str, float], last: dict[str, float]) -> None:
+    """A step's metrics, if any: to MLflow (rank 0's tracker), into ``last``, and the progress line."""
+    if metrics:
+        tracker.log_metrics(metrics, step=st.step)
+        last.update(metrics)
+        show(st.kimg, metrics, last)
+
+
+def checkpoint(cfg, ctx: WorkerContext, model, disc, optimizers, st: S.TrainState, last: dict[str, float],
+               data: DataStream) -> None:
     """Every rank contributes its RNG state and data position; rank 0 writes the checkpoint; every rank calls
-    ``report`` (a barrier)."""
+    ``report`` (a barrier) with the latest metrics ``last``, the step and kimg."""
+    metrics = {**last, "step": st.step, "kimg": st.kimg}
     st.rng = C.gather_objects(S.capture_rng(), ctx.device)
     st.data_ranks = C.gather_objects(data.position(), ctx.device)
     best = cfg.train.keep_best_metric

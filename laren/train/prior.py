@@ -50,10 +50,11 @@ from laren.data.pipeline import batch_to_device
 from laren.data.synth import read_factor_samples
 from laren.models.prior_io import detect_generator, write_prior
 from laren.models.stylegan2 import Discriminator, Generator
-from laren.progress import ProgressPrinter, record_attempt, record_failure
-from laren.tracking import flatten, make_tracker
+from laren.progress import attempt_outcome
+from laren.tracking import make_tracker
 from laren.train import collectives as C
-from laren.train.loop import DataStream, Schedule, WorkerContext, _check_data, _checkpoint, resume_or_seed
+from laren.train.loop import (DataStream, Schedule, WorkerContext, _check_data, checkpoint, publish, resume_or_seed,
+                              start_attempt)
 from laren.train.meter import StepMeter
 from laren.train.step import optimizer_params
 
@@ -266,27 +267,19 @@ def prior_worker(cfg: PriorRunConfig, ctx: WorkerContext) -> dict[str, Any]:
 
     st = resume_or_seed(ctx, nets, d, optimizers, t_cfg.seed)
     start_step = st.step
-    if rank == 0 and start_step == 0:
-        tracker.log_params({**flatten(cfg.to_dict()), "run_id": ctx.run_id or cfg.run_id, "world_size": world})
-        tracker.log_config(cfg.to_dict())
-    st.mlflow_run_id = getattr(tracker, "run_id", None) or st.mlflow_run_id
-    attempt = record_attempt(tracker, start_step)
-    show = ProgressPrinter(ctx.run_id or cfg.run_id, t_cfg.total_kimg, rank)
+    attempt, show = start_attempt(tracker, cfg, ctx, st)
     evaluate = PriorEval(cfg, nets, dev) if rank == 0 else None
 
     batches = DataStream(cfg, rank, world, st)
     meter = StepMeter(("loss_d", "loss_g", "r1", "pl", "d_real", "d_fake"), dev)
     last: dict[str, float] = {}
     last_ckpt_step = start_step if ctx.resume_dir else -1
-    status = "FAILED"
-    try:
+    with attempt_outcome(tracker, attempt, st):
         if start_step == 0 and rank == 0:  # the untrained generator: the start of the factor-FD curve
             last.update(evaluate(tracker, 0))
             tracker.log_metrics(last, step=0)
         while st.step < sched.total_steps:
-            t_wait = time.perf_counter()
-            batch = next(batches)
-            wait_s = time.perf_counter() - t_wait
+            batch, wait_s = batches.take()
             _, real = batch_to_device(batch, dev, cfg.model.lr_size)
             out = gan_step(nets, d, opt_g, opt_d, real, cfg, st.step, world)
             st.advance(t_cfg.batch_size_global)
@@ -295,8 +288,7 @@ def prior_worker(cfg: PriorRunConfig, ctx: WorkerContext) -> dict[str, Any]:
                 ema_nimg = min(ema_nimg, st.images_seen * gan.ema_rampup)
             _ema(nets, 0.5 ** (t_cfg.batch_size_global / max(ema_nimg, 1e-8)))
             meter.add(out, real.shape[0], wait_s)
-            if ctx.on_step is not None:
-                ctx.on_step(st.step, rank)
+            ctx.step_done(st.step)
 
             done = st.step >= sched.total_steps
             metrics: dict[str, float] = {}
@@ -305,15 +297,12 @@ def prior_worker(cfg: PriorRunConfig, ctx: WorkerContext) -> dict[str, Any]:
                 metrics.update({**figures, "train/kimg": st.kimg, "data/skipped": skipped})
             if (st.step % sched.eval_every == 0 or done) and rank == 0:
                 metrics.update(evaluate(tracker, st.step))
-            if metrics:
-                tracker.log_metrics(metrics, step=st.step)
-                last.update(metrics)
-                show(st.kimg, metrics, last)
+            publish(tracker, show, st, metrics, last)
             if st.step % sched.checkpoint_every == 0 or done:
-                _checkpoint(cfg, ctx, nets, d, optimizers, st, {**last, "step": st.step, "kimg": st.kimg}, batches)
+                checkpoint(cfg, ctx, nets, d, optimizers, st, last, batches)
                 last_ckpt_step = st.step
         if last_ckpt_step != st.step:
-            _checkpoint(cfg, ctx, nets, d, optimizers, st, {**last, "step": st.step, "kimg": st.kimg}, batches)
+            checkpoint(cfg, ctx, nets, d, optimizers, st, last, batches)
         if rank == 0:
             meta = export_prior(nets, d, cfg)
             tracker.log_params({"prior.sha256": meta.sha256})
@@ -323,14 +312,7 @@ def prior_worker(cfg: PriorRunConfig, ctx: WorkerContext) -> dict[str, Any]:
                 for suffix in (".safetensors", ".json"):
                     tracker.log_artifact(str(local) + suffix, "prior")
                 tracker.flush(force=True)
-        status = "FINISHED"
         return {**last, "step": st.step, "kimg": st.kimg, "mlflow_run_id": st.mlflow_run_id, "prior": cfg.output_url()}
-    except Exception as err:
-        record_failure(tracker, attempt, st.step, err)
-        raise
-    finally:
-        if status == "FINISHED":
-            tracker.finish(status)
 
 
 def export_prior(nets: GanNets, d: Discriminator, cfg: PriorRunConfig, dest: Optional[str] = None):
