@@ -662,3 +662,28 @@ def make_tracker(rank: int, *args: Any, **kwargs: Any) -> NullTracker:
     if rank != 0:
         return NullTracker()
     return Tracker(*args, **kwargs)
+
+
+def mlflow_url(tracking_uri: str, experiment: str, run_name: str, create: bool = True) -> str:
+    """Address of the run in the MLflow UI (the run itself when it exists, else the experiment filtered by run name).
+
+    With ``create`` the experiment is created when missing, so the address is valid before the job starts.
+    Returns "" when the tracking server cannot be reached (the job still runs; its tracker buffers).
+    """
+    if not tracking_uri.startswith("http"):
+        return f"(run `mlflow ui --backend-store-uri {redact_text(tracking_uri)}`; run name {run_name})"
+    try:
+        c = mlflow_client(tracking_uri)
+        exp = c.get_experiment_by_name(experiment)
+        if exp is None:
+            if not create:
+                return ""
+            exp_id = create_experiment(c, tracking_uri, experiment)
+        else:
+            exp_id = exp.experiment_id
+        run = find_run(c, [exp_id], run_name)
+    except Exception:
+        return ""
+    if run is not None:
+        return ui_url(tracking_uri, f"experiments/{exp_id}/runs/{run.info.run_id}")
+    return ui_url(tracking_uri, f"experiments/{exp_id}", searchFilter=f"attributes.run_name = '{run_name}'")

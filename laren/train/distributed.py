@@ -36,7 +36,7 @@ from laren.data import storage
 from laren.plan import RunPlan, build_plan, write_plan
 from laren.ray_address import driver_address
 from laren.services import RayHead
-from laren.submit import read_services
+from laren.services import read_services
 from laren.tracking import check_tracking_auth
 from laren.train import collectives as C
 from laren.train import faults

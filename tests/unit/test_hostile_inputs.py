@@ -329,7 +329,8 @@ def test_entrypoint_quotes_hostile_paths(tmp_path):
     """A shell splits the entrypoint into exactly the intended words, whatever the job file and project are called."""
     import shlex
 
-    from laren.submit import STATE_DIR, job_entrypoint
+    from laren.jobs.entrypoints import job_entrypoint
+    from laren.services import STATE_DIR
 
     root = tmp_path / "my project;touch pwned"
     rel = "jobs/x;touch pwned;#.yaml"
@@ -396,12 +397,12 @@ def test_tracker_log_messages_are_redacted(caplog):
 
 
 def test_submit_runtime_env_holds_no_credentials(tmp_path, monkeypatch):
-    from laren.submit import _job_env, runtime_env_vars
+    from laren.jobs.entrypoints import job_env, runtime_env_vars
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3-secret-value")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDVALUE")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:pw/@x@mlflow:5000")
-    env = runtime_env_vars(_job_env(tmp_path, {"MLFLOW_TRACKING_PASSWORD": "tracking-pw", "AWS_SESSION_TOKEN": "tok"}))
+    env = runtime_env_vars(job_env(tmp_path, {"MLFLOW_TRACKING_PASSWORD": "tracking-pw", "AWS_SESSION_TOKEN": "tok"}))
     text = repr(env)
     for secret in ("s3-secret-value", "AKIDVALUE", "pw/@x", "tracking-pw", "tok"):
         assert secret not in text
