@@ -583,7 +583,7 @@ def _shard_images(dest: Path) -> dict:
     import numpy as np
     from PIL import Image
 
-    from laren.data.pack import iter_tar_samples
+    from laren.data.shards import iter_tar_samples
 
     out = {}
     for shard in sorted(dest.glob("shard-*.tar")):
@@ -703,7 +703,7 @@ def test_shard_refuses_non_regular_members(tmp_path, kind):
     res = _cli("data", "verify", dest, "--quiet", mem_gb=2, timeout=60)
     _assert_clean_error(res, r"00000001.*refused: (a sparse member|a link|a device|declares \d+ bytes)")
     with open(dest / "shard-000000.tar", "rb") as f:
-        from laren.data.pack import iter_tar_samples
+        from laren.data.shards import iter_tar_samples
 
         samples = list(iter_tar_samples(f))
     assert samples[0][0] == "00000000" and samples[0][1] is not None
