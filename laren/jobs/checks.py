@@ -18,7 +18,7 @@ from laren.plan import check_rules
 from laren.redact import redact_text
 from laren.specs import JobSpec, LoadedSweep, Spec, load_any, load_job, spec_kind
 from laren.tracking import flatten
-from laren.train.loop import check_run_inputs, input_problems
+from laren.train.inputs import check_run_inputs, input_problems
 from laren.train.prior import check_prior_inputs
 
 def resources_text(spec: Spec) -> str:

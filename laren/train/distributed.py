@@ -42,7 +42,8 @@ from laren.train import collectives as C
 from laren.train import faults
 from laren.train import state as S
 from laren.train.faults import KILL_MARKER_ENV, KILL_RANK_ENV, KILL_STEP_ENV, OnStep
-from laren.train.loop import WorkerContext, check_run_inputs, train_worker
+from laren.train.inputs import check_run_inputs
+from laren.train.loop import WorkerContext, train_worker
 from laren.train.prior import check_prior_inputs, prior_worker
 
 log = logging.getLogger("laren.train")

@@ -47,13 +47,15 @@ from laren.augment import diff_augment
 from laren.config import ConfigError, PriorRunConfig
 from laren.data import pack
 from laren.data.pipeline import batch_to_device
+from laren.data.stream import DataStream
 from laren.data.synth import read_factor_samples
 from laren.models.prior_io import detect_generator, write_prior
 from laren.models.stylegan2 import Discriminator, Generator
 from laren.progress import ProgressPrinter, record_attempt, record_failure
 from laren.tracking import flatten, make_tracker
 from laren.train import collectives as C
-from laren.train.loop import DataStream, Schedule, WorkerContext, _check_data, _checkpoint, resume_or_seed
+from laren.train.inputs import check_data
+from laren.train.loop import Schedule, WorkerContext, report_checkpoint, resume_or_seed
 from laren.train.step import optimizer_params
 
 log = logging.getLogger("laren.train")
@@ -86,7 +88,7 @@ def check_prior_inputs(cfg: PriorRunConfig) -> None:
     """User errors found before any worker starts: data sets, factors for the metric, batch split."""
     if not cfg.data.train_url:
         raise ConfigError("data.train_url is empty: set it to a data set written by `laren data pack` or `laren data synth`")
-    _check_data(cfg)
+    check_data(cfg)
     if cfg.gan.metric_images > 0:
         for url in (cfg.data.train_url, cfg.data.val_url or cfg.data.train_url):
             if not pack.read_manifest(url).get("factors"):
@@ -317,10 +319,10 @@ def prior_worker(cfg: PriorRunConfig, ctx: WorkerContext) -> dict[str, Any]:
                 last.update(metrics)
                 show(st.kimg, metrics, last)
             if st.step % sched.checkpoint_every == 0 or done:
-                _checkpoint(cfg, ctx, nets, d, optimizers, st, {**last, "step": st.step, "kimg": st.kimg}, batches)
+                report_checkpoint(cfg, ctx, nets, d, optimizers, st, {**last, "step": st.step, "kimg": st.kimg}, batches)
                 last_ckpt_step = st.step
         if last_ckpt_step != st.step:
-            _checkpoint(cfg, ctx, nets, d, optimizers, st, {**last, "step": st.step, "kimg": st.kimg}, batches)
+            report_checkpoint(cfg, ctx, nets, d, optimizers, st, {**last, "step": st.step, "kimg": st.kimg}, batches)
         if rank == 0:
             meta = export_prior(nets, d, cfg)
             tracker.log_params({"prior.sha256": meta.sha256})
