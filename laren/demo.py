@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+from PIL import Image
 
 from laren.config import project_root
 from laren.data.pack import pack, read_manifest
@@ -50,8 +51,7 @@ def write_demo_images(out_dir: str | Path, split: str, per_image: int, min_side:
     Flat crops (std < MIN_CROP_STD) are redrawn. Crop sides are drawn in [min_side, 3 * min_side] (capped by the region), so `laren data pack` resizes most of them
     down (Lanczos) to the packed resolution.
     """
-    import skimage.data
-    from PIL import Image
+    import skimage.data  # scikit-image: the demo's photos only (a dev dependency)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -149,7 +149,7 @@ class S3Server(_Process):
         }
 
     def client(self):
-        import boto3
+        import boto3  # heavy (a second): only where a bucket is made or read
         from botocore.config import Config
 
         return boto3.client(

@@ -49,11 +49,14 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
+import requests
 import yaml
 
 from laren.config import ConfigError
 from laren.data import storage
 from laren.redact import has_password, is_secret_key, redact, redact_text
+
+# mlflow is imported inside the functions that use it: it takes seconds to load, and importing this module must not.
 
 
 class _RedactFilter(logging.Filter):
@@ -189,8 +192,6 @@ def _auth_status(err: BaseException) -> Optional[int]:
 def check_tracking_auth(tracking_uri: str, experiment: str = "", timeout_s: float = 5.0) -> None:
     """Before a run is queued: an http(s) MLflow server that refuses this environment's credentials is an error
     (:class:`TrackingAuthError`); an unreachable one is not (the run buffers, see the module docstring)."""
-    import requests
-
     if not tracking_uri.startswith(("http://", "https://")):
         return
     user, pw = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")

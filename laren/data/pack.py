@@ -51,8 +51,10 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
+import lmdb
 import numpy as np
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 from laren.data import storage
 from laren.data.shards import SAMPLE_FORMATS, HashingReader, image_member, iter_tar_samples
@@ -107,8 +109,6 @@ def list_inputs(src: str, kind: str) -> list[str]:
         with zipfile.ZipFile(src) as z:
             return sorted(n for n in z.namelist() if n.lower().endswith(IMAGE_EXTS) and not n.endswith("/"))
     if kind == "lmdb":
-        import lmdb
-
         env = lmdb.open(src, readonly=True, lock=False, readahead=False, meminit=False, max_readers=64)
         try:
             with env.begin(write=False) as txn:
@@ -165,8 +165,6 @@ def _read_input(src: str, kind: str, item: str) -> bytes:
         return h.read(info)
     if kind == "lmdb":
         if h is None:
-            import lmdb
-
             h = _reader_state[key] = lmdb.open(src, readonly=True, lock=False, readahead=False, meminit=False,
                                                max_readers=64)
         with h.begin(write=False, buffers=True) as txn:
@@ -443,8 +441,6 @@ def write_samples(dest: str, settings: dict, jobs: Callable[[int], Iterator], pr
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) if workers and workers > 1 else None
     results: Iterator = _ordered_results(pool, process, jobs(start), 4 * workers) if pool else map(process, jobs(start))
 
-    from tqdm import tqdm
-
     bar = tqdm(total=total, initial=start, unit="img", desc=f"pack {settings['name']}", disable=not progress)
     writer: Optional[_ShardWriter] = None
     pending_rejected: list[dict] = []
@@ -600,8 +596,6 @@ def verify(url: str, decode: bool = False, progress: bool = True) -> dict:
     """Check every shard against the manifest: presence, size, sha256, sample count (and with ``decode``, that every
     image decodes at the manifest resolution). Returns a report dict; ``report["ok"]`` is the verdict."""
     m = read_manifest(url, require_complete=False)
-    from tqdm import tqdm
-
     problems: list[str] = []
     if not m.get("complete"):
         problems.append(f"incomplete: {m.get('inputs_done')} of {m.get('num_inputs')} inputs packed; re-run the pack command")

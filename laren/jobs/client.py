@@ -186,7 +186,7 @@ def _delete_finished_job(c, addr: str, run_id: str) -> None:
 
 def _wait_supervisor_gone(addr: str, run_id: str, timeout_s: float = 30.0) -> None:
     """Wait until the job's supervisor actor has exited (see _delete_finished_job)."""
-    from ray.util.state import list_actors
+    from ray.util.state import list_actors  # Ray is heavy (see client)
 
     name = f"_ray_internal_job_actor_{run_id}"
     deadline = time.monotonic() + timeout_s
