@@ -21,6 +21,7 @@ from laren.tracking import flatten
 from laren.train.inputs import check_run_inputs, input_problems
 from laren.train.prior import check_prior_inputs
 
+
 def resources_text(spec: Spec) -> str:
     """What the job asks the cluster for, per run and at most at once."""
     if spec_kind(spec) == "analysis":
@@ -129,6 +130,7 @@ def _health_text(spec: Spec) -> str:
     n = len({c[1].model_dump_json() for c in cfgs})
     return f"# model health (quick check, tiny widths): PASS, {n} model(s) in {time.perf_counter() - t0:.1f} s"
 
+
 def input_warnings(path: Union[str, Path]) -> list[str]:
     """`laren validate`'s warnings: every input of the job, grid or sweep at ``path`` (data manifests, prior, VGG16 /
     AlexNet weights) that is missing or does not fit, seen from here with the job's environment (a cluster's own
@@ -146,6 +148,7 @@ def input_warnings(path: Union[str, Path]) -> list[str]:
             for _, cfg in run_configs(spec):
                 out += [p for p in input_problems(cfg) if p not in out]
     return [redact_text(w) for w in out]
+
 
 def check_inputs_here(spec: JobSpec) -> None:
     """When the job runs on this machine, check its inputs here (weights, prior, data; `check_run_inputs`) so that a

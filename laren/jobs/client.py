@@ -36,6 +36,7 @@ from laren.tracking import check_tracking_auth, mlflow_url
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 RESUMABLE = ("FAILED", "STOPPED")
 
+
 # ----------------------------------------------------------------------------------------------- Ray address
 
 
@@ -78,6 +79,7 @@ def _is_local(addr: str) -> bool:
     host = urllib.parse.urlparse(addr if "://" in addr else f"x://{addr}").hostname or ""
     return host in ("127.0.0.1", "localhost", "::1")
 
+
 # ----------------------------------------------------------------------------------------------- submit
 
 
@@ -94,6 +96,7 @@ class Submission:
     previous_status: str = ""
     commands: list[str] = field(default_factory=list)
 
+
 def _save_logs(c, run_id: str, root: Path) -> Optional[Path]:
     try:
         text = c.get_job_logs(run_id)
@@ -105,6 +108,7 @@ def _save_logs(c, run_id: str, root: Path) -> Optional[Path]:
     p = d / f"{run_id}.attempt-{n}.log"
     p.write_text(text)
     return p
+
 
 def submit(path: Union[str, Path], address: Optional[str] = None, working_dir: Optional[Union[str, Path]] = None,
            env: Optional[dict[str, str]] = None, entrypoint: Optional[str] = None, log=print) -> Submission:
@@ -165,6 +169,7 @@ def submit(path: Union[str, Path], address: Optional[str] = None, working_dir: O
     c.submit_job(entrypoint=cmd, submission_id=run_id, runtime_env=runtime_env,
                  metadata={"laren.name": spec_name(spec), "laren.kind": kind, "laren.file": rel})
     return sub
+
 
 def _delete_finished_job(c, addr: str, run_id: str) -> None:
     """Forget a terminal job's record so its submission id can be used again.

@@ -22,14 +22,12 @@ from laren.services import STATE_DIR, read_services, services_env
 from laren.specs import ENTRY, LoadedSweep, Spec, spec_kind
 from laren.train.distributed import plan_run, runs_root
 
-__all__ = ["ENTRY", "JOB_ENV_KEYS", "job_context", "job_entrypoint", "job_env", "job_file_in_project", "job_plan",
-           "run_configs", "runtime_env_vars"]
-
 # Environment a job needs to find storage, tracking and S3 (passed to the job's runtime env). Never credentials: Ray's
 # dashboard and Jobs API return a job's runtime env to anyone who asks. A local head gets the local services' keys in
 # its own environment (start_services); a cluster through its own mechanism (instance roles, k8s Secrets, node env).
 JOB_ENV_KEYS = ("LAREN_STORAGE", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL",
                 "LAREN_CACHE")
+
 
 def run_configs(spec: Spec) -> list[tuple[str, RunConfig]]:
     """Every training run a job starts, labelled: one for train/eval, one per row or grid point otherwise."""
@@ -39,6 +37,7 @@ def run_configs(spec: Spec) -> list[tuple[str, RunConfig]]:
     if spec.kind == "grid":
         return [(v.title, cfg) for v, cfg in spec.rows()]
     return [(spec.kind, spec.run_config())]
+
 
 def job_env(root: Path, extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     """The job's environment: local services first, then this shell's values, then ``extra``; local paths made absolute."""
@@ -63,6 +62,7 @@ def runtime_env_vars(env: dict[str, str]) -> dict[str, str]:
     in a URI (see JOB_ENV_KEYS)."""
     return {k: redact_text(v, mask=None) for k, v in env.items() if not is_secret_key(k)}
 
+
 def job_file_in_project(path: Path, working_dir: Path) -> str:
     """The job file's path inside the working dir (it travels with it), or a clear error."""
     try:
@@ -70,6 +70,7 @@ def job_file_in_project(path: Path, working_dir: Path) -> str:
     except ValueError:
         raise ConfigError(f"{path}: a submitted job file must lie inside the project ({working_dir}), which is shipped "
                           "to the cluster as the job's working_dir; copy it to jobs/") from None
+
 
 def job_entrypoint(kind: str, rel: str, local_root: Optional[Path] = None, plan_file: Optional[str] = None) -> str:
     """The command Ray runs (through a shell) for a job file at ``rel`` in the working dir, or for the run plan at
@@ -81,6 +82,7 @@ def job_entrypoint(kind: str, rel: str, local_root: Optional[Path] = None, plan_
     if local_root is not None:
         cmd = f"{shlex.join(['ln', '-sfn', str(local_root / STATE_DIR), STATE_DIR])} && {cmd}"
     return cmd
+
 
 @contextlib.contextmanager
 def job_context(root: Path, job_env: dict[str, str]) -> Iterator[None]:
@@ -94,6 +96,7 @@ def job_context(root: Path, job_env: dict[str, str]) -> Iterator[None]:
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(saved_env)
+
 
 def job_plan(spec: Spec, local: bool) -> Optional[RunPlan]:
     """A train or prior job's run plan (laren/plan.py), built now, before anything is queued, and written to the run's
