@@ -3,6 +3,10 @@
 These are the embedded defaults of the local-first pipeline (`make services`, `make demo`) and the real parts the integration
 tests run against. Each is a context manager that starts the process, waits until it answers, and stops it (process group)
 on exit. Ports default to free ones; state lives under ``root_dir`` so a restart on the same dir keeps the data.
+
+The project's own set (``make services``, :func:`start_services`): the three started detached, their state under
+``.laren/`` and their addresses in ``.laren/services.json`` (0600: it holds the local S3 key), which `laren submit`, the
+demo and the follow-up commands read (:func:`read_services`, :func:`services_env`).
 """
 
 from __future__ import annotations
