@@ -42,7 +42,7 @@ from laren.config import AnalysisConfig, ConfigError
 from laren.data import storage
 from laren.data.synth import read_factor_samples, read_samples
 from laren.evaluate import load_model_from_checkpoint, lr_images
-from laren.grid import checkpoint_run_id, checkpoint_url
+from laren.jobs.grid import checkpoint_run_id, checkpoint_url
 from laren.metrics import latent_correlation
 from laren.specs import JobSpec, experiment_name
 from laren.tracking import Tracker

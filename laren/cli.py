@@ -97,9 +97,9 @@ def model_health_cmd(job_file, seeds, tiny, per_layer) -> None:
     runs one SR-loss backward on probe images and prints the health figures with pass/fail per criterion
     (model-spec 9). Exits 1 on a fail. A grid or sweep checks each distinct row."""
     from laren.data import storage
+    from laren.jobs.entrypoints import run_configs
     from laren.models import health
     from laren.models.prior_io import prior_paths
-    from laren.submit import run_configs
 
     failed = False
     seen = set()
@@ -411,7 +411,7 @@ def validate_cmd(job: str, no_summary: bool, no_health: bool, strict: bool) -> N
     """Check JOB (a job or sweep YAML): print the resolved config, run id, resources asked for, model summary, and
     the quick model-health check (a dead or degenerate GDM / CGM at initialisation is refused). Missing inputs (data
     manifests, prior, VGG16 / AlexNet weights, as seen from here) are warnings; --strict makes them errors."""
-    from laren.submit import input_warnings, validate
+    from laren.jobs.checks import input_warnings, validate
 
     _, text = validate(job, summary=not no_summary, health=not no_health)
     click.echo(text)
@@ -437,7 +437,7 @@ def _print_submission(sub, address) -> None:
 def _follow_to_the_end(run_id: str, address) -> None:
     """Stream the job's logs until it ends (as `ray job submit`); exit 1 unless it SUCCEEDED. Ctrl-C stops following
     only: the job keeps running."""
-    from laren import submit as S
+    from laren.jobs import client as S
 
     try:
         for line in S.follow_logs(run_id, address):
@@ -459,7 +459,7 @@ def _detach_opt(f):
 
 
 def _submit_and_follow(path: str, address, detach: bool) -> None:
-    from laren import submit as S
+    from laren.jobs import client as S
 
     sub = S.submit(path, address=address, log=click.echo)
     _print_submission(sub, address)
@@ -501,7 +501,7 @@ def sweep_cmd(sweep: str, address, detach: bool) -> None:
 def status_cmd(run, address, tracking_uri) -> None:
     """Status of RUN (run id, job file or job name): its Ray job and, from MLflow, its progress (kimg, img/s, ETA), last
     validation figures, attempts and last failure. Without RUN, every laren job on the cluster."""
-    from laren import submit as S
+    from laren.jobs import client as S
 
     if not run:
         click.echo(S.format_table(S.list_jobs(address)))
@@ -532,7 +532,7 @@ def status_cmd(run, address, tracking_uri) -> None:
 @_address_opt
 def logs_cmd(run, follow, address) -> None:
     """Logs of RUN (run id, job file or job name)."""
-    from laren import submit as S
+    from laren.jobs import client as S
 
     if follow:
         for line in S.follow_logs(run, address):
@@ -546,7 +546,7 @@ def logs_cmd(run, follow, address) -> None:
 @_address_opt
 def stop_cmd(run, address) -> None:
     """Stop RUN; submitting its job again later resumes it from its last checkpoint."""
-    from laren import submit as S
+    from laren.jobs import client as S
 
     run_id, stopped = S.stop(run, address)
     click.echo(f"{run_id}: {'stop requested' if stopped else 'not running'}")
@@ -557,7 +557,7 @@ def stop_cmd(run, address) -> None:
 @_address_opt
 def list_cmd(all_jobs, address) -> None:
     """Every laren job on the cluster, newest first."""
-    from laren import submit as S
+    from laren.jobs import client as S
 
     click.echo(S.format_table(S.list_jobs(address, all_jobs=all_jobs)))
 
@@ -566,7 +566,7 @@ def list_cmd(all_jobs, address) -> None:
 @click.argument("job", type=click.Path(dir_okay=False))
 def run_grid_cmd(job: str) -> None:
     """(On the cluster) run a grid job's rows under one MLflow parent run and log the results table."""
-    from laren.grid import run_grid
+    from laren.jobs.grid import run_grid
 
     run_grid(load_job(job), log=click.echo)
 
@@ -585,7 +585,7 @@ def run_plan_cmd(plan_url: str) -> None:
 @click.argument("sweep", type=click.Path(dir_okay=False))
 def run_sweep_cmd(sweep: str) -> None:
     """(On the cluster) run a sweep with Ray Tune."""
-    from laren.sweep import run_sweep
+    from laren.jobs.sweep import run_sweep
 
     run_sweep(load_sweep(sweep), log=click.echo)
 
@@ -594,7 +594,7 @@ def run_sweep_cmd(sweep: str) -> None:
 @click.argument("job", type=click.Path(dir_okay=False))
 def run_eval_cmd(job: str) -> None:
     """(On the cluster) evaluate the checkpoint an eval job names."""
-    from laren.grid import run_eval_job
+    from laren.jobs.grid import run_eval_job
 
     click.echo(json.dumps(run_eval_job(load_job(job)), indent=1, default=str))
 
@@ -619,7 +619,7 @@ def services_grp() -> None:
 @click.option("--num-cpus", type=int, default=None, help="CPUs the local Ray head offers (default: all).")
 def services_up_cmd(num_cpus) -> None:
     """Start the local services that are not running; they keep running after this command."""
-    from laren import submit as S
+    from laren import services as S
 
     svc = S.start_services(num_cpus=num_cpus, log=click.echo)
     click.echo(f"running: Ray {svc['ray']['dashboard_url']}  MLflow {svc['mlflow']['uri']}  S3 {svc['s3']['endpoint_url']}"
@@ -629,7 +629,7 @@ def services_up_cmd(num_cpus) -> None:
 @services_grp.command("down")
 def services_down_cmd() -> None:
     """Stop the local services started by `laren services up` (their data stays under .laren/)."""
-    from laren import submit as S
+    from laren import services as S
 
     if not S.stop_services(log=click.echo):
         click.echo("no local services recorded")
@@ -639,7 +639,7 @@ def services_down_cmd() -> None:
 @click.argument("service", type=click.Choice(["mlflow", "ray", "s3"]))
 def services_url_cmd(service) -> None:
     """Print a running local service's address."""
-    from laren import submit as S
+    from laren import services as S
 
     svc = S.read_services()
     if service not in svc:

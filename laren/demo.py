@@ -1,6 +1,6 @@
 """`make demo` / `laren demo`: LAREN on a real GAN prior, on one CPU machine, with nothing downloaded.
 
-1. Local services (:func:`laren.submit.start_services`): Ray head + dashboard, MLflow on SQLite, SeaweedFS S3.
+1. Local services (:func:`laren.services.start_services`): Ray head + dashboard, MLflow on SQLite, SeaweedFS S3.
 2. Data: ``laren data synth faces`` renders procedural faces with 11 known factors into WebDataset shards in the local
    S3: 10,000 for training (seed 0), 512 held out (seed 1), ``s3://laren/datasets/synth-faces-32-{train,val}``.
 3. ``jobs/demo.yaml`` (LAREN: GDM + CGM, 8x: 4x4 -> 32x32, no GLEAN decoder, with ``priors/synth32``, the StyleGAN2
@@ -25,11 +25,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+from PIL import Image
 
-from laren import submit as S
+from laren.config import project_root
 from laren.data.pack import pack, read_manifest
 from laren.data.synth import synth
-from laren.specs import load_any
+from laren.jobs import client
+from laren.services import services_env, start_services
+from laren.specs import experiment_name, load_any
 from laren.tracking import RUN_ID_TAG, find_run, mlflow_client, ui_url
 
 # Colour photographs shipped inside scikit-image (no download).
@@ -48,8 +51,7 @@ def write_demo_images(out_dir: str | Path, split: str, per_image: int, min_side:
     Flat crops (std < MIN_CROP_STD) are redrawn. Crop sides are drawn in [min_side, 3 * min_side] (capped by the region), so `laren data pack` resizes most of them
     down (Lanczos) to the packed resolution.
     """
-    import skimage.data
-    from PIL import Image
+    import skimage.data  # scikit-image: the demo's photos only (a dev dependency)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,7 +132,7 @@ def _mlflow_metrics(uri: str, experiment: str, run_name: str, tag: str = "") -> 
 
 
 def _submit(path: Path, address: str, log):
-    sub = S.submit(path, address=address, log=log)
+    sub = client.submit(path, address=address, log=log)
     log(f"{sub.kind} job {sub.run_id}: {sub.action} on {address}")
     return sub
 
@@ -140,9 +142,9 @@ def _wait(sub, address: str, log, timeout_s: float, follow: bool = True) -> str:
         return "SUCCEEDED"
     t0 = time.monotonic()
     if follow:
-        for line in S.follow_logs(sub.run_id, address):
+        for line in client.follow_logs(sub.run_id, address):
             log(line.rstrip("\n"))
-    st = S.wait(sub.run_id, address, timeout_s=max(60.0, timeout_s - (time.monotonic() - t0)))
+    st = client.wait(sub.run_id, address, timeout_s=max(60.0, timeout_s - (time.monotonic() - t0)))
     log(f"{sub.kind} job {sub.run_id}: {st}")
     return st
 
@@ -155,11 +157,11 @@ def run_demo(root: Optional[Path] = None, num_cpus: Optional[int] = None, log: C
              timeout_s: float = 1200.0, photos: bool = False) -> bool:
     """Run the demo end to end (see the module docstring); True when every job succeeded."""
     t0 = time.monotonic()
-    root = root or S.project_root()
+    root = root or project_root()
     jobs = root / "jobs"
     log("== 1/4 local services")
-    svc = S.start_services(root, num_cpus=num_cpus, log=log)
-    env = S.services_env(svc)
+    svc = start_services(root, num_cpus=num_cpus, log=log)
+    env = services_env(svc)
     os.environ.update(env)  # data writing and the MLflow queries below use the local S3 and MLflow
     address, uri = svc["ray"]["dashboard_url"], env["MLFLOW_TRACKING_URI"]
     if photos:
@@ -183,7 +185,7 @@ def run_demo(root: Optional[Path] = None, num_cpus: Optional[int] = None, log: C
     est = _wait(esub, address, log, timeout_s)
 
     def found(path: Path, sub, tag: str = "") -> tuple[dict[str, float], str]:
-        return _mlflow_metrics(uri, S.experiment_name(load_any(path)), sub.run_id, tag=tag)
+        return _mlflow_metrics(uri, experiment_name(load_any(path)), sub.run_id, tag=tag)
 
     metrics = [found(p, sub) for p, sub in zip(train_jobs, subs)]
     em, eurl = found(eval_job, esub, tag="laren.eval_job")  # one eval run per (checkpoint, data set)

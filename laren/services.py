@@ -3,6 +3,10 @@
 These are the embedded defaults of the local-first pipeline (`make services`, `make demo`) and the real parts the integration
 tests run against. Each is a context manager that starts the process, waits until it answers, and stops it (process group)
 on exit. Ports default to free ones; state lives under ``root_dir`` so a restart on the same dir keeps the data.
+
+The project's own set (``make services``, :func:`start_services`): the three started detached, their state under
+``.laren/`` and their addresses in ``.laren/services.json`` (0600: it holds the local S3 key), which `laren submit`, the
+demo and the follow-up commands read (:func:`read_services`, :func:`services_env`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
+
+from laren.config import project_root
+from laren.data.storage import atomic_local_file
 
 LOOPBACK = "127.0.0.1"
 
@@ -146,7 +153,7 @@ class S3Server(_Process):
         }
 
     def client(self):
-        import boto3
+        import boto3  # heavy (a second): only where a bucket is made or read
         from botocore.config import Config
 
         return boto3.client(
@@ -296,3 +303,131 @@ class RayHead(_Process):
     def stop(self) -> None:
         super().stop()
         shutil.rmtree(self.temp_dir(), ignore_errors=True)
+
+
+STATE_DIR = ".laren"
+SERVICES_FILE = "services.json"
+S3_BUCKET = "laren"
+
+
+# ----------------------------------------------------------------------------------------------- the project's local services
+
+
+def state_dir(root: Optional[Path] = None) -> Path:
+    return (root or project_root()) / STATE_DIR
+
+
+def read_services(root: Optional[Path] = None) -> dict[str, Any]:
+    """The running local services recorded in ``.laren/services.json`` ({} if none); dead entries are dropped."""
+    f = state_dir(root) / SERVICES_FILE
+    if not f.is_file():
+        return {}
+    try:
+        svc = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: v for k, v in svc.items() if not isinstance(v, dict) or "pid" not in v or _alive(v["pid"])}
+
+
+def _write_services(root: Path, svc: dict[str, Any]) -> Path:
+    f = state_dir(root) / SERVICES_FILE
+    with atomic_local_file(f, mode=0o600) as tmp:  # 0600: it holds the local S3 server's key
+        Path(tmp).write_text(json.dumps(svc, indent=2))
+    return f
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (ProcessLookupError, PermissionError, ValueError, TypeError):
+        return False
+
+
+def _preferred_port(port: int) -> int:
+    return port if not port_open(port) else free_port()
+
+
+def services_env(svc: dict[str, Any]) -> dict[str, str]:
+    """Environment variables that point laren, boto3 and MLflow at the recorded local services."""
+    env: dict[str, str] = {}
+    if "mlflow" in svc:
+        env["MLFLOW_TRACKING_URI"] = svc["mlflow"]["uri"]
+    if "s3" in svc:
+        s3 = svc["s3"]
+        env.update({"AWS_ENDPOINT_URL": s3["endpoint_url"], "AWS_ACCESS_KEY_ID": s3["access_key"],
+                    "AWS_SECRET_ACCESS_KEY": s3["secret_key"], "AWS_DEFAULT_REGION": "us-east-1",
+                    "MLFLOW_S3_ENDPOINT_URL": s3["endpoint_url"]})
+        env["LAREN_STORAGE"] = f"s3://{s3['bucket']}"
+    return env
+
+
+def start_services(root: Optional[Path] = None, ray: bool = True, mlflow: bool = True, s3: bool = True,
+                   num_cpus: Optional[int] = None, log=print) -> dict[str, Any]:
+    """Start the missing local services, detached (they outlive this process), and record them in services.json.
+
+    Preferred ports: Ray dashboard 8265 (GCS 6379), MLflow 5000, S3 8333; any that is taken is replaced by a free one.
+    """
+    root = root or project_root()
+    sd = state_dir(root)
+    svc = read_services(root)
+    if s3 and "s3" not in svc:
+        srv = S3Server(sd / "s3", port=_preferred_port(8333)).start()
+        srv.create_bucket(S3_BUCKET)
+        svc["s3"] = {"pid": srv.proc.pid, "endpoint_url": srv.endpoint_url, "access_key": srv.access_key,
+                     "secret_key": srv.secret_key, "bucket": S3_BUCKET, "log": str(srv.log_path)}
+        log(f"S3 (SeaweedFS)  {srv.endpoint_url}  bucket s3://{S3_BUCKET}  (state {sd / 's3'})")
+        _write_services(root, svc)
+    if mlflow and "mlflow" not in svc:
+        srv = MLflowServer(sd / "mlflow", port=_preferred_port(5000)).start()
+        svc["mlflow"] = {"pid": srv.proc.pid, "uri": srv.uri, "log": str(srv.log_path)}
+        log(f"MLflow          {srv.uri}  (SQLite + artifacts under {sd / 'mlflow'})")
+        _write_services(root, svc)
+    if ray and "ray" not in svc:
+        os.environ.update(RayHead.env())
+        head = RayHead(sd / "ray", num_cpus=num_cpus, port=_preferred_port(6379),
+                       dashboard_port=_preferred_port(8265), node_env=services_env(svc)).start()
+        svc["ray"] = {"pid": head.proc.pid, "address": head.address, "dashboard_url": head.dashboard_url,
+                      "temp_dir": head.temp_dir(), "log": str(head.log_path)}
+        log(f"Ray head        {head.dashboard_url}  (dashboard and Jobs API; GCS {head.address})")
+        _write_services(root, svc)
+    # The Popen objects are dropped on purpose: each service runs in its own session and keeps running.
+    return svc
+
+
+def stop_services(root: Optional[Path] = None, log=print) -> list[str]:
+    """Stop the services recorded in services.json (each by its process group id) and forget them."""
+    root = root or project_root()
+    f = state_dir(root) / SERVICES_FILE
+    if not f.is_file():
+        return []
+    svc = json.loads(f.read_text())
+    stopped = []
+    for name in ("ray", "mlflow", "s3"):
+        ent = svc.get(name)
+        if not isinstance(ent, dict) or "pid" not in ent:
+            continue
+        _kill_group(int(ent["pid"]))
+        if name == "ray" and ent.get("temp_dir", "").startswith("/tmp/ray-"):
+            shutil.rmtree(ent["temp_dir"], ignore_errors=True)
+        stopped.append(name)
+        log(f"stopped {name} (pid {ent['pid']})")
+    f.unlink()
+    return stopped
+
+
+def _kill_group(pid: int, timeout_s: float = 15.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            if not _alive(pid):
+                return
+            time.sleep(0.2)

@@ -49,11 +49,14 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
+import requests
 import yaml
 
 from laren.config import ConfigError
 from laren.data import storage
 from laren.redact import has_password, is_secret_key, redact, redact_text
+
+# mlflow is imported inside the functions that use it: it takes seconds to load, and importing this module must not.
 
 
 class _RedactFilter(logging.Filter):
@@ -189,8 +192,6 @@ def _auth_status(err: BaseException) -> Optional[int]:
 def check_tracking_auth(tracking_uri: str, experiment: str = "", timeout_s: float = 5.0) -> None:
     """Before a run is queued: an http(s) MLflow server that refuses this environment's credentials is an error
     (:class:`TrackingAuthError`); an unreachable one is not (the run buffers, see the module docstring)."""
-    import requests
-
     if not tracking_uri.startswith(("http://", "https://")):
         return
     user, pw = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
@@ -662,3 +663,28 @@ def make_tracker(rank: int, *args: Any, **kwargs: Any) -> NullTracker:
     if rank != 0:
         return NullTracker()
     return Tracker(*args, **kwargs)
+
+
+def mlflow_url(tracking_uri: str, experiment: str, run_name: str, create: bool = True) -> str:
+    """Address of the run in the MLflow UI (the run itself when it exists, else the experiment filtered by run name).
+
+    With ``create`` the experiment is created when missing, so the address is valid before the job starts.
+    Returns "" when the tracking server cannot be reached (the job still runs; its tracker buffers).
+    """
+    if not tracking_uri.startswith("http"):
+        return f"(run `mlflow ui --backend-store-uri {redact_text(tracking_uri)}`; run name {run_name})"
+    try:
+        c = mlflow_client(tracking_uri)
+        exp = c.get_experiment_by_name(experiment)
+        if exp is None:
+            if not create:
+                return ""
+            exp_id = create_experiment(c, tracking_uri, experiment)
+        else:
+            exp_id = exp.experiment_id
+        run = find_run(c, [exp_id], run_name)
+    except Exception:
+        return ""
+    if run is not None:
+        return ui_url(tracking_uri, f"experiments/{exp_id}/runs/{run.info.run_id}")
+    return ui_url(tracking_uri, f"experiments/{exp_id}", searchFilter=f"attributes.run_name = '{run_name}'")

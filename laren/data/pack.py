@@ -34,7 +34,6 @@ every input rejected (its manifest and ``shard-NNNNNN.tar`` files only), and ref
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import json
 import logging
@@ -52,10 +51,13 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
+import lmdb
 import numpy as np
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 from laren.data import storage
+from laren.data.shards import SAMPLE_FORMATS, HashingReader, image_member, iter_tar_samples
 
 log = logging.getLogger("laren.data")
 
@@ -63,11 +65,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 RESIZE_DOC = "RGB; center crop to the largest square; PIL Lanczos resize to R x R when the side differs; min(W,H) < R rejected"
-SAMPLE_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")  # decoders PIL may use on inputs (never EPS, PDF, ...)
-SAMPLE_FORMATS = ("PNG", "JPEG", "WEBP")  # decoders for shard members
 MAX_INPUT_BYTES = 256 << 20  # one input file
-MAX_MEMBER_BYTES = 64 << 20  # one tar member of a shard (a 1024^2 PNG is ~3 MB)
 IMAGE_TIMEOUT_S = 300.0  # one image in a worker
 SHARD_NAME = re.compile(r"shard-\d{6}\.tar")
 
@@ -110,8 +109,6 @@ def list_inputs(src: str, kind: str) -> list[str]:
         with zipfile.ZipFile(src) as z:
             return sorted(n for n in z.namelist() if n.lower().endswith(IMAGE_EXTS) and not n.endswith("/"))
     if kind == "lmdb":
-        import lmdb
-
         env = lmdb.open(src, readonly=True, lock=False, readahead=False, meminit=False, max_readers=64)
         try:
             with env.begin(write=False) as txn:
@@ -168,8 +165,6 @@ def _read_input(src: str, kind: str, item: str) -> bytes:
         return h.read(info)
     if kind == "lmdb":
         if h is None:
-            import lmdb
-
             h = _reader_state[key] = lmdb.open(src, readonly=True, lock=False, readahead=False, meminit=False,
                                                max_readers=64)
         with h.begin(write=False, buffers=True) as txn:
@@ -446,8 +441,6 @@ def write_samples(dest: str, settings: dict, jobs: Callable[[int], Iterator], pr
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) if workers and workers > 1 else None
     results: Iterator = _ordered_results(pool, process, jobs(start), 4 * workers) if pool else map(process, jobs(start))
 
-    from tqdm import tqdm
-
     bar = tqdm(total=total, initial=start, unit="img", desc=f"pack {settings['name']}", disable=not progress)
     writer: Optional[_ShardWriter] = None
     pending_rejected: list[dict] = []
@@ -596,92 +589,6 @@ def _remove_pack_output(dest: str, old: dict) -> None:
     storage.delete(manifest_url(dest))
 
 
-# ------------------------------------------------------------------------------------------------ shard reading
-
-
-class _HashingReader(io.RawIOBase):
-    def __init__(self, raw):
-        super().__init__()
-        self.raw, self.h, self.n = raw, hashlib.sha256(), 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        data = self.raw.read(len(b))
-        self.h.update(data)
-        self.n += len(data)
-        b[: len(data)] = data
-        return len(data)
-
-    def drain(self) -> None:
-        for chunk in iter(lambda: self.raw.read(1 << 20), b""):
-            self.h.update(chunk)
-            self.n += len(chunk)
-
-
-def _member_problem(member: tarfile.TarInfo) -> str:
-    """Why a shard member is not read ("" if it may be): only regular, non-sparse members of bounded declared size."""
-    if member.issparse():
-        return "a sparse member"
-    if not member.isreg():
-        kind = ("a directory" if member.isdir() else "a link" if member.issym() or member.islnk() else
-                "a device" if member.isdev() else "not a regular file")
-        return kind
-    if member.size > MAX_MEMBER_BYTES:
-        return f"declares {member.size} bytes, more than the {MAX_MEMBER_BYTES}-byte limit"
-    return ""
-
-
-def iter_tar_samples(stream) -> Iterator[tuple[str, Optional[dict], str]]:
-    """Group a tar stream's members into samples: yields (key, {ext: bytes}, "") or (key, None, reason).
-
-    Only regular members of bounded declared size are read: a sparse, link or device member makes its sample bad (its
-    data is never expanded); an oversized one ends the stream there (skipping it would read its declared size). A broken stream (truncated member, bad header) yields one (key or "", None, reason)
-    for the sample it hit and stops; callers compare the count with the manifest to account for samples lost after it.
-    """
-    cur_key, cur, bad = None, {}, ""
-    try:
-        tf = tarfile.open(fileobj=stream, mode="r|")
-        for member in tf:
-            base = os.path.basename(member.name)
-            key, _, ext = base.partition(".")
-            if member.isdir():
-                continue
-            if key != cur_key:
-                if cur_key is not None:
-                    yield (cur_key, None, bad) if bad else (cur_key, cur, "")
-                cur_key, cur, bad = key, {}, ""
-            problem = _member_problem(member)
-            if problem and not member.issparse() and member.size > MAX_MEMBER_BYTES:
-                # skipping its data would read up to the declared size: the rest of the stream is not trusted
-                yield key, None, f"tar member {member.name} refused: {problem}"
-                return
-            if problem:
-                bad = bad or f"tar member {member.name} refused: {problem}"
-                continue
-            try:
-                cur[ext.lower()] = tf.extractfile(member).read()
-            except Exception as err:
-                yield key, None, f"truncated tar member {member.name}: {err}"
-                return
-    except Exception as err:
-        if cur_key is not None:
-            yield cur_key, None, f"broken tar after {cur_key}: {type(err).__name__}: {err}"
-        else:
-            yield "", None, f"unreadable tar: {type(err).__name__}: {err}"
-        return
-    if cur_key is not None:
-        yield (cur_key, None, bad) if bad else (cur_key, cur, "")
-
-
-def image_member(files: dict) -> Optional[bytes]:
-    for ext in SAMPLE_IMAGE_EXTS:
-        if ext in files:
-            return files[ext]
-    return None
-
-
 # ------------------------------------------------------------------------------------------------ verify
 
 
@@ -689,8 +596,6 @@ def verify(url: str, decode: bool = False, progress: bool = True) -> dict:
     """Check every shard against the manifest: presence, size, sha256, sample count (and with ``decode``, that every
     image decodes at the manifest resolution). Returns a report dict; ``report["ok"]`` is the verdict."""
     m = read_manifest(url, require_complete=False)
-    from tqdm import tqdm
-
     problems: list[str] = []
     if not m.get("complete"):
         problems.append(f"incomplete: {m.get('inputs_done')} of {m.get('num_inputs')} inputs packed; re-run the pack command")
@@ -705,7 +610,7 @@ def verify(url: str, decode: bool = False, progress: bool = True) -> dict:
         except FileNotFoundError:
             problems.append(f"{s['name']}: missing")
             continue
-        hr = _HashingReader(raw)
+        hr = HashingReader(raw)
         count, bad = 0, 0
         with raw:
             for key, files, reason in iter_tar_samples(io.BufferedReader(hr, 1 << 20)):

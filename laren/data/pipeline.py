@@ -72,6 +72,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from laren.data import pack as _pack
 from laren.data import storage
+from laren.data.shards import SAMPLE_FORMATS, image_member, iter_tar_samples
 from laren.imresize import imresize_uint8
 
 log = logging.getLogger("laren.data")
@@ -96,7 +97,7 @@ def decode_image(data: Optional[bytes], hr_size: int) -> tuple[Optional[np.ndarr
     if data is None:
         return None, "no image member"
     try:
-        im = _pack.open_image(data, _pack.SAMPLE_FORMATS, hr_size * hr_size)  # header only
+        im = _pack.open_image(data, SAMPLE_FORMATS, hr_size * hr_size)  # header only
         if im.size != (hr_size, hr_size):  # a wrong size is never decoded
             return None, f"wrong size {im.size[0]}x{im.size[1]} (expected {hr_size}x{hr_size})"
         im.load()
@@ -123,7 +124,7 @@ def _shard_events(base_url: str, entry: dict, hr_size: int,
         return
     try:
         with stream:
-            for key, files, reason in _pack.iter_tar_samples(stream):
+            for key, files, reason in iter_tar_samples(stream):
                 if seen >= expected:
                     break
                 seen += 1
@@ -133,7 +134,7 @@ def _shard_events(base_url: str, entry: dict, hr_size: int,
                 if files is None:
                     yield 1, f"{name}/{key}", None, reason
                     continue
-                img, reason = decode_image(_pack.image_member(files), hr_size)
+                img, reason = decode_image(image_member(files), hr_size)
                 yield 1, f"{name}/{key}", img, reason
     except Exception as err:  # a broken connection that the storage retries could not heal
         if seen < expected:
@@ -150,9 +151,9 @@ def _fetch_samples(base_url: str, name: str, positions: set[int], hr_size: int) 
     A sample that no longer decodes means the shard changed since the position was saved: an error."""
     out: dict[int, tuple[str, np.ndarray]] = {}
     with storage.open_read(storage.join(base_url, name)) as stream:
-        for pos, (key, files, reason) in enumerate(_pack.iter_tar_samples(stream)):
+        for pos, (key, files, reason) in enumerate(iter_tar_samples(stream)):
             if pos in positions:
-                img, reason = decode_image(_pack.image_member(files), hr_size) if files is not None else (None, reason)
+                img, reason = decode_image(image_member(files), hr_size) if files is not None else (None, reason)
                 if img is None:
                     raise BadDataError(f"{name}/{key}: {reason}; it was good when the data position was saved (the "
                                        f"shard changed?): resume from a checkpoint of this data set")

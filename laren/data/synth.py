@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 
 from laren.data import pack, storage
 from laren.data.pipeline import decode_image
+from laren.data.shards import image_member, iter_tar_samples
 
 SUPERSAMPLE = 4
 KINDS = ("faces",)
@@ -155,10 +156,10 @@ def read_samples(url: str, limit: Optional[int] = None, member: str = "json"
     imgs, docs = [], []
     for entry in m["shards"]:
         with storage.open_read(storage.join(url, entry["name"])) as stream:
-            for key, files, reason in pack.iter_tar_samples(stream):
+            for key, files, reason in iter_tar_samples(stream):
                 if files is None:
                     raise ValueError(f"{url}/{entry['name']}: {key}: {reason}")
-                img, reason = decode_image(pack.image_member(files), m["resolution"])
+                img, reason = decode_image(image_member(files), m["resolution"])
                 if img is None or member not in files:
                     raise ValueError(f"{url}/{entry['name']}: {key}: {reason or f'no {member} member'}")
                 imgs.append(img)

@@ -36,13 +36,14 @@ from laren.data import storage
 from laren.plan import RunPlan, build_plan, write_plan
 from laren.ray_address import driver_address
 from laren.services import RayHead
-from laren.submit import read_services
+from laren.services import read_services
 from laren.tracking import check_tracking_auth
 from laren.train import collectives as C
 from laren.train import faults
 from laren.train import state as S
 from laren.train.faults import KILL_MARKER_ENV, KILL_RANK_ENV, KILL_STEP_ENV, OnStep
-from laren.train.loop import WorkerContext, check_run_inputs, train_worker
+from laren.train.inputs import check_run_inputs
+from laren.train.loop import WorkerContext, train_worker
 from laren.train.prior import check_prior_inputs, prior_worker
 
 log = logging.getLogger("laren.train")

@@ -32,29 +32,26 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 from laren import losses as L
-from laren.config import ConfigError, RunConfig
+from laren.config import RunConfig
 from laren.cost import usage_metrics
-from laren.data import pack, storage
-from laren.data.pipeline import auto_loader_workers, batch_to_device, make_eval_loader, make_train_loader
-from laren.data.storage import StorageError
+from laren.data.pipeline import batch_to_device, make_eval_loader
+from laren.data.stream import DataStream
 from laren.evaluate import evaluate_model, make_lpips
 from laren.flops import device_peak_tflops, mfu_metrics, step_flops_per_image
-from laren.metrics import load_alexnet
 from laren.models import health
 from laren.models.build import build_discriminator, build_model
-from laren.models.prior_io import PriorMeta, prior_paths
-from laren.plan import check_rules
 from laren.progress import ProgressPrinter, attempt_outcome, record_attempt
 from laren.tracking import flatten, make_tracker, tracking_buffer_url
 from laren.train import collectives as C
 from laren.train import state as S
 from laren.train.faults import OnStep
+from laren.train.inputs import check_run_inputs
 from laren.train.meter import StepMeter
 from laren.train.step import LOSS_KEYS, step_modules, train_step
 
@@ -113,156 +110,6 @@ def cosine_lr(step: int, period_steps: int, lr: float, min_lr: Optional[float]) 
         return lr
     t = min(step, period_steps) / max(1, period_steps)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def check_run_inputs(cfg: RunConfig) -> None:
-    """User errors found before any worker starts: missing weights files, data URLs, cross-field rules."""
-    for check in _input_checks(cfg):
-        check()
-    check_rules(cfg)  # elastic sizes, model combination
-
-
-def input_problems(cfg: RunConfig) -> list[str]:
-    """Every missing or mismatched input of ``cfg`` (weights, prior, data sets) as one message each, where
-    :func:`check_run_inputs` stops at the first (`laren validate` reports them as warnings)."""
-    out = []
-    for check in _input_checks(cfg):
-        try:
-            check()
-        except (ConfigError, OSError, ValueError, StorageError) as err:  # FileNotFoundError is an OSError
-            out.append(str(err))
-    return out
-
-
-def _input_checks(cfg: RunConfig) -> list[Callable[[], None]]:
-    """The input checks of ``cfg``, each a call that raises on its problem."""
-    checks: list[Callable[[], None]] = []
-    if cfg.loss.perceptual_weight > 0 and not cfg.loss.random_backbone_for_tests:
-        checks.append(lambda: _check_vgg16(cfg.loss.vgg16_path))
-    if cfg.eval.alexnet_path:
-        checks.append(lambda: _check_alexnet(cfg.eval.alexnet_path))
-    if not cfg.data.train_url:
-        checks.append(_no_train_url)
-    if cfg.model.prior.path:
-        checks.append(lambda: _check_prior(cfg))
-    checks += [lambda f=f: _check_data(cfg, (f,)) for f in ("train_url", "val_url")]
-    return checks
-
-
-def _no_train_url() -> None:
-    raise ConfigError("data.train_url is empty: set it to a dataset written by `laren data pack`")
-
-
-def _check_vgg16(path: Optional[str]) -> None:
-    if not path:
-        raise ConfigError(
-            "loss.vgg16_path is not set but loss.perceptual_weight > 0: the perceptual loss needs torchvision's "
-            f"ImageNet VGG16 state dict; download {L.VGG16_URL} and set loss.vgg16_path to the file "
-            "(or set loss.perceptual_weight: 0)."
-        )
-    if not _weights_exist(path):
-        L.load_vgg16(path)  # raises FileNotFoundError naming the file and how to obtain it
-
-
-def _check_alexnet(path: str) -> None:
-    if not _weights_exist(path):
-        load_alexnet(path)  # raises FileNotFoundError naming the file and how to obtain it
-
-
-def _weights_exist(url: str) -> bool:
-    """A weights file (local path or s3:// URL) is there; nothing is downloaded."""
-    return storage.exists(url) if storage.is_s3(url) else Path(url).expanduser().is_file()
-
-
-def _check_prior(cfg: RunConfig) -> None:
-    """The prior's files exist and its architecture is the job's (read from its small .json, not the weights)."""
-    hint = "create it with `laren prior import SRC DEST` (SRC: a rosinality .pt, NVIDIA .pkl or mmagic .pth)"
-    st_url, json_url = prior_paths(cfg.model.prior.path)
-    for url, what in ((json_url, "prior metadata (.json)"), (st_url, "prior weights (.safetensors)")):
-        if not storage.exists(url):
-            raise FileNotFoundError(f"model.prior.path: {url}: {what} not found; {hint}")
-    meta = PriorMeta.from_json(storage.read_bytes(json_url).decode(), json_url)
-    for name in ("resolution", "style_dim"):
-        want, got = getattr(cfg.model.prior, name), getattr(meta, name)
-        if int(want) != int(got):
-            raise ConfigError(
-                f"model.prior.{name}: the job says {want} but the prior at {cfg.model.prior.path} has {got}; "
-                f"set model.prior.{name}: {got} (or point model.prior.path at a matching prior)"
-            )
-
-
-def _check_data(cfg: RunConfig, fields: tuple[str, ...] = ("train_url", "val_url")) -> None:
-    """The training (and validation) sets are packed at the job's HR resolution."""
-    for field_name in fields:
-        url = getattr(cfg.data, field_name)
-        if not url:
-            continue
-        try:
-            m = pack.read_manifest(url)
-        except (FileNotFoundError, ValueError) as err:
-            raise type(err)(f"data.{field_name}: {err}") from None
-        if int(m["resolution"]) != cfg.model.prior.resolution:
-            raise ConfigError(
-                f"data.{field_name}: {url} is packed at {m['resolution']}x{m['resolution']}, but the job's HR size "
-                f"(model.prior.resolution) is {cfg.model.prior.resolution}; re-pack with --resolution "
-                f"{cfg.model.prior.resolution} or use a matching prior"
-            )
-
-
-# ----------------------------------------------------------------------------------------------- data
-
-
-class DataStream:
-    """Endless training batches from a saved data position (``st.data_epoch``, ``st.data_batch``, ``st.data_ranks``).
-
-    A pass ("data epoch") is ``ceil(samples / batch_size_global)`` batches per rank; the loader's random streams are
-    seeded by (seed, pass, loader worker), so the batches of a pass are the same on every run. On resume the loader
-    seeks to the position of every loader worker saved in ``st.data_ranks`` (nothing already consumed is decoded; see
-    laren.data.pipeline); a checkpoint without it replays the pass (decodes and drops the consumed batches). Updates
-    ``st`` as it yields; ``position()`` is this rank's part of ``st.data_ranks``; ``skipped()`` counts the bad
-    samples dropped.
-    """
-
-    def __init__(self, cfg: RunConfig, rank: int, world_size: int, st: S.TrainState):
-        manifest = pack.read_manifest(cfg.data.train_url)
-        samples = sum(int(s["count"]) for s in manifest["shards"])
-        self.per_pass = max(1, math.ceil(samples / cfg.train.batch_size_global))
-        self.loader = make_train_loader(
-            cfg.data.train_url, cfg.model.prior.resolution, cfg.model.lr_size,
-            cfg.train.batch_size_global // world_size, rank=rank, world_size=world_size,
-            num_workers=auto_loader_workers(cfg.resources.cpus_per_worker) if cfg.data.loader_workers is None
-            else cfg.data.loader_workers, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-            hflip=cfg.data.hflip, max_bad_fraction=cfg.data.max_bad_fraction, batches_per_epoch=self.per_pass,
-            lr_on_device=cfg.data.lr_on_device,
-        )
-        self.st = st
-        self._it = self._gen()
-
-    def _gen(self) -> Iterator[dict[str, Any]]:
-        st = self.st
-        self.loader.seek(st.data_batch, st.data_ranks)
-        while True:
-            self.loader.epoch = st.data_epoch
-            for batch in self.loader:
-                st.data_batch += 1
-                yield batch
-            st.data_epoch += 1
-            st.data_batch = 0
-
-    def position(self) -> dict[str, Any]:
-        return self.loader.position()
-
-    def __next__(self) -> dict[str, Any]:
-        return next(self._it)
-
-    def take(self) -> tuple[dict[str, Any], float]:
-        """The next batch and the seconds spent waiting for it."""
-        t0 = time.perf_counter()
-        batch = next(self._it)
-        return batch, time.perf_counter() - t0
-
-    def skipped(self) -> float:
-        return float(self.loader.stats()["bad"])
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -354,12 +201,12 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
                 metrics.update(_evaluate(cfg, model, lpips, rank, world, dev, tracker, st.step))
             publish(tracker, show, st, metrics, last)
             if st.step % sched.checkpoint_every == 0 or done:
-                checkpoint(cfg, ctx, model, disc, optimizers, st, last, batches)
+                report_checkpoint(cfg, ctx, model, disc, optimizers, st, last, batches)
                 last_ckpt_step = st.step
             elif "val/psnr" in metrics and ctx.report is not None:
                 ctx.report({**last, "step": st.step, "kimg": st.kimg}, None, None)
         if last_ckpt_step != st.step:  # resumed at the end: still hand back a final checkpoint
-            checkpoint(cfg, ctx, model, disc, optimizers, st, last, batches)
+            report_checkpoint(cfg, ctx, model, disc, optimizers, st, last, batches)
         if rank == 0:
             with tempfile.TemporaryDirectory(prefix="laren-final-") as d:
                 final = S.save_checkpoint(Path(d) / "final", model, disc, optimizers, st, cfg.to_dict())
@@ -444,8 +291,8 @@ def publish(tracker, show: ProgressPrinter, st: S.TrainState, metrics: dict[str,
         show(st.kimg, metrics, last)
 
 
-def checkpoint(cfg, ctx: WorkerContext, model, disc, optimizers, st: S.TrainState, last: dict[str, float],
-               data: DataStream) -> None:
+def report_checkpoint(cfg, ctx: WorkerContext, model, disc, optimizers, st: S.TrainState, last: dict[str, float],
+                      data: DataStream) -> None:
     """Every rank contributes its RNG state and data position; rank 0 writes the checkpoint; every rank calls
     ``report`` (a barrier) with the latest metrics ``last``, the step and kimg."""
     metrics = {**last, "step": st.step, "kimg": st.kimg}

@@ -47,14 +47,15 @@ from laren.augment import diff_augment
 from laren.config import ConfigError, PriorRunConfig
 from laren.data import pack
 from laren.data.pipeline import batch_to_device
+from laren.data.stream import DataStream
 from laren.data.synth import read_factor_samples
 from laren.models.prior_io import detect_generator, write_prior
 from laren.models.stylegan2 import Discriminator, Generator
 from laren.progress import attempt_outcome
 from laren.tracking import make_tracker
 from laren.train import collectives as C
-from laren.train.loop import (DataStream, Schedule, WorkerContext, _check_data, checkpoint, publish, resume_or_seed,
-                              start_attempt)
+from laren.train.inputs import check_data
+from laren.train.loop import Schedule, WorkerContext, publish, report_checkpoint, resume_or_seed, start_attempt
 from laren.train.meter import StepMeter
 from laren.train.step import optimizer_params
 
@@ -88,7 +89,7 @@ def check_prior_inputs(cfg: PriorRunConfig) -> None:
     """User errors found before any worker starts: data sets, factors for the metric, batch split."""
     if not cfg.data.train_url:
         raise ConfigError("data.train_url is empty: set it to a data set written by `laren data pack` or `laren data synth`")
-    _check_data(cfg)
+    check_data(cfg)
     if cfg.gan.metric_images > 0:
         for url in (cfg.data.train_url, cfg.data.val_url or cfg.data.train_url):
             if not pack.read_manifest(url).get("factors"):
@@ -299,10 +300,10 @@ def prior_worker(cfg: PriorRunConfig, ctx: WorkerContext) -> dict[str, Any]:
                 metrics.update(evaluate(tracker, st.step))
             publish(tracker, show, st, metrics, last)
             if st.step % sched.checkpoint_every == 0 or done:
-                checkpoint(cfg, ctx, nets, d, optimizers, st, last, batches)
+                report_checkpoint(cfg, ctx, nets, d, optimizers, st, last, batches)
                 last_ckpt_step = st.step
         if last_ckpt_step != st.step:
-            checkpoint(cfg, ctx, nets, d, optimizers, st, last, batches)
+            report_checkpoint(cfg, ctx, nets, d, optimizers, st, last, batches)
         if rank == 0:
             meta = export_prior(nets, d, cfg)
             tracker.log_params({"prior.sha256": meta.sha256})

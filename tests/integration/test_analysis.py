@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import yaml
 
-from laren import submit as S
 from laren.data.synth import synth
-from laren.grid import latest_checkpoint, sr_factor_fd
+from laren.jobs import client as S
+from laren.jobs.checks import validate
+from laren.jobs.entrypoints import job_entrypoint
+from laren.jobs.grid import latest_checkpoint, sr_factor_fd
 from laren.specs import load_job
 from tests.integration._tiny_jobs import job_env, mlflow_runs, tiny_job
 
@@ -50,9 +52,9 @@ def test_analyze_logs_table2_and_fig7(ray_head, mlflow_server, tmp_path, monkeyp
                         "max_images": 96, "gbt_trees": 5, "batch_size": 32}}
     path = tmp_path / "jobs" / "analysis-tiny.yaml"
     path.write_text(yaml.safe_dump(job))
-    spec, text = S.validate(path, summary=False)
+    spec, text = validate(path, summary=False)
     assert spec.kind == "analysis" and "kind analysis" in text
-    assert S.job_entrypoint("analysis", "jobs/analysis-tiny.yaml") == "python -m laren.cli analyze jobs/analysis-tiny.yaml"
+    assert job_entrypoint("analysis", "jobs/analysis-tiny.yaml") == "python -m laren.cli analyze jobs/analysis-tiny.yaml"
 
     # As a user would: `laren submit` to a real Ray head runs `python -m laren.cli analyze <job>` as a Ray job.
     sub = S.submit(path, address=ray_head.dashboard_url, working_dir=tmp_path, env=env)

@@ -16,6 +16,7 @@ from PIL import Image
 from laren.data import pack as P
 from laren.data.pipeline import (BadDataError, auto_loader_workers, batch_to_device, make_eval_loader,
                                  make_train_loader)
+from laren.data.shards import iter_tar_samples
 from laren.imresize import imresize_uint8
 
 R = 32  # packed resolution
@@ -119,7 +120,7 @@ def _packed_images(dest) -> dict[str, np.ndarray]:
     out = {}
     for s in shards_of(dest):
         with open(os.path.join(dest, s["name"]), "rb") as f:
-            for key, files, _ in P.iter_tar_samples(f):
+            for key, files, _ in iter_tar_samples(f):
                 out[key] = np.asarray(Image.open(io.BytesIO(files["png"])).convert("RGB"))
     return out
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from laren import submit as S
 from laren.cost import format_cost
-from laren.grid import logged_metrics
+from laren.jobs import client as S
+from laren.jobs.grid import logged_metrics
 from laren.specs import load_job
 from laren.tracking import PARENT_TAG
 from tests.integration._tiny_jobs import job_env, make_data, mlflow_runs, tiny_job

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from laren import submit as S
+from laren.jobs import client as S
 from laren.specs import load_job
 from tests.integration._tiny_jobs import job_env, make_data, tiny_job
 

@@ -141,7 +141,7 @@ def test_registered_model_upscale_and_mlflow_predict(trained, tmp_path, monkeypa
 
 def test_eval_on_two_data_sets_gives_two_linked_runs(trained, tmp_path):
     from laren.evaluate import run_eval
-    from laren.grid import eval_rows, results_table
+    from laren.jobs.grid import eval_rows, results_table
 
     cfg, out, uri = trained["cfg"], trained["out"], trained["uri"]
     sums = [run_eval(out["checkpoint"], url, str(tmp_path / name), limit=4, tracking_uri=uri, experiment=EXPERIMENT)

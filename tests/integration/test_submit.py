@@ -8,8 +8,8 @@ import shlex
 import pytest
 from click.testing import CliRunner
 
-from laren import submit as S
 from laren.cli import main
+from laren.jobs import client as S
 from laren.plan import read_plan
 from laren.specs import load_job
 from tests.integration._tiny_jobs import job_env, make_data, mlflow_runs, tiny_job

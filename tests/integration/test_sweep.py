@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import yaml
 
-from laren import submit as S
+from laren.jobs import client as S
+from laren.jobs.sweep import default_concurrency, trial_run_config
 from laren.specs import load_sweep
-from laren.sweep import default_concurrency, trial_run_config
 from laren.tracking import PARENT_TAG
 from tests.integration._tiny_jobs import job_env, make_data, mlflow_runs, tiny_job
 

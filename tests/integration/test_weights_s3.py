@@ -11,11 +11,11 @@ import io
 import pytest
 import torch
 
-from laren import submit as S
 from laren.data import storage
-from laren.plan import read_plan
+from laren.jobs import client as S
 from laren.losses import random_vgg16
 from laren.metrics import AlexNetFeatures
+from laren.plan import read_plan
 from laren.render import render_k8s_file, to_yaml
 from laren.services import RayHead
 from laren.specs import load_job

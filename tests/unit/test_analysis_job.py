@@ -13,7 +13,7 @@ from PIL import Image
 
 from laren import analysis as A
 from laren.config import ConfigError
-from laren.grid import mean_std, summary_table
+from laren.jobs.grid import mean_std, summary_table
 from laren.specs import load_job
 
 

@@ -77,10 +77,10 @@ def test_a_submitted_jobs_command_keeps_the_long_s3_budget(tmp_path, monkeypatch
     import laren.data
     from click.testing import CliRunner
 
-    from laren import submit as S
+    from laren.jobs import entrypoints as S
     from laren.cli import main
 
-    assert S._job_env(tmp_path)["LAREN_JOB"] == "1"
+    assert S.job_env(tmp_path)["LAREN_JOB"] == "1"
     for env, fail_fast in (({"LAREN_JOB": "1"}, False), ({"LAREN_JOB": ""}, True)):
         monkeypatch.setattr(laren.data, "S3_FAIL_FAST", not fail_fast)
         CliRunner().invoke(main, ["services", "url", "mlflow"], env=env)

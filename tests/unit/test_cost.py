@@ -7,7 +7,7 @@ import pytest
 from laren.config import ConfigError, PriorRunConfig, RunConfig, parse_section
 from laren.cost import format_cost, usage_metrics
 from laren.evaluate import eval_run_name
-from laren.grid import results_table
+from laren.jobs.grid import results_table
 from tests.unit.test_train_loop import tiny_config
 
 

@@ -113,7 +113,7 @@ def test_resume_decodes_only_the_buffer_and_partial_batch(shards, monkeypatch):
 @pytest.mark.parametrize("cut", [4, 10])
 def test_data_stream_resumes_across_the_end_of_a_pass(shards, tmp_path, cut):
     """The training loop's stream, from a state saved mid-pass and at the pass's end, through the next pass."""
-    from laren.train.loop import DataStream
+    from laren.data.stream import DataStream
     from laren.train.state import TrainState
     from tests.unit.test_train_loop import tiny_config
 

@@ -12,7 +12,8 @@ import torch
 from laren.config import ConfigError, ModelConfig
 from laren.models import health
 from laren.specs import JobSpec, load_any
-from laren.submit import run_configs, validate
+from laren.jobs.checks import validate
+from laren.jobs.entrypoints import run_configs
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "jobs").glob("*.yaml")) + sorted((REPO / "sweeps").glob("*.yaml"))

@@ -329,7 +329,8 @@ def test_entrypoint_quotes_hostile_paths(tmp_path):
     """A shell splits the entrypoint into exactly the intended words, whatever the job file and project are called."""
     import shlex
 
-    from laren.submit import STATE_DIR, job_entrypoint
+    from laren.jobs.entrypoints import job_entrypoint
+    from laren.services import STATE_DIR
 
     root = tmp_path / "my project;touch pwned"
     rel = "jobs/x;touch pwned;#.yaml"
@@ -396,12 +397,12 @@ def test_tracker_log_messages_are_redacted(caplog):
 
 
 def test_submit_runtime_env_holds_no_credentials(tmp_path, monkeypatch):
-    from laren.submit import _job_env, runtime_env_vars
+    from laren.jobs.entrypoints import job_env, runtime_env_vars
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3-secret-value")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDVALUE")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:pw/@x@mlflow:5000")
-    env = runtime_env_vars(_job_env(tmp_path, {"MLFLOW_TRACKING_PASSWORD": "tracking-pw", "AWS_SESSION_TOKEN": "tok"}))
+    env = runtime_env_vars(job_env(tmp_path, {"MLFLOW_TRACKING_PASSWORD": "tracking-pw", "AWS_SESSION_TOKEN": "tok"}))
     text = repr(env)
     for secret in ("s3-secret-value", "AKIDVALUE", "pw/@x", "tracking-pw", "tok"):
         assert secret not in text
@@ -582,7 +583,7 @@ def _shard_images(dest: Path) -> dict:
     import numpy as np
     from PIL import Image
 
-    from laren.data.pack import iter_tar_samples
+    from laren.data.shards import iter_tar_samples
 
     out = {}
     for shard in sorted(dest.glob("shard-*.tar")):
@@ -702,7 +703,7 @@ def test_shard_refuses_non_regular_members(tmp_path, kind):
     res = _cli("data", "verify", dest, "--quiet", mem_gb=2, timeout=60)
     _assert_clean_error(res, r"00000001.*refused: (a sparse member|a link|a device|declares \d+ bytes)")
     with open(dest / "shard-000000.tar", "rb") as f:
-        from laren.data.pack import iter_tar_samples
+        from laren.data.shards import iter_tar_samples
 
         samples = list(iter_tar_samples(f))
     assert samples[0][0] == "00000000" and samples[0][1] is not None

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from laren import submit
+from laren.jobs import entrypoints
 from laren.config import ConfigError
 from laren.render import (CREDENTIAL_KEYS, JOBS_DIR, PROJECT_DIR, K8sOptions, command_for, dns1123, render_k8s_file,
                           to_yaml)
@@ -202,7 +202,7 @@ def test_kinds_run_the_submit_commands_and_eval_carries_its_train_job(tmp_path):
     assert g["RayJob"]["spec"]["jobId"] == load_job(grid).run_id
     # the commands `laren submit` runs (one table for both)
     assert [command_for(k) for k in ("train", "eval", "grid", "prior")] == ["train", "run-eval", "run-grid", "prior train"]
-    assert submit.ENTRY is ENTRY
+    assert entrypoints.ENTRY is ENTRY
 
     _write(jobs, "face64x.yaml", ELASTIC_GPU_JOB)
     ev = _write(jobs, "eval-face64x.yaml", "kind: eval\ncheckpoint: jobs/face64x.yaml\n")

@@ -52,13 +52,13 @@ def test_validate_refuses_s_with_cgm(tmp_path):
 
 
 def test_submit_refuses_before_ray(tmp_path, monkeypatch):
-    import laren.submit as sub
+    import laren.jobs.client as sub
 
     def no_ray(*a, **kw):
         raise AssertionError("Ray was contacted")
 
     monkeypatch.setattr(sub, "client", no_ray)
-    monkeypatch.setattr(sub, "_check_inputs_here", no_ray)
+    monkeypatch.setattr(sub, "check_inputs_here", no_ray)
     p = _job(tmp_path, resources={"num_workers": 8, "min_workers": 4})
     res = CliRunner().invoke(main, ["submit", str(p), "--detach"])
     assert res.exit_code == 2 and "resources.min_workers" in res.output, res.output
@@ -107,7 +107,7 @@ def test_run_id_is_stable_under_path_resolution(tmp_path, monkeypatch):
     assert _cfg(data={"train_url": "./.laren/storage/datasets/y-train"}).run_id != rid
     assert _cfg(storage={"root": "s3://elsewhere"}).run_id == rid  # where it runs is not what it is
 
-    wd = _project(tmp_path / "ray-working-dir", state=proj / ".laren")  # submit.job_entrypoint's `ln -sfn`
+    wd = _project(tmp_path / "ray-working-dir", state=proj / ".laren")  # entrypoints.job_entrypoint's `ln -sfn`
     monkeypatch.chdir(wd)
     assert _cfg().run_id == rid and resolve_paths(_cfg()).run_id == rid
     assert resolve_paths(_cfg()).data.train_url == str(proj / ".laren/storage/datasets/x-train")
@@ -152,21 +152,21 @@ def test_submit_ships_the_plan_of_train_and_prior_jobs(tmp_path, monkeypatch):
     cluster cannot read this machine's folders (the job plans there); a prior job runs `laren prior train`."""
     import shlex
 
-    from laren import submit as S
+    from laren.jobs import entrypoints as S
     from laren.specs import load_job
 
     monkeypatch.chdir(_project(tmp_path))
     monkeypatch.setenv("LAREN_STORAGE", str(tmp_path / "st"))
     p = _job(tmp_path, data={"train_url": "./.laren/storage/datasets/x"})
     spec = load_job(p)
-    plan = S._job_plan(spec, local=True)
+    plan = S.job_plan(spec, local=True)
     assert plan.run_dir == str(tmp_path / "st" / "runs" / spec.run_id) and plan.run_id == spec.run_id
     assert plan.config["data"]["train_url"] == str(tmp_path / ".laren/storage/datasets/x")
-    assert S._job_plan(spec, local=False) is None  # a local storage folder: not for a remote cluster
+    assert S.job_plan(spec, local=False) is None  # a local storage folder: not for a remote cluster
     # s3:// storage, but a local data path: on a remote cluster it names the cluster's copy of the project, so the
     # job plans the run there (a plan built here would carry this machine's absolute path)
     monkeypatch.setenv("LAREN_STORAGE", "s3://bucket/laren")
-    assert S._job_plan(load_job(p), local=False) is None
+    assert S.job_plan(load_job(p), local=False) is None
     assert shlex.split(S.job_entrypoint("train", "jobs/t.yaml", None, "/a b/plan.json")) == [
         "python", "-m", "laren.cli", "run-plan", "/a b/plan.json"]
     assert shlex.split(S.job_entrypoint("prior", "jobs/p.yaml")) == ["python", "-m", "laren.cli", "prior", "train", "jobs/p.yaml"]

@@ -9,7 +9,7 @@ import yaml
 
 from laren.config import ConfigError
 from laren.specs import JobSpec, LoadedSweep, apply_overrides, load_any, load_job, load_sweep
-from laren.submit import validate
+from laren.jobs.checks import validate
 
 REPO = Path(__file__).resolve().parents[2]
 JOB_FILES = sorted((REPO / "jobs").glob("*.yaml"))

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from laren.sweep_results import (Layout, Trial, best_trial, common_step, fig8_csv, fig8_points, from_reports, plot_fig8,
+from laren.jobs.sweep_results import (Layout, Trial, best_trial, common_step, fig8_csv, fig8_points, from_reports, plot_fig8,
                                  status, trials_table)
 
 J, F, SEED = "model.gdm.num_nodes", "model.cgm.code_dim", "train.seed"

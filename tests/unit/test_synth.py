@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from laren.data import pack, synth
 from laren.data.pipeline import make_eval_loader, make_train_loader
+from laren.data.shards import iter_tar_samples
 
 
 def _write(dest, count=24, seed=5, resolution=32):
@@ -62,7 +63,7 @@ def test_shards_hold_factors_and_stream(tmp_path):
     assert m["complete"] and m["num_samples"] == 20 and m["kind"] == "faces" and m["seed"] == 5
     assert [f["name"] for f in m["factors"]] == [f["name"] for f in synth.FACE_FACTORS]
     with open(tmp_path / "s" / m["shards"][0]["name"], "rb") as fh:
-        key, files, _ = next(pack.iter_tar_samples(fh))
+        key, files, _ = next(iter_tar_samples(fh))
     assert set(files) == {"png", "json", "factors.json"}
     assert json.loads(files["factors.json"]) == synth.sample_factors("faces", 5, int(key))
     assert pack.verify(str(tmp_path / "s"), decode=True, progress=False)["ok"]

@@ -54,7 +54,7 @@ def test_tracker_fails_fast_on_refused_credentials(refusing_server, monkeypatch)
 
 
 def test_submit_says_one_line_before_queueing(refusing_server, tmp_path, monkeypatch):
-    import laren.submit as sub
+    import laren.jobs.client as sub
 
     status, uri = refusing_server
     monkeypatch.setattr(sub, "client", lambda *a, **kw: pytest.fail("Ray was contacted"))

@@ -145,7 +145,7 @@ def test_training_lowers_pixel_loss(dataset, tmp_path):
 
 
 def test_missing_vgg16_refuses_to_start(dataset, tmp_path):
-    from laren.train.loop import check_run_inputs
+    from laren.train.inputs import check_run_inputs
 
     missing = tmp_path / "nope" / "vgg16-397923af.pth"
     cfg = tiny_config(dataset, "sqlite:///unused.db", loss=dict(random_backbone_for_tests=False, vgg16_path=str(missing)))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from laren.grid import latest_checkpoint
+from laren.jobs.grid import latest_checkpoint
 from laren.train import state as S
 
 

@@ -18,7 +18,7 @@ worker, is closed as KILLED (tag ``laren.stopped_by: scheduler``) when the sweep
 Identity: the Tune experiment is named after the sweep's run id under ``<storage>/runs/``; a re-submitted sweep
 restores it (unfinished and errored trials continue). Trial ``k`` of the sweep trains the run ``<sweep>-t<k>-<hash>``.
 
-Results (logged to the parent run, built by :mod:`laren.sweep_results`): ``trials.md`` / ``trials.csv`` (each trial's
+Results (logged to the parent run, built by :mod:`laren.jobs.sweep_results`): ``trials.md`` / ``trials.csv`` (each trial's
 point, its metric at the common budget and at its full budget, its evaluations and status), ``fig8.png`` (Fig. 8 style:
 the metric against each searched field at the common budget, and at full budget for the trials that reached it; with
 design ``axes`` the other fields sit at the base value, with ``cross`` each point is the best setting having that value)
@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from laren.data.storage import arrow_filesystem
-from laren.grid import per_run_resources
+from laren.jobs.grid import per_run_resources
+from laren.jobs.sweep_results import (Layout, Trial, best_trial, common_step, fig8_csv, fig8_points, from_reports,
+                                      plot_fig8, trials_table)
 from laren.specs import LoadedSweep, experiment_name, field_values
-from laren.sweep_results import (Layout, Trial, best_trial, common_step, fig8_csv, fig8_points, from_reports,
-                                 plot_fig8, trials_table)
 from laren.tracking import Tracker, find_run, mlflow_client
 from laren.train.distributed import ensure_ray, make_trainer, resolve_paths, runs_root
 
@@ -144,7 +144,7 @@ def _scheduler(sw: LoadedSweep):
 
 
 def layout(sw: LoadedSweep) -> Layout:
-    """What the sweep's table and figure compare (see :mod:`laren.sweep_results`)."""
+    """What the sweep's table and figure compare (see :mod:`laren.jobs.sweep_results`)."""
     keys = list(sw.spec.search_space)
     return Layout(sw.spec.metric, sw.spec.mode, keys, field_values(sw.base, keys), sw.spec.design,
                   "ASHA" if sw.spec.scheduler.kind == "asha" else sw.spec.scheduler.kind)
