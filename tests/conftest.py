@@ -55,6 +55,18 @@ def ray_head(tmp_path_factory):
         yield head
 
 
+def write_random_pngs(folder: Path, names: list[str], size: tuple[int, int], seed: int = 0) -> Path:
+    """Seeded uniform-noise RGB PNGs ``<name>.png`` of ``size`` (height, width) in ``folder`` (created)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    return folder
+
+
 def rosinality_checkpoint() -> Path:
     """The rosinality-format checkpoint ``{"g_ema": state dict, "latent_avg"}`` of the 32 px StyleGAN2 fixture, written
     once per process with ``torch.save`` from its tensors (tests/fixtures/stylegan2/rosinality-32px.safetensors), so

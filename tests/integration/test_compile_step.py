@@ -10,20 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from laren import losses as L
-from laren.models.build import build_discriminator, build_model
 from laren.train.step import step_modules, train_step
-from tests.unit.test_train_loop import tiny_config
+from tests.unit.test_train_loop import tiny_step_parts
 
 
 def _losses(compile_: bool, steps: int = 2) -> list[dict[str, float]]:
-    cfg = tiny_config("unused", "sqlite:///unused.db", loss=dict(adversarial_weight=0.01))
-    torch.manual_seed(0)
-    model, disc, vgg = build_model(cfg.model, device="cpu").train(), build_discriminator(cfg.model).train(), L.random_vgg16(0)
-    opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(1)
-    lr, hr = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1, torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    cfg, model, disc, vgg, opt_g, opt_d, lr, hr = tiny_step_parts()
     fwd_g, fwd_d = step_modules(model, disc, torch.device("cpu"), compile_, compile_backend="aot_eager")
     out = []
     for _ in range(steps):

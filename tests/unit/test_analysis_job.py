@@ -9,12 +9,12 @@ import math
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from laren import analysis as A
 from laren.config import ConfigError
 from laren.jobs.grid import mean_std, summary_table
 from laren.specs import load_job
+from tests.conftest import write_random_pngs
 
 
 def _write(tmp_path, text: str):
@@ -42,11 +42,7 @@ def test_analysis_job_fields_are_checked(tmp_path):
 def test_labels_csv_matched_to_packed_sources(tmp_path):
     from laren.data.pack import pack
 
-    src = tmp_path / "img"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(src / f"{i * 7}.png")
+    src = write_random_pngs(tmp_path / "img", [str(i * 7) for i in range(5)], (40, 40))
     pack(str(src), str(tmp_path / "shards"), "t", 32, progress=False)
     attrs = {i * 7: (1 if i % 2 else -1, i) for i in range(5)}
     rows = ["image,Smiling,Count"] + [f"{k}.jpg,{a},{b}" for k, (a, b) in attrs.items()]  # CelebA names .jpg files

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from laren.data import pack as P
+from tests.conftest import write_random_pngs
 
 
 @pytest.fixture
 def src(tmp_path):
-    d = tmp_path / "src"
-    d.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(d / f"im{i}.png")
-    return str(d)
+    return str(write_random_pngs(tmp_path / "src", [f"im{i}" for i in range(6)], (40, 48)))
 
 
 def test_every_input_rejected_then_the_corrected_run_packs_in_place(src, tmp_path):

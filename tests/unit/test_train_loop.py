@@ -6,12 +6,41 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
 
 from laren.config import ConfigError, RunConfig
+
+
+class StepParts(NamedTuple):
+    cfg: RunConfig
+    model: Any
+    disc: Any
+    vgg: Any
+    opt_g: Any
+    opt_d: Any
+    lr: Any
+    hr: Any
+
+
+def tiny_step_parts(adversarial_weight: float = 0.01, batch: int = 2) -> StepParts:
+    """What one ``train_step`` of the tiny LAREN needs: seeded modules (random VGG16), Adam (lr 1e-3) for G's
+    trainable parameters and for D, and one seeded random batch of ``batch`` (LR 8x8, HR 32x32) in [-1, 1]."""
+    import torch
+
+    from laren import losses as L
+    from laren.models.build import build_discriminator, build_model
+
+    cfg = tiny_config("unused", "sqlite:///unused.db", loss=dict(adversarial_weight=adversarial_weight))
+    torch.manual_seed(0)
+    model, disc = build_model(cfg.model, device="cpu").train(), build_discriminator(cfg.model).train()
+    opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    lr, hr = torch.rand(batch, 3, 8, 8, generator=g) * 2 - 1, torch.rand(batch, 3, 32, 32, generator=g) * 2 - 1
+    return StepParts(cfg, model, disc, L.random_vgg16(0), opt_g, opt_d, lr, hr)
 
 
 def make_tiny_images(folder: Path, n: int = 24, size: int = 64, seed: int = 0) -> Path:
@@ -178,17 +207,9 @@ def test_train_step_updates_g_and_trains_d_only_with_the_adversarial_term(advers
     generator prior stays frozen, the trainable modules move, and D moves exactly when the adversarial term is on."""
     import torch
 
-    from laren import losses as L
-    from laren.models.build import build_discriminator, build_model
     from laren.train.step import train_step
 
-    cfg = tiny_config("unused", "sqlite:///unused.db", loss=dict(adversarial_weight=adversarial_weight))
-    torch.manual_seed(0)
-    model, disc, vgg = build_model(cfg.model, device="cpu").train(), build_discriminator(cfg.model).train(), L.random_vgg16(0)
-    opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(1)
-    hr, lr = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    cfg, model, disc, vgg, opt_g, opt_d, lr, hr = tiny_step_parts(adversarial_weight)
     before = {n: p.detach().clone() for n, p in [*model.named_parameters(), *(("D." + n, p) for n, p in disc.named_parameters())]}
     out = train_step(model, disc, vgg, opt_g, opt_d, lr, hr, cfg.loss, dict(device_type="cpu", enabled=False))
 
