@@ -10,7 +10,7 @@ import time
 import click
 
 import laren.data
-from laren.config import ConfigError
+from laren.config import ConfigError, project_root
 from laren.redact import redact_text
 from laren.specs import LoadedSweep, load_any, load_job, load_sweep
 
@@ -372,7 +372,7 @@ def eval_cmd(checkpoint_url, data_url, out_dir, limit, batch_size, alexnet_path,
 @click.option("--checkpoint", "checkpoint_url", default=None, help="Checkpoint directory (local path or s3://).")
 @click.option("--model", "model_uri", default=None,
               help="Or a registered model: models:/laren-<job>/latest, models:/laren-<job>/<version>, runs:/<id>/model "
-                   "(MLflow at MLFLOW_TRACKING_URI).")
+                   "(MLflow at MLFLOW_TRACKING_URI, else the project's local MLflow, as `laren status`).")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out", "out_dir", required=True, help="Output folder (<stem>_sr.png per image).")
 @click.option("--resize", is_flag=True, help="Centre-crop and bicubic-resize inputs to the model's input size.")
@@ -380,6 +380,7 @@ def eval_cmd(checkpoint_url, data_url, out_dir, limit, batch_size, alexnet_path,
 def upscale_cmd(checkpoint_url, model_uri, images, out_dir, resize, overwrite) -> None:
     """Super-resolve IMAGES (files, folders, glob patterns) with a trained checkpoint or registered model (inputs must
     be the model's LR size, or pass --resize). Existing outputs are not overwritten without --overwrite."""
+    from laren.jobs.entrypoints import job_env
     from laren.registry import is_model_uri
     from laren.upscale import ImageSizeError, upscale_files
 
@@ -387,6 +388,8 @@ def upscale_cmd(checkpoint_url, model_uri, images, out_dir, resize, overwrite) -
         raise click.UsageError("pass one of --checkpoint DIR or --model models:/laren-<job>/latest")
     if model_uri is not None and not is_model_uri(model_uri):
         raise click.UsageError(f"--model {model_uri}: expected models:/<name>/<version or latest> or runs:/<run id>/model")
+    if model_uri:  # the registry the project's jobs log to: MLFLOW_TRACKING_URI, else the local services' MLflow
+        os.environ["MLFLOW_TRACKING_URI"] = job_env(project_root())["MLFLOW_TRACKING_URI"]
     try:
         for p in upscale_files(checkpoint_url or model_uri, images, out_dir, resize=resize, overwrite=overwrite):
             click.echo(str(p))

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import mlflow
+from mlflow.exceptions import MlflowException
 import numpy as np
 import torch
 from PIL import Image
@@ -43,7 +44,7 @@ from laren.data import storage
 from laren.evaluate import load_model_from_checkpoint
 from laren.models.build import build_model
 from laren.models.prior_io import prior_paths
-from laren.redact import redact
+from laren.redact import redact, redact_text
 from laren.tracking import set_http_env_defaults
 from laren.train.state import FORMAT, load_prefixed
 
@@ -94,16 +95,23 @@ def load_inference_model(weights: str | Path, config: str | Path, device="cpu") 
     return model.to(device).eval(), cfg
 
 
-def load_model(source: str, device="cpu", tracking_uri: Optional[str] = None) -> tuple[torch.nn.Module, RunConfig]:
+def load_model(source: str, device="cpu") -> tuple[torch.nn.Module, RunConfig]:
     """A model from a checkpoint directory (local or s3://) or an MLflow model URI (``models:/laren-<job>/latest``,
-    ``runs:/<run id>/model``); MLflow URIs use ``tracking_uri`` or MLFLOW_TRACKING_URI."""
+    ``runs:/<run id>/model``); MLflow URIs use MLFLOW_TRACKING_URI, for runs and the registry alike (MLflow's
+    ``download_artifacts(tracking_uri=...)`` would still look models:/ names up in the default registry)."""
     if not is_model_uri(source):
         model, cfg, _ = load_model_from_checkpoint(source, device)
         return model, cfg
     set_http_env_defaults()
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source.rstrip("/") + "/artifacts",
-                                                     dst_path=tempfile.mkdtemp(prefix="laren-model-"),
-                                                     tracking_uri=tracking_uri))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source.rstrip("/") + "/artifacts",
+                                                         dst_path=tempfile.mkdtemp(prefix="laren-model-")))
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        where = redact_text(mlflow.get_registry_uri())
+        raise FileNotFoundError(f"{source}: no such model in the MLflow registry at {where} (a finished training run "
+                                "registers laren-<job name>; set MLFLOW_TRACKING_URI to the server that holds it)") from None
     return load_inference_model(local / WEIGHTS, local / CONFIG, device)
 
 

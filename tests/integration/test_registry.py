@@ -123,6 +123,18 @@ def test_registered_model_upscale_and_mlflow_predict(trained, tmp_path, monkeypa
         assert np.array_equal(np.asarray(Image.open(d / "lr_sr.png")), ref), source
     r = CliRunner().invoke(main, ["upscale", "--model", "laren-tiny", str(lr), "--out", str(tmp_path / "x")])
     assert r.exit_code != 0 and "models:/" in r.output
+    r = CliRunner().invoke(main, ["upscale", "--model", "models:/laren-nope/latest", str(lr), "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "models:/laren-nope/latest: no such model in the MLflow registry" in r.output, r.output
+    # As the demo prints it: no MLFLOW_TRACKING_URI, the project's local MLflow (its .laren/services.json) is used.
+    project = tmp_path / "project"
+    (project / ".laren").mkdir(parents=True)
+    (project / ".laren" / "services.json").write_text(json.dumps({"mlflow": {"uri": uri}}))
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    r = CliRunner().invoke(main, ["upscale", "--model", "models:/laren-tiny/latest", str(lr), "--out", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "p" / "lr_sr.png")), ref)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
 
     # `mlflow models predict`, as documented: JSON dataframe_split of base64 images, local env.
     inp, pred = tmp_path / "input.json", tmp_path / "pred.json"
