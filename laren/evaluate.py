@@ -155,17 +155,19 @@ def evaluate_model(
 # ----------------------------------------------------------------------------------------------- standalone job
 
 
-def load_model_from_checkpoint(checkpoint_url: str, device="cpu", workdir: Optional[str] = None):
-    """(model in eval mode, resolved RunConfig, state doc) from a checkpoint directory (local path or s3://)."""
-    local = S.fetch_checkpoint(checkpoint_url, workdir or tempfile.mkdtemp(prefix="laren-ckpt-"))
-    doc = S.read_state(local)
-    if not doc.get("config"):
-        raise S.CheckpointError(f"{checkpoint_url}: the checkpoint does not record its run config")
-    cfg = RunConfig.model_validate(doc["config"])
-    # The checkpoint holds the full model state (frozen generator included): no prior file is needed.
-    model_cfg = cfg.model.model_copy(update={"prior": cfg.model.prior.model_copy(update={"path": None})})
-    model = build_model(model_cfg, device="cpu")
-    S.load_weights(local, model)
+def load_model_from_checkpoint(checkpoint_url: str, device="cpu"):
+    """(model in eval mode, resolved RunConfig, state doc) from a checkpoint directory (local path or s3://). A remote
+    checkpoint is downloaded to a temporary folder, removed once the weights are in memory."""
+    with tempfile.TemporaryDirectory(prefix="laren-ckpt-") as tmp:
+        local = S.fetch_checkpoint(checkpoint_url, tmp)
+        doc = S.read_state(local)
+        if not doc.get("config"):
+            raise S.CheckpointError(f"{checkpoint_url}: the checkpoint does not record its run config")
+        cfg = RunConfig.model_validate(doc["config"])
+        # The checkpoint holds the full model state (frozen generator included): no prior file is needed.
+        model_cfg = cfg.model.model_copy(update={"prior": cfg.model.prior.model_copy(update={"path": None})})
+        model = build_model(model_cfg, device="cpu")
+        S.load_weights(local, model)
     return model.to(device).eval(), cfg, doc
 
 

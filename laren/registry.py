@@ -103,16 +103,17 @@ def load_model(source: str, device="cpu") -> tuple[torch.nn.Module, RunConfig]:
         model, cfg, _ = load_model_from_checkpoint(source, device)
         return model, cfg
     set_http_env_defaults()
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source.rstrip("/") + "/artifacts",
-                                                         dst_path=tempfile.mkdtemp(prefix="laren-model-")))
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        where = redact_text(mlflow.get_registry_uri())
-        raise FileNotFoundError(f"{source}: no such model in the MLflow registry at {where} (a finished training run "
-                                "registers laren-<job name>; set MLFLOW_TRACKING_URI to the server that holds it)") from None
-    return load_inference_model(local / WEIGHTS, local / CONFIG, device)
+    with tempfile.TemporaryDirectory(prefix="laren-model-") as tmp:  # removed once the weights are in memory
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source.rstrip("/") + "/artifacts",
+                                                             dst_path=tmp))
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            where = redact_text(mlflow.get_registry_uri())
+            raise FileNotFoundError(f"{source}: no such model in the MLflow registry at {where} (a finished training run "
+                                    "registers laren-<job name>; set MLFLOW_TRACKING_URI to the server that holds it)") from None
+        return load_inference_model(local / WEIGHTS, local / CONFIG, device)
 
 
 # ----------------------------------------------------------------------------------------------- pyfunc
