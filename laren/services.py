@@ -183,9 +183,11 @@ class S3Server(_Process):
         cfg.write_text(json.dumps(ids))
         data = self.root / "data"
         data.mkdir(exist_ok=True)
+        logs = self.root / "logs"  # weed's own logs (by default in the system's temporary folder)
+        logs.mkdir(exist_ok=True)
         ports = {k: free_port() for k in ("master", "volume", "filer", "admin", "webdav", "debug")}
         argv = [
-            _bin("weed"), "mini", f"-dir={data}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
+            _bin("weed"), f"-logdir={logs}", "mini", f"-dir={data}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
             f"-s3.port={self.port}", f"-s3.port.grpc={free_port()}", f"-s3.config={cfg}",
             f"-master.port={ports['master']}", f"-master.port.grpc={free_port()}",
             f"-volume.port={ports['volume']}", f"-volume.port.grpc={free_port()}",
