@@ -30,7 +30,8 @@ def small_widths(m: ModelConfig) -> ModelConfig:
 
 
 def shipped_models() -> list[tuple[str, ModelConfig]]:
-    """Every distinct model of every train job, grid row and sweep point under jobs/ and sweeps/, at test widths."""
+    """Every distinct model of every train job, grid row and sweep point under jobs/ and sweeps/, at test widths.
+    Models that differ only in ``prior.source`` (a description: bedroom16x, car16x, ... at test widths) are one."""
     out, seen = [], set()
     for path in SHIPPED:
         spec = load_any(path)
@@ -38,8 +39,9 @@ def shipped_models() -> list[tuple[str, ModelConfig]]:
             continue
         for label, cfg in run_configs(spec):
             m = small_widths(cfg.model)
-            if m.model_dump_json() not in seen:
-                seen.add(m.model_dump_json())
+            key = m.model_copy(update={"prior": m.prior.model_copy(update={"source": ""})}).model_dump_json()
+            if key not in seen:
+                seen.add(key)
                 out.append((f"{path.stem}:{label}", m))
     return out
 
