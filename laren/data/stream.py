@@ -23,7 +23,8 @@ class DataStream:
     seeks to the position of every loader worker saved in ``st.data_ranks`` (nothing already consumed is decoded; see
     laren.data.pipeline); a checkpoint without it replays the pass (decodes and drops the consumed batches). Updates
     ``st`` as it yields; ``position()`` is this rank's part of ``st.data_ranks``; ``skipped()`` counts the bad
-    samples dropped.
+    samples dropped. ``close()`` (or leaving a ``with`` block) stops the loader workers at once; a stream left to
+    the garbage collector keeps them alive until a collection, which then waits for each in turn.
     """
 
     def __init__(self, cfg: RunConfig, rank: int, world_size: int, st: TrainState):
@@ -66,3 +67,12 @@ class DataStream:
 
     def skipped(self) -> float:
         return float(self.loader.stats()["bad"])
+
+    def close(self) -> None:
+        self._it.close()  # runs the loader's finally: its DataLoader workers shut down now
+
+    def __enter__(self) -> "DataStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -17,8 +17,8 @@ projections' biases) and an HMRR that was a binary mask. These figures make that
                             ConvKB's weights are shared by all D attributes and P pairs, W_attr's rows by P pairs
                             only, so the raw ratio scales like 1/D; Adam normalises each element's step, and W_attr's
                             gradient (rms ~1e-3 of its weights) is far above Adam's eps, so it does learn.
-    check_init(cfg, seed)        a job's model built in a real run's RNG order (seed, then build_model, then the
-                                 discriminator), one SR-loss backward on probe images, and the criteria, pass/fail
+    check_init(cfg, seed)        a job's model built as a real run builds it (seed, then build_model), one SR-loss
+                                 backward on probe images, and the criteria, pass/fail
 
 The probe images are smooth random colour fields (a few low-frequency cosines per channel), so the encoder sees
 image-like statistics rather than N(0, 1) pixels; what reaches the GDM and the CGM is what the real upstream modules
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from laren.config import ModelConfig
-from laren.models.build import build_discriminator, build_model
+from laren.models.build import build_model
 from laren.models.laren import LarenSR
 
 __all__ = ["probe_images", "forward_figures", "grad_figures", "check_init", "quick_check", "tiny_widths", "HealthReport",
@@ -142,8 +142,9 @@ class HealthReport:
 
 def check_init(cfg: ModelConfig, seed: int, prior_available: bool = False, batch: int = 2,
                head_backward: bool = True, through_generator: bool = True) -> HealthReport:
-    """Build ``cfg``'s model as a training run does (``torch.manual_seed(seed)``, the model, then D), run one
-    pixel-MSE backward on probe images against their bicubic upsampling, and judge the criteria.
+    """Build ``cfg``'s model as a training run does (``torch.manual_seed(seed)``, then the model: a run builds its
+    discriminator only after it, so the model's initial weights are the run's), run one pixel-MSE backward on probe
+    images against their bicubic upsampling, and judge the criteria.
 
     ``prior_available``: load the prior's weights from ``cfg.prior.path``; otherwise a random generator of the
     prior's architecture stands in (same shapes, same RNG order). ``head_backward=False`` stops the backward at the
@@ -156,7 +157,6 @@ def check_init(cfg: ModelConfig, seed: int, prior_available: bool = False, batch
         cfg = cfg.model_copy(update={"prior": cfg.prior.model_copy(update={"path": None})})
     torch.manual_seed(seed)
     model = build_model(cfg)
-    build_discriminator(cfg)  # consumes the RNG exactly as a run does; an identical model init follows from it
     model.train()
     lr = probe_images(batch, cfg.lr_size, seed)
     with torch.set_grad_enabled(head_backward):

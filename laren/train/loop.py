@@ -160,12 +160,11 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     model.train()
     disc.train()
     fwd_g, fwd_d = step_modules(model, disc, dev, t_cfg.compile)
-    batches = DataStream(cfg, rank, world, st)
     meter = StepMeter(LOSS_KEYS, dev)  # the step's figures stay on the device until a log step
     t_start, worker_s_before = time.perf_counter(), st.worker_s
     last: dict[str, float] = {}
     last_ckpt_step = start_step if ctx.resume_dir else -1
-    with attempt_outcome(tracker, attempt, st):
+    with DataStream(cfg, rank, world, st) as batches, attempt_outcome(tracker, attempt, st):
         while st.step < sched.total_steps:
             # -- data
             batch, wait_s = batches.take()

@@ -271,11 +271,10 @@ def prior_worker(cfg: PriorRunConfig, ctx: WorkerContext) -> dict[str, Any]:
     attempt, show = start_attempt(tracker, cfg, ctx, st)
     evaluate = PriorEval(cfg, nets, dev) if rank == 0 else None
 
-    batches = DataStream(cfg, rank, world, st)
     meter = StepMeter(("loss_d", "loss_g", "r1", "pl", "d_real", "d_fake"), dev)
     last: dict[str, float] = {}
     last_ckpt_step = start_step if ctx.resume_dir else -1
-    with attempt_outcome(tracker, attempt, st):
+    with DataStream(cfg, rank, world, st) as batches, attempt_outcome(tracker, attempt, st):
         if start_step == 0 and rank == 0:  # the untrained generator: the start of the factor-FD curve
             last.update(evaluate(tracker, 0))
             tracker.log_metrics(last, step=0)

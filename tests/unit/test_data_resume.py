@@ -119,15 +119,15 @@ def test_data_stream_resumes_across_the_end_of_a_pass(shards, tmp_path, cut):
 
     data = dict(loader_workers=2, shuffle_buffer=BUFFER, max_bad_fraction=0.5)
     cfg = tiny_config(shards, f"sqlite:///{tmp_path}/m.db", data=data)
-    ref = DataStream(cfg, 0, 1, TrainState())
-    assert ref.per_pass == 10  # 40 samples, batch 4
-    want = [next(ref) for _ in range(cut + 8)]
+    with DataStream(cfg, 0, 1, TrainState()) as ref:
+        assert ref.per_pass == 10  # 40 samples, batch 4
+        want = [next(ref) for _ in range(cut + 8)]
     st = TrainState()
-    a = DataStream(cfg, 0, 1, st)
-    head = [next(a) for _ in range(cut)]
-    saved = TrainState(data_epoch=st.data_epoch, data_batch=st.data_batch, data_ranks=[a.position()])
-    b = DataStream(cfg, 0, 1, saved)
-    _assert_same(head + [next(b) for _ in range(8)], want)
+    with DataStream(cfg, 0, 1, st) as a:
+        head = [next(a) for _ in range(cut)]
+        saved = TrainState(data_epoch=st.data_epoch, data_batch=st.data_batch, data_ranks=[a.position()])
+    with DataStream(cfg, 0, 1, saved) as b:
+        _assert_same(head + [next(b) for _ in range(8)], want)
     assert (saved.data_epoch, saved.data_batch) == (1, cut - 2)
 
 

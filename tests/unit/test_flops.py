@@ -1,6 +1,6 @@
 """laren/flops.py: torch's FLOP counter over-counts a grouped convolution's weight gradient by the group count (a hand
 count), counting at batch 1 avoids it, the per-image count of the training step does not depend on the batch; the device
-peaks. (The training loop's perf/tflops_per_gpu and perf/mfu: tests/unit/test_train_loop.py.)"""
+peaks. (The training loop's perf/tflops_per_gpu and perf/mfu: tests/integration/test_train_in_process.py.)"""
 
 from __future__ import annotations
 

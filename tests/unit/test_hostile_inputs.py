@@ -1,6 +1,7 @@
 """Hostile and broken inputs: each payload is built here, handed to laren in a subprocess (a crash shows as a failure, a
 hang as a timeout), and must give a clear error (exit 1 or 2, no traceback), run no code, write nothing and change no
-global state."""
+global state. Payloads of one kind (prior imports, shard checks) share one subprocess, which runs the CLI on each in
+turn: one interpreter start instead of one per payload."""
 
 from __future__ import annotations
 
@@ -33,6 +34,37 @@ def _cli(*args, cwd=None, env=None, timeout=CLI_TIMEOUT, mem_gb=None) -> subproc
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=cwd,
                           env=full_env, timeout=timeout)
+
+
+# `laren ARGS` for each (cwd, ARGS) read from stdin, in turn, under the address-space limit argv[1] (GiB); the
+# results (exit code, stdout, stderr with the traceback of an exception that escaped the CLI) go to the file argv[2].
+_BATCH_CODE = """\
+import json, os, resource, sys, traceback
+resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]) << 30, int(sys.argv[1]) << 30))
+from click.testing import CliRunner
+from laren.cli import main
+out = []
+for cwd, args in json.load(sys.stdin):
+    os.chdir(cwd)
+    res = CliRunner().invoke(main, args)
+    escaped = res.exc_info is not None and res.exc_info[0] is not SystemExit
+    tb = "".join(traceback.format_exception(*res.exc_info)) if escaped else ""
+    out.append([res.exit_code, res.stdout, res.stderr + tb])
+with open(sys.argv[2], "w") as f:
+    json.dump(out, f)
+"""
+
+
+def _cli_batch(runs: list[tuple[Path, list]], results: Path, mem_gb: int,
+               timeout: float) -> list[subprocess.CompletedProcess]:
+    """`laren ARGS` for each (cwd, ARGS) of ``runs``, in turn, in one fresh interpreter under an address-space limit
+    (a crash or a hang fails them all); never through a shell. ``results`` is the file the interpreter writes."""
+    job = json.dumps([[str(cwd), [str(a) for a in args]] for cwd, args in runs])
+    proc = subprocess.run([sys.executable, "-c", _BATCH_CODE, str(mem_gb), str(results)], input=job, text=True,
+                          capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return [subprocess.CompletedProcess(args, code, out, err)
+            for (_, args), (code, out, err) in zip(runs, json.loads(results.read_text()))]
 
 
 def _cli_here(*args, env=None) -> subprocess.CompletedProcess:
@@ -199,15 +231,23 @@ def _zip_with_evil() -> bytes:
     return buf.getvalue()
 
 
+@pytest.fixture(scope="module")
+def prior_imports(tmp_path_factory) -> dict:
+    """kind -> (`laren prior import` of its payload x.pt, in its own folder; the folder's listing before; after)."""
+    folders = {kind: tmp_path_factory.mktemp(kind) for kind in PRIOR_PAYLOADS}
+    for kind, d in folders.items():
+        (d / "x.pt").write_bytes(PRIOR_PAYLOADS[kind][0]())
+    before = {kind: set(os.listdir(d)) for kind, d in folders.items()}
+    runs = [(d, ["prior", "import", d / "x.pt", d / "out" / "p"]) for d in folders.values()]
+    results = _cli_batch(runs, tmp_path_factory.mktemp("results") / "prior.json", mem_gb=4, timeout=120)
+    return {kind: (res, before[kind], set(os.listdir(d))) for (kind, d), res in zip(folders.items(), results)}
+
+
 @pytest.mark.parametrize("kind", sorted(PRIOR_PAYLOADS))
-def test_prior_import_hostile(tmp_path, kind):
-    make, pattern = PRIOR_PAYLOADS[kind]
-    src = tmp_path / "x.pt"
-    src.write_bytes(make())
-    before = set(os.listdir(tmp_path))
-    res = _cli("prior", "import", src, tmp_path / "out" / "p", cwd=tmp_path, mem_gb=4, timeout=60)
-    _assert_clean_error(res, pattern)
-    assert set(os.listdir(tmp_path)) == before  # no file written (no prior, no 'pwned')
+def test_prior_import_hostile(prior_imports, kind):
+    res, before, after = prior_imports[kind]
+    _assert_clean_error(res, PRIOR_PAYLOADS[kind][1])
+    assert after == before  # no file written (no prior, no 'pwned')
 
 
 def test_build_cannot_change_globals_in_process(tmp_path):
@@ -689,18 +729,28 @@ def _hostile_dataset(tmp_path, members: bytes, count: int, shard_name="shard-000
     return dest
 
 
-@pytest.mark.parametrize("kind", ["sparse", "symlink", "device", "oversize-declared"])
-def test_shard_refuses_non_regular_members(tmp_path, kind):
+NON_REGULAR = {"sparse": lambda: _sparse_member("00000001.png", 3_400_000_000),
+               "symlink": lambda: bytes(_tar_header("00000001.png", 0, b"2", "/etc/passwd")),
+               "device": lambda: bytes(_tar_header("00000001.png", 0, b"3")),
+               "oversize-declared": lambda: bytes(_tar_header("00000001.png", 1 << 40)) + b"\0" * 512}
+
+
+@pytest.fixture(scope="module")
+def non_regular_verified(tmp_path_factory) -> dict:
+    """kind -> (its data set: a good member, then the non-regular one; `laren data verify` of it)."""
     import numpy as np
     from PIL import Image
 
-    good = _pil_bytes(Image.fromarray(np.zeros((32, 32, 3), np.uint8)), "PNG")
-    bad = {"sparse": _sparse_member("00000001.png", 3_400_000_000),
-           "symlink": bytes(_tar_header("00000001.png", 0, b"2", "/etc/passwd")),
-           "device": bytes(_tar_header("00000001.png", 0, b"3")),
-           "oversize-declared": bytes(_tar_header("00000001.png", 1 << 40)) + b"\0" * 512}[kind]
-    dest = _hostile_dataset(tmp_path, _good_member("00000000", "png", good) + bad, 2)
-    res = _cli("data", "verify", dest, "--quiet", mem_gb=2, timeout=60)
+    good = _good_member("00000000", "png", _pil_bytes(Image.fromarray(np.zeros((32, 32, 3), np.uint8)), "PNG"))
+    sets = {k: _hostile_dataset(tmp_path_factory.mktemp(k), good + bad(), 2) for k, bad in NON_REGULAR.items()}
+    runs = [(dest.parent, ["data", "verify", dest, "--quiet"]) for dest in sets.values()]
+    results = _cli_batch(runs, tmp_path_factory.mktemp("results") / "verify.json", mem_gb=2, timeout=120)
+    return {kind: (dest, res) for (kind, dest), res in zip(sets.items(), results)}
+
+
+@pytest.mark.parametrize("kind", sorted(NON_REGULAR))
+def test_shard_refuses_non_regular_members(non_regular_verified, kind):
+    dest, res = non_regular_verified[kind]
     _assert_clean_error(res, r"00000001.*refused: (a sparse member|a link|a device|declares \d+ bytes)")
     with open(dest / "shard-000000.tar", "rb") as f:
         from laren.data.shards import iter_tar_samples

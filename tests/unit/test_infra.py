@@ -297,15 +297,19 @@ def test_rendered_and_static_manifests_satisfy_the_kuberay_crd(tmp_path, rayjob_
     rayjobs = [_by_kind(render_k8s_file(_write(tmp_path, f, t)))["RayJob"]
                for f, t in (("face64x.yaml", ELASTIC_GPU_JOB), ("tiny.yaml", CPU_JOB))]
     rayjobs.append(_by_kind(list(yaml.safe_load_all((INFRA / "k8s" / "rayjob.example.yaml").read_text())))["RayJob"])
+    # The schema is checked once; jsonschema.validate would check the 220 kB schema again at every call.
+    cls = jsonschema.validators.validator_for(rayjob_schema)
+    cls.check_schema(rayjob_schema)
+    job = cls(rayjob_schema)
     for rj in rayjobs:
-        jsonschema.validate(json.loads(json.dumps(rj)), rayjob_schema)
+        job.validate(json.loads(json.dumps(rj)))
         assert RAYJOB_NAME.match(rj["metadata"]["name"]) and len(rj["metadata"]["name"]) <= 47
     (rc,) = list(yaml.safe_load_all((INFRA / "k8s" / "raycluster.yaml").read_text()))
-    jsonschema.validate(rc["spec"], rayjob_schema["properties"]["spec"]["properties"]["rayClusterSpec"])
+    cls(rayjob_schema["properties"]["spec"]["properties"]["rayClusterSpec"]).validate(rc["spec"])
     bad = copy.deepcopy(rayjobs[0])
     bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["rayStartParam"] = {}  # a misspelt key is caught
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(bad, rayjob_schema)
+        job.validate(bad)
 
 
 def test_rayjob_names_start_with_a_letter_and_fit_kuberay(tmp_path):

@@ -57,7 +57,7 @@ def test_factor_regressor_learns_a_factor():
     img = torch.zeros(256, 3, 16, 16)
     img[:, 0] = f[:, 0].view(-1, 1, 1) * 2 - 1  # red = v
     img[:, 1, :8] = f[:, 1].view(-1, 1, 1) * 2 - 1  # green top half = c
-    net = FD.train_regressor(img, f, specs, steps=150, seed=0)
+    net = FD.train_regressor(img, f, specs, steps=60, seed=0)  # r2 >= 0.997 and acc 1.0 at 60 steps for seeds 0-2
     acc = FD.factor_accuracy(net, img, f)
     assert acc["r2/v"] > 0.9 and acc["acc/c"] > 0.95
 

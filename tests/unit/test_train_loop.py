@@ -1,10 +1,10 @@
-"""The worker loop in plain Python (no Ray): Eq. 5 training lowers the loss, same seed -> same curve, resume from a
-checkpoint continues the uninterrupted run exactly, a missing VGG16 file refuses to start, one ``train_step`` trains D
-only with the adversarial term. Tiny sizes: H=32 prior at 32x32, LR 8x8, 4 GDM nodes, one RRDB block."""
+"""The worker loop's parts in plain Python (no Ray): a missing VGG16 file refuses to start, one ``train_step`` trains D
+only with the adversarial term, the schedule; and the tiny job the tests share (tiny_config, make_tiny_dataset,
+tiny_step_parts, loss_curve). Tiny sizes: H=32 prior at 32x32, LR 8x8, 4 GDM nodes, one RRDB block. Whole training
+runs of this loop: tests/integration/test_train_in_process.py."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -103,74 +103,6 @@ def loss_curve(tracking_uri: str, experiment: str, run_name: str, key: str = "tr
 def dataset(tmp_path_factory) -> str:
     work = tmp_path_factory.mktemp("data")
     return make_tiny_dataset(str(work / "shards"), work)
-
-
-def _run(cfg: RunConfig, run_id: str, **ctx_kw):
-    from laren.train.loop import WorkerContext, train_worker
-
-    return train_worker(cfg, WorkerContext(run_id=run_id, **ctx_kw))
-
-
-def test_same_seed_same_curve_and_resume_continues_it(dataset, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = tiny_config(dataset, uri)
-    peak = 0.5  # TFLOP/s, a stand-in (the CPU has no figure of its own): run a logs perf/mfu, run b does not
-    a = _run(tiny_config(dataset, uri, resources=dict(peak_tflops=peak)), "a", checkpoint_root=str(tmp_path / "ck_a"))
-    b = _run(cfg, "b")
-    ca, cb = loss_curve(uri, "tiny", "a"), loss_curve(uri, "tiny", "b")
-    assert [s for s, _ in ca] == list(range(1, 11)) and ca == cb  # same seed on CPU -> identical loss curves
-    # ... and the curve recorded before the loop's last refactor (tests/fixtures/README.md)
-    recorded = json.loads((Path(__file__).parents[1] / "fixtures" / "loss_curve_tiny.json").read_text())
-    for key in ("train/loss_g", "train/loss_d", "train/loss_pix", "val/psnr"):
-        got = loss_curve(uri, "tiny", "a", key)
-        assert [s for s, _ in got] == [s for s, _ in recorded[key]], key
-        assert [v for _, v in got] == pytest.approx([v for _, v in recorded[key]], rel=1e-5), key
-    assert a["step"] == 10 and a["kimg"] == pytest.approx(0.04)
-    assert {"val/psnr", "val/ssim", "val/lpips_alex", "perf/images_per_s", "data/skipped", "train/lr"} <= set(a)
-    assert 0 < a["perf/data_wait_share"] < 1  # the in-process loader decodes PNGs: some, not all, of the time
-    assert a["val/images"] == 8
-    # perf/tflops_per_gpu at every log step: images/s (one worker) x the step's FLOPs per image; perf/mfu against the peak
-    from laren.flops import step_flops_per_image
-
-    per_image, rate = step_flops_per_image(cfg.model, cfg.loss), dict(loss_curve(uri, "tiny", "a", "perf/images_per_s"))
-    tflops = loss_curve(uri, "tiny", "a", "perf/tflops_per_gpu")
-    assert [s for s, _ in tflops] == list(range(1, 11)) and per_image > 1e9
-    assert [v for _, v in tflops] == pytest.approx([rate[s] * per_image / 1e12 for s, _ in tflops], rel=1e-6)
-    assert loss_curve(uri, "tiny", "a", "perf/mfu") == [(s, pytest.approx(v / peak, rel=1e-6)) for s, v in tflops]
-    assert b["perf/tflops_per_gpu"] > 0 and "perf/mfu" not in b
-
-    # A new process resuming from the step-5 checkpoint redoes nothing and reproduces steps 6..10 exactly.
-    ck = tmp_path / "ck_a" / "checkpoint_000000005"
-    assert (ck / "state.json").is_file()
-    r = _run(cfg, "r", resume_dir=str(ck))
-    cr = loss_curve(uri, "tiny", "r")
-    assert [s for s, _ in cr] == list(range(6, 11))
-    assert cr == ca[5:]
-    assert r["train/loss_g"] == a["train/loss_g"] and r["val/psnr"] == a["val/psnr"]
-
-    # Health figures at every log step (rank 0): the CGM and the GDM are measured, and alive.
-    live = loss_curve(uri, "tiny", "a", "health/cgm_live_min")
-    assert [s for s, _ in live] == list(range(1, 11))
-    assert loss_curve(uri, "tiny", "a", "health/grad_ratio/cgm.query")[-1][1] > 0
-    assert 0 < loss_curve(uri, "tiny", "a", "health/gdm_mask_share")[-1][1] <= 0.6
-
-    # `laren eval` of the final checkpoint on the validation images gives the validation figures (both fp32).
-    from laren.evaluate import run_eval
-
-    ev = run_eval(str(tmp_path / "ck_a" / "checkpoint_000000010"), dataset, str(tmp_path / "ev"), limit=8, batch_size=4)
-    for k in ("psnr", "ssim", "lpips_alex"):
-        assert ev[f"test/{k}"] == pytest.approx(a[f"val/{k}"], abs=1e-6), k
-
-
-def test_training_lowers_pixel_loss(dataset, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = tiny_config(dataset, uri, loss=dict(perceptual_weight=0.0, adversarial_weight=0.0),
-                      optim=dict(lr=2e-3, cosine_min_lr=None),
-                      train=dict(total_kimg=0.12, log_every_kimg=0.02, eval_every_kimg=0.12, checkpoint_every_kimg=1.0))
-    _run(cfg, "fall")
-    curve = [v for _, v in loss_curve(uri, "tiny", "fall", "train/loss_pix")]
-    assert len(curve) == 6
-    assert np.mean(curve[-2:]) < 0.7 * curve[0], curve
 
 
 def test_missing_vgg16_refuses_to_start(dataset, tmp_path):
