@@ -268,7 +268,12 @@ class RayHead(_Process):
 
     @staticmethod
     def env() -> dict[str, str]:
-        return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+        """Environment of a local instance (this head, or ensure_ray's in-process one). Besides no token auth and no
+        usage stats: no pool of prestarted idle workers (Ray starts num_cpus Python workers, 1.5-3.5 s of CPU each, at
+        the first driver, and more as tasks queue); laren runs only actors (the Ray Train controller and workers),
+        which start their own process anyway."""
+        return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_prestart_worker_first_driver": "0", "RAY_enable_worker_prestart": "0"}
 
     def start(self) -> "RayHead":
         argv = [

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -12,6 +14,9 @@ FIXTURES = REPO / "tests" / "fixtures"  # reference data with its provenance (RE
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train's preemption watcher (an extra actor process per run) polls for node drains, which a single-node test
+# instance never has; every Ray instance of the session (in-process ones and the head's jobs) inherits this.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +58,45 @@ def ray_head(tmp_path_factory):
     os.environ.update(RayHead.env())
     with RayHead(tmp_path_factory.mktemp("ray"), num_cpus=4) as head:
         yield head
+
+
+@pytest.fixture(scope="session")
+def _ray_session() -> Iterator[None]:
+    """Shuts the in-process Ray instance down at the end of the session."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3_server, _ray_session) -> None:
+    """The in-process Ray instance (4 logical CPUs, no dashboard) that every module running Ray Train in this process
+    shares: started on first use with the session S3 server's AWS_* in its environment (restored in this process
+    afterwards), so that its workers reach that server; shut down at the end of the session. A test whose workers need
+    another environment shuts it down and starts its own (test_reliability_secrets); the next user starts it again."""
+    import ray
+
+    from laren.train.distributed import ensure_ray
+
+    if not ray.is_initialized():
+        with environ(s3_server.env()):
+            ensure_ray(num_cpus=4)
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """Set the environment variables ``values`` for the duration of the block; the previous values are restored."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def write_random_pngs(folder: Path, names: list[str], size: tuple[int, int], seed: int = 0) -> Path:

@@ -80,8 +80,8 @@ BUCKET = "laren-rel-ck"
 
 
 @pytest.fixture(scope="module")
-def ray_env(s3_server, mlflow_server, tmp_path_factory):
-    """AWS_* set before the local Ray instance starts (its workers inherit them), tiny shards on S3."""
+def ray_env(s3_server, mlflow_server, local_ray, tmp_path_factory):
+    """AWS_* for this module (the shared Ray instance's workers have them from its start), tiny shards on S3."""
     with ray_with_s3_data(s3_server, BUCKET, tmp_path_factory.mktemp("rel-ck")) as data:
         yield {"data": data, "uri": mlflow_server.uri}
 
