@@ -51,37 +51,32 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_head(tmp_path_factory):
-    """A Ray head with its dashboard / Jobs API; yields the RayHead (address, dashboard_url, env())."""
+def ray_head(s3_server, tmp_path_factory):
+    """The session's one Ray instance: a head with its dashboard / Jobs API and 4 logical CPUs, whose node holds the
+    session S3 server's keys (AWS_*), so that its jobs and workers reach that server as a local cluster's do
+    (laren/services.py). Yields the RayHead (address, dashboard_url, env())."""
+    import ray
+
     from laren.services import RayHead
 
     os.environ.update(RayHead.env())
-    with RayHead(tmp_path_factory.mktemp("ray"), num_cpus=4) as head:
+    with RayHead(tmp_path_factory.mktemp("ray"), num_cpus=4, node_env=s3_server.env()) as head:
         yield head
-
-
-@pytest.fixture(scope="session")
-def _ray_session() -> Iterator[None]:
-    """Shuts the in-process Ray instance down at the end of the session."""
-    yield
-    import ray
-
-    ray.shutdown()
+        ray.shutdown()  # this process as a driver (local_ray), before its head goes
 
 
 @pytest.fixture(scope="module")
-def local_ray(s3_server, _ray_session) -> None:
-    """The in-process Ray instance (4 logical CPUs, no dashboard) that every module running Ray Train in this process
-    shares: started on first use with the session S3 server's AWS_* in its environment (restored in this process
-    afterwards), so that its workers reach that server; shut down at the end of the session. A test whose workers need
-    another environment shuts it down and starts its own (test_reliability_secrets); the next user starts it again."""
+def local_ray(ray_head) -> None:
+    """This process as a Ray driver on the session's head (``ray_head``), for the modules that run Ray Train here: one
+    Ray instance for the whole session, whose workers reach the session S3 server. A test whose workers need another
+    environment disconnects and starts its own instance (test_reliability_secrets); the next user connects again."""
     import ray
 
     from laren.train.distributed import ensure_ray
 
     if not ray.is_initialized():
-        with environ(s3_server.env()):
-            ensure_ray(num_cpus=4)
+        with environ({"RAY_ADDRESS": ray_head.address}):  # only for this connection: RAY_ADDRESS steers laren's client
+            ensure_ray()
 
 
 @contextlib.contextmanager

@@ -11,8 +11,8 @@ from tests.conftest import environ
 
 @contextlib.contextmanager
 def ray_with_s3_data(s3_server, bucket: str, work: Path) -> Iterator[str]:
-    """AWS_* set to ``s3_server`` in this process for the block (the shared Ray instance's workers have them from its
-    start: the ``local_ray`` fixture); create ``bucket`` and pack the tiny data set to ``s3://<bucket>/datasets/tiny``;
+    """AWS_* set to ``s3_server`` in this process for the block (the session Ray instance's workers have them from its
+    node: the ``ray_head`` fixture); create ``bucket`` and pack the tiny data set to ``s3://<bucket>/datasets/tiny``;
     yield that URL."""
     from tests.unit.test_train_loop import make_tiny_dataset
 

@@ -81,7 +81,7 @@ BUCKET = "laren-rel-ck"
 
 @pytest.fixture(scope="module")
 def ray_env(s3_server, mlflow_server, local_ray, tmp_path_factory):
-    """AWS_* for this module (the shared Ray instance's workers have them from its start), tiny shards on S3."""
+    """AWS_* for this module (the session Ray instance's workers have them from its node), tiny shards on S3."""
     with ray_with_s3_data(s3_server, BUCKET, tmp_path_factory.mktemp("rel-ck")) as data:
         yield {"data": data, "uri": mlflow_server.uri}
 

@@ -20,8 +20,8 @@ EXPERIMENT = "tiny-ray"
 
 @pytest.fixture(scope="module")
 def env(s3_server, mlflow_server, local_ray, tmp_path_factory):
-    """AWS_* pointing at the S3 server for the whole module (the shared Ray instance's workers have them from its
-    start) and a tiny dataset on S3."""
+    """AWS_* pointing at the S3 server for the whole module (the session Ray instance's workers have them from its
+    node) and a tiny dataset on S3."""
     work = tmp_path_factory.mktemp("train-ray")
     with ray_with_s3_data(s3_server, BUCKET, work) as data:
         yield {"data": data, "uri": mlflow_server.uri, "work": work}
