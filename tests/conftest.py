@@ -74,6 +74,8 @@ def local_ray(ray_head) -> None:
 
     from laren.train.distributed import ensure_ray
 
+    if ray.is_initialized() and ray.get_runtime_context().gcs_address != ray_head.address:
+        ray.shutdown()  # an instance of a test's own, left running
     if not ray.is_initialized():
         with environ({"RAY_ADDRESS": ray_head.address}):  # only for this connection: RAY_ADDRESS steers laren's client
             ensure_ray()
