@@ -86,6 +86,7 @@ def ray_env(s3_server, mlflow_server, local_ray, tmp_path_factory):
         yield {"data": data, "uri": mlflow_server.uri}
 
 
+@pytest.mark.slow
 def test_corrupted_latest_checkpoint_resume_falls_back_to_previous(ray_env):
     """Run to step 10 (checkpoints 5 and 10 in S3), damage checkpoint 10's weights, run the same job again: Ray hands
     the workers checkpoint 10, which fails its checksum; they resume from checkpoint 5, redo steps 6-10 exactly as
