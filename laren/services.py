@@ -56,6 +56,7 @@ class _Process:
     """A child process in its own process group, with its output in ``root_dir/<name>.log``."""
 
     name = "service"
+    stop_grace_s = 15.0  # SIGTERM, then SIGKILL after this many seconds
 
     def __init__(self, root_dir: str | os.PathLike):
         self.root = Path(root_dir).resolve()
@@ -100,7 +101,7 @@ class _Process:
             return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=15)
+            self.proc.wait(timeout=self.stop_grace_s)
         except (subprocess.TimeoutExpired, ProcessLookupError):
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -245,6 +246,9 @@ class RayHead(_Process):
     """
 
     name = "ray"
+    # Once a job has run, the raylet, GCS and agents take 15-25 s to drain on SIGTERM; a head that goes away with its
+    # whole cluster has nothing to drain or keep (GCS state is in memory), so it is killed after 3 s.
+    stop_grace_s = 3.0
 
     def __init__(self, root_dir, num_cpus: Optional[int] = None, port: Optional[int] = None,
                  dashboard_port: Optional[int] = None, object_store_mb: int = 512,
@@ -270,7 +274,12 @@ class RayHead(_Process):
 
     @staticmethod
     def env() -> dict[str, str]:
-        return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+        """Environment of a local instance (this head, or ensure_ray's in-process one). Besides no token auth and no
+        usage stats: no pool of prestarted idle workers (Ray starts num_cpus Python workers, 1.5-3.5 s of CPU each, at
+        the first driver, and more as tasks queue); laren runs only actors (the Ray Train controller and workers),
+        which start their own process anyway."""
+        return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_prestart_worker_first_driver": "0", "RAY_enable_worker_prestart": "0"}
 
     def start(self) -> "RayHead":
         argv = [

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -12,6 +14,9 @@ FIXTURES = REPO / "tests" / "fixtures"  # reference data with its provenance (RE
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train's preemption watcher (an extra actor process per run) polls for node drains, which a single-node test
+# instance never has; every Ray instance of the session (in-process ones and the head's jobs) inherits this.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")
@@ -46,13 +51,49 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_head(tmp_path_factory):
-    """A Ray head with its dashboard / Jobs API; yields the RayHead (address, dashboard_url, env())."""
+def ray_head(s3_server, tmp_path_factory):
+    """The session's one Ray instance: a head with its dashboard / Jobs API and 4 logical CPUs, whose node holds the
+    session S3 server's keys (AWS_*), so that its jobs and workers reach that server as a local cluster's do
+    (laren/services.py). Yields the RayHead (address, dashboard_url, env())."""
+    import ray
+
     from laren.services import RayHead
 
     os.environ.update(RayHead.env())
-    with RayHead(tmp_path_factory.mktemp("ray"), num_cpus=4) as head:
+    with RayHead(tmp_path_factory.mktemp("ray"), num_cpus=4, node_env=s3_server.env()) as head:
         yield head
+        ray.shutdown()  # this process as a driver (local_ray), before its head goes
+
+
+@pytest.fixture(scope="module")
+def local_ray(ray_head) -> None:
+    """This process as a Ray driver on the session's head (``ray_head``), for the modules that run Ray Train here: one
+    Ray instance for the whole session, whose workers reach the session S3 server. A test whose workers need another
+    environment disconnects and starts its own instance (test_reliability_secrets); the next user connects again."""
+    import ray
+
+    from laren.train.distributed import ensure_ray
+
+    if ray.is_initialized() and ray.get_runtime_context().gcs_address != ray_head.address:
+        ray.shutdown()  # an instance of a test's own, left running
+    if not ray.is_initialized():
+        with environ({"RAY_ADDRESS": ray_head.address}):  # only for this connection: RAY_ADDRESS steers laren's client
+            ensure_ray()
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """Set the environment variables ``values`` for the duration of the block; the previous values are restored."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def write_random_pngs(folder: Path, names: list[str], size: tuple[int, int], seed: int = 0) -> Path:

@@ -17,7 +17,7 @@ from laren.specs import load_job
 from laren.tracking import PARENT_TAG
 from tests.integration._tiny_jobs import job_env, make_data, mlflow_runs, tiny_job
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
 VARIANTS = [
     {"name": "base-w", "label": "Base", "overrides": {"model.latent_space": "w", "model.noise_source": "random"}},

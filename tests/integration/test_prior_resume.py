@@ -19,18 +19,13 @@ EXPERIMENT = "prior-resume"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    import ray
-
+def env(local_ray, tmp_path_factory):
     from laren.data.synth import synth
-    from laren.train.distributed import ensure_ray
 
     work = tmp_path_factory.mktemp("prior-resume")
     synth("faces", str(work / "train"), 32, 64, seed=0, shard_size_mb=0.05, progress=False)
     synth("faces", str(work / "val"), 32, 32, seed=1, progress=False)
-    ensure_ray(num_cpus=4)
-    yield work
-    ray.shutdown()
+    return work
 
 
 def _cfg(work, name: str) -> PriorRunConfig:

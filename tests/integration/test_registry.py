@@ -26,13 +26,11 @@ EXPERIMENT = "registry-it"
 
 
 @pytest.fixture(scope="module")
-def trained(mlflow_server, tmp_path_factory):
+def trained(mlflow_server, local_ray, tmp_path_factory):
     """One Ray Train run of 8 steps, a checkpoint (and evaluation) every 2, keeping 1 checkpoint + the best by the
     lowest val/psnr (so that the best is an early one and differs from the newest)."""
-    import ray
-
     from laren.data.pack import pack
-    from laren.train.distributed import ensure_ray, run_training
+    from laren.train.distributed import run_training
 
     work = tmp_path_factory.mktemp("registry")
     data = make_tiny_dataset(str(work / "shards"), work)
@@ -42,11 +40,7 @@ def trained(mlflow_server, tmp_path_factory):
                       tracking=dict(experiment=EXPERIMENT, register_model=True), resources=dict(hourly_price_usd=3.0),
                       train=dict(total_kimg=0.032, eval_every_kimg=0.008, checkpoint_every_kimg=0.008,
                                  keep_checkpoints=1, keep_best_metric="val/psnr", keep_best_mode="min"))
-    ensure_ray(num_cpus=2)
-    try:
-        out = run_training(cfg)
-    finally:
-        ray.shutdown()
+    out = run_training(cfg)
     runs = _client(mlflow_server.uri).search_runs(
         [_client(mlflow_server.uri).get_experiment_by_name(EXPERIMENT).experiment_id],
         filter_string=f"tags.`laren.run_id` = '{cfg.run_id}'")

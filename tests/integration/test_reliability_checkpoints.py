@@ -80,12 +80,13 @@ BUCKET = "laren-rel-ck"
 
 
 @pytest.fixture(scope="module")
-def ray_env(s3_server, mlflow_server, tmp_path_factory):
-    """AWS_* set before the local Ray instance starts (its workers inherit them), tiny shards on S3."""
+def ray_env(s3_server, mlflow_server, local_ray, tmp_path_factory):
+    """AWS_* for this module (the session Ray instance's workers have them from its node), tiny shards on S3."""
     with ray_with_s3_data(s3_server, BUCKET, tmp_path_factory.mktemp("rel-ck")) as data:
         yield {"data": data, "uri": mlflow_server.uri}
 
 
+@pytest.mark.slow
 def test_corrupted_latest_checkpoint_resume_falls_back_to_previous(ray_env):
     """Run to step 10 (checkpoints 5 and 10 in S3), damage checkpoint 10's weights, run the same job again: Ray hands
     the workers checkpoint 10, which fails its checksum; they resume from checkpoint 5, redo steps 6-10 exactly as

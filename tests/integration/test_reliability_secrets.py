@@ -33,6 +33,7 @@ def _leaks(blob: bytes, secrets_: dict[str, str]) -> list[str]:
     return [name for name, value in secrets_.items() if value.encode() in blob]
 
 
+@pytest.mark.slow
 def test_credentials_never_logged(tmp_path, capfd):
     import ray
     from mlflow.tracking import MlflowClient

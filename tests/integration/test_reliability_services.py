@@ -110,6 +110,7 @@ def test_s3_server_restarted_mid_stream_training_continues(tmp_path, monkeypatch
 # ----------------------------------------------------------------------------------------------- MLflow outage
 
 
+@pytest.mark.slow
 def test_mlflow_server_down_for_a_while_metrics_arrive_afterwards(tmp_path):
     """The MLflow server is stopped after step 2 and started again (same port, same store) at step 8. Training goes on;
     the metrics of steps 3-7 and the step-5 sample grid are buffered and arrive once the server is back."""

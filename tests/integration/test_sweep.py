@@ -21,7 +21,7 @@ from tests.integration._tiny_jobs import job_env, make_data, mlflow_runs, tiny_j
 
 METRIC = "val/lpips_alex"
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
 
 STEPS = MAX_T = 4  # one evaluation (= one report to Tune) per step; a trial's full budget is 4 evaluations
 RUNGS = (1, 2)  # ASHA (grace period 1, reduction factor 2) may stop a trial after its 1st or 2nd evaluation

@@ -12,16 +12,16 @@ import yaml
 from tests.integration._ray_s3 import ray_with_s3_data
 from tests.unit.test_train_loop import loss_curve, tiny_config
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 BUCKET = "laren-train-it"
 EXPERIMENT = "tiny-ray"
 
 
 @pytest.fixture(scope="module")
-def env(s3_server, mlflow_server, tmp_path_factory):
-    """AWS_* pointing at the S3 server for the whole module (set before Ray starts, so its workers inherit it), a
-    tiny dataset on S3, and a local Ray instance with 4 logical CPUs."""
+def env(s3_server, mlflow_server, local_ray, tmp_path_factory):
+    """AWS_* pointing at the S3 server for the whole module (the session Ray instance's workers have them from its
+    node) and a tiny dataset on S3."""
     work = tmp_path_factory.mktemp("train-ray")
     with ray_with_s3_data(s3_server, BUCKET, work) as data:
         yield {"data": data, "uri": mlflow_server.uri, "work": work}
@@ -148,28 +148,3 @@ def test_killed_worker_resumes_from_last_checkpoint(env, reference, monkeypatch,
     ref = dict(loss_curve(env["uri"], EXPERIMENT, "tiny-ref"))
     for s, v in curve:
         assert v == pytest.approx(ref[s], rel=1e-5), (s, v, ref[s])
-
-
-def test_laren_train_job_yaml_local_storage_and_store(env, tmp_path):
-    """`laren train JOB.yaml` on the running local Ray instance, checkpoints in a local folder, MLflow in a local SQLite
-    store; running the same job again resumes it (nothing is retrained, still one MLflow run)."""
-    from click.testing import CliRunner
-
-    from laren.cli import main
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = tiny_config(env["data"], uri, resources=dict(num_workers=2), tracking=dict(experiment="job-yaml"),
-                      train=dict(total_kimg=0.016, eval_every_kimg=0.016, checkpoint_every_kimg=0.008))
-    job = tmp_path / "tiny-job.yaml"
-    job.write_text(yaml.safe_dump({**cfg.to_dict(), "kind": "train"}))
-    storage_dir = tmp_path / "runs"
-    r = CliRunner().invoke(main, ["train", str(job), "--storage", str(storage_dir)])
-    assert r.exit_code == 0, r.output
-    out = json.JSONDecoder().raw_decode(r.output, r.output.rindex("{\n"))[0]
-    assert out["step"] == 4 and out["run_id"] == cfg.run_id
-    assert (storage_dir / cfg.run_id / "checkpoint_000000004" / "state.json").is_file()
-    assert [s for s, _ in loss_curve(uri, "job-yaml", cfg.run_id)] == [1, 2, 3, 4]
-    # The same job again: resumes from its final checkpoint, trains nothing more, and continues the same MLflow run.
-    r = CliRunner().invoke(main, ["train", str(job), "--storage", str(storage_dir)])
-    assert r.exit_code == 0, r.output
-    assert [s for s, _ in loss_curve(uri, "job-yaml", cfg.run_id)] == [1, 2, 3, 4]

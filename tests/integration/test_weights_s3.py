@@ -1,8 +1,8 @@
 """Weights from any storage URL, tried as a new user would: a tiny CPU job whose VGG16 and AlexNet weights are s3://
-URLs on the local S3 server is submitted with `laren submit` to a Ray head whose node holds the S3 keys; it passes the
-input checks and trains (perceptual loss and LPIPS computed from those weights), each object downloaded once into
-the node cache. A missing object is refused by `laren submit` itself, naming the URL. The same job rendered for
-KubeRay carries the same URLs and none of the S3 keys."""
+URLs on the local S3 server is submitted with `laren submit` to the session's Ray head, whose node holds the S3 keys
+(tests/conftest.py); it passes the input checks and trains (perceptual loss and LPIPS computed from those weights),
+each object downloaded once into the node cache. A missing object is refused by `laren submit` itself, naming the
+URL. The same job rendered for KubeRay carries the same URLs and none of the S3 keys."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from laren.losses import random_vgg16
 from laren.metrics import AlexNetFeatures
 from laren.plan import read_plan
 from laren.render import render_k8s_file, to_yaml
-from laren.services import RayHead
 from laren.specs import load_job
 from tests.integration._tiny_jobs import job_env, make_data, mlflow_runs, tiny_job
 
@@ -33,7 +32,7 @@ def _put_state(url: str, module: torch.nn.Module) -> None:
     storage.write_bytes(url, buf.getvalue())
 
 
-def test_submit_with_s3_weights_reaches_training(s3_env, mlflow_server, tmp_path, monkeypatch):
+def test_submit_with_s3_weights_reaches_training(s3_env, ray_head, mlflow_server, tmp_path, monkeypatch):
     s3_env.create_bucket(BUCKET)
     _put_state(VGG, random_vgg16(0))
     _put_state(ALEX, AlexNetFeatures())
@@ -46,11 +45,11 @@ def test_submit_with_s3_weights_reaches_training(s3_env, mlflow_server, tmp_path
     with pytest.raises(FileNotFoundError, match=r"vgg16-397923af\.pth\.nope"):
         S.submit(missing, address="http://127.0.0.1:9", working_dir=tmp_path, env=env)  # refused before Ray
 
-    with RayHead(tmp_path / "ray", num_cpus=2, node_env=s3_env.env()) as head:
-        sub = S.submit(job, address=head.dashboard_url, working_dir=tmp_path, env=env)
-        plan = read_plan(sub.entrypoint.rsplit(" ", 1)[1])  # the job runs the plan submit wrote: these URLs
-        assert plan.run_id == sub.run_id and plan.inputs["loss.vgg16_path"] == VGG and plan.inputs["eval.alexnet_path"] == ALEX
-        assert S.wait(sub.run_id, head.dashboard_url, timeout_s=300) == "SUCCEEDED", S.logs(sub.run_id, head.dashboard_url)[-3000:]
+    addr = ray_head.dashboard_url
+    sub = S.submit(job, address=addr, working_dir=tmp_path, env=env)
+    plan = read_plan(sub.entrypoint.rsplit(" ", 1)[1])  # the job runs the plan submit wrote: these URLs
+    assert plan.run_id == sub.run_id and plan.inputs["loss.vgg16_path"] == VGG and plan.inputs["eval.alexnet_path"] == ALEX
+    assert S.wait(sub.run_id, addr, timeout_s=300) == "SUCCEEDED", S.logs(sub.run_id, addr)[-3000:]
     c, runs = mlflow_runs(mlflow_server.uri, "s3w")
     m = runs[sub.run_id].data.metrics
     assert m["train/loss_per"] > 0 and 0 < m["val/lpips_alex"] < 1, m
