@@ -17,6 +17,21 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray Train's preemption watcher (an extra actor process per run) polls for node drains, which a single-node test
 # instance never has; every Ray instance of the session (in-process ones and the head's jobs) inherits this.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# One intra-op thread, in this process (fixture below) and in the processes tests start (CLI calls, servers, Ray
+# workers: Ray gives its workers OMP_NUM_THREADS = their CPUs, 1 here, anyway). The tests' tensors are small, and on
+# the 2-core machine two OpenMP threads mostly wait for each other while the suite's services run: a tiny training run
+# took 47.6 CPU-s with two threads against 6.4 with one (58 s against 9 s of wall time).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -125,3 +140,10 @@ def rosinality_checkpoint() -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"g_ema": g, "latent_avg": flat["latent_avg"]}, out)
     return out
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Every test under tests/integration carries the ``integration`` mark (``-m "not integration"``: the unit tier)."""
+    for item in items:
+        if "integration" in Path(str(item.path)).parts:
+            item.add_marker(pytest.mark.integration)

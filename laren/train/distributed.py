@@ -290,14 +290,15 @@ def _runs_dir(plan: RunPlan) -> str:
 
 def ensure_ray(num_cpus: Optional[int] = None) -> None:
     """Connect to RAY_ADDRESS when set (any form: laren/ray_address.py; a dashboard URL only for the local head),
-    else start (or reuse) a local Ray instance."""
+    else start (or reuse) a local Ray instance. A malformed RAY_ADDRESS is refused even when this process is already
+    a Ray driver (laren called from a program that started Ray)."""
     import ray  # heavy (see _train_fn)
 
+    address = driver_address(os.environ["RAY_ADDRESS"], read_services().get("ray")) if os.environ.get("RAY_ADDRESS") else None
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        address = driver_address(os.environ["RAY_ADDRESS"], read_services().get("ray"))
+    if address:
         os.environ["RAY_ADDRESS"] = address  # ray.init and Ray's own tools read it too
         ray.init(address=address, log_to_driver=True)
     else:

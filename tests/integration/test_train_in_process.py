@@ -15,10 +15,8 @@ import pytest
 from laren import progress as P
 from laren.config import RunConfig
 from tests.unit.test_train_loop import loss_curve, make_tiny_dataset, tiny_config
-from tests.unit.conftest import one_torch_thread
 
-
-pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)  # tiny tensors: one intra-op thread (see there)
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
