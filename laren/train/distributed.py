@@ -294,7 +294,8 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
     a Ray driver (laren called from a program that started Ray)."""
     import ray  # heavy (see _train_fn)
 
-    address = driver_address(os.environ["RAY_ADDRESS"], read_services().get("ray")) if os.environ.get("RAY_ADDRESS") else None
+    given = os.environ.get("RAY_ADDRESS")
+    address = driver_address(given, read_services().get("ray")) if given else None
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
