@@ -17,6 +17,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray Train's preemption watcher (an extra actor process per run) polls for node drains, which a single-node test
 # instance never has; every Ray instance of the session (in-process ones and the head's jobs) inherits this.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray Train's Prometheus metrics (controller and worker callbacks) feed a dashboard no test reads; laren's figures go to
+# MLflow.
+os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
 # One intra-op thread, in this process (fixture below) and in the processes tests start (CLI calls, servers, Ray
 # workers: Ray gives its workers OMP_NUM_THREADS = their CPUs, 1 here, anyway). The tests' tensors are small, and on
 # the 2-core machine two OpenMP threads mostly wait for each other while the suite's services run: a tiny training run
@@ -143,7 +146,10 @@ def rosinality_checkpoint() -> Path:
 
 
 def pytest_collection_modifyitems(items) -> None:
-    """Every test under tests/integration carries the ``integration`` mark (``-m "not integration"``: the unit tier)."""
+    """Every test under tests/integration carries the ``integration`` mark (``-m "not integration"``: the unit tier),
+    and the unit tier runs first: its failures show within minutes, and it runs before the session's services (Ray head,
+    MLflow and S3 servers, started at their first use) exist to share the CPU with it."""
     for item in items:
         if "integration" in Path(str(item.path)).parts:
             item.add_marker(pytest.mark.integration)
+    items.sort(key=lambda item: item.get_closest_marker("integration") is not None)  # stable: file order kept

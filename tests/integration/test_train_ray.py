@@ -1,10 +1,21 @@
 """Ray Train end to end on real services: shards on the local S3 server, checkpoints to s3://, metrics to an MLflow
-server, 2 CPU workers (gloo). The fault test SIGKILLs one worker mid-run and checks the resume."""
+server, 2 CPU workers (gloo), on the session's Ray instance.
+
+One uninterrupted run, `laren train JOB.yaml --storage s3://...` (run id: the job's deterministic name), is the
+reference of the module. On it, in file order: what it logged and stored; eval and upscale from its S3 checkpoint; a
+run whose worker is SIGKILLed mid-run resumes within the same fit() and reproduces its curve; running the finished job
+again trains nothing; and, last (it adds steps 6-10 to the reference's MLflow run), a corrupted latest checkpoint makes
+the next run fall back to the previous one.
+
+Tiny sizes: 32x32 HR, 8x8 LR, H=32, 4 GDM nodes, batch 4; 10 steps, checkpoints at steps 5 and 10.
+"""
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -16,6 +27,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600
 
 BUCKET = "laren-train-it"
 EXPERIMENT = "tiny-ray"
+RUNS = f"s3://{BUCKET}/storage/runs"  # where Ray Train keeps the runs (`laren train --storage`)
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the reported checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +50,30 @@ def _cfg(env):
     )
 
 
-@pytest.fixture(scope="module")
-def reference(env):
-    """One uninterrupted 10-step run (checkpoints at steps 5 and 10)."""
-    from laren.train.distributed import run_training
+def _laren_train(job: Path) -> dict[str, Any]:
+    """`laren train JOB --storage RUNS` in this process (the session's Ray instance); its printed final metrics."""
+    from click.testing import CliRunner
 
-    return run_training(_cfg(env), run_id="tiny-ref")
+    from laren.cli import main
+
+    r = CliRunner().invoke(main, ["train", str(job), "--storage", RUNS])
+    assert r.exit_code == 0, r.output
+    return json.JSONDecoder().raw_decode(r.output, r.output.rindex("{\n"))[0]
+
+
+@pytest.fixture(scope="module")
+def job(env) -> Path:
+    cfg = _cfg(env)
+    path = env["work"] / "jobs" / "tiny.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({**cfg.to_dict(), "kind": "train"}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(env, job):
+    """The uninterrupted 10-step run (checkpoints at steps 5 and 10): `laren train JOB.yaml`."""
+    return _laren_train(job)
 
 
 def test_trains_on_two_workers_and_logs_everything(env, reference):
@@ -50,22 +81,23 @@ def test_trains_on_two_workers_and_logs_everything(env, reference):
 
     from laren.data import storage
 
-    assert reference["step"] == 10 and reference["run_id"] == "tiny-ref"
+    run_id = _cfg(env).run_id
+    assert reference["step"] == 10 and reference["run_id"] == run_id
     ck = reference["checkpoint"]
-    assert ck.startswith(f"s3://{BUCKET}/storage/runs/tiny-ref/") and ck.endswith("checkpoint_000000010")
+    assert ck == f"{RUNS}/{run_id}/checkpoint_000000010"
     state = json.loads(storage.read_bytes(storage.join(ck, "state.json")))
     assert state["step"] == 10 and state["kimg"] == pytest.approx(0.04) and len(state["rng"]) == 2
     assert state["data_batch"] > 0 and state["mlflow_run_id"]
 
     c = MlflowClient(env["uri"])
     exp = c.get_experiment_by_name(EXPERIMENT)
-    runs = c.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'tiny-ref'")
+    runs = c.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_id}'")
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_id == state["mlflow_run_id"]
     assert run.data.params["model.gdm.num_nodes"] == "4" and run.data.params["world_size"] == "2"
     # metrics by step
-    steps = [s for s, _ in loss_curve(env["uri"], EXPERIMENT, "tiny-ref")]
+    steps = [s for s, _ in loss_curve(env["uri"], EXPERIMENT, run_id)]
     assert steps == list(range(1, 11))
     for key in ("val/psnr", "val/ssim", "val/lpips_alex", "train/lr", "perf/images_per_s", "data/skipped"):
         assert key in run.data.metrics, key
@@ -145,6 +177,53 @@ def test_killed_worker_resumes_from_last_checkpoint(env, reference, monkeypatch,
     assert second == list(range(6, 11))  # continues from the step-5 checkpoint, not from step 1
     assert first[-1] - 5 <= 5  # at most one checkpoint interval redone
     # The resumed run reproduces the uninterrupted one (weights, optimizer, data position and RNG restored).
-    ref = dict(loss_curve(env["uri"], EXPERIMENT, "tiny-ref"))
+    ref = dict(loss_curve(env["uri"], EXPERIMENT, reference["run_id"]))
     for s, v in curve:
         assert v == pytest.approx(ref[s], rel=1e-5), (s, v, ref[s])
+
+
+def test_the_finished_job_again_trains_nothing(env, job, reference):
+    """The same job again, with Ray's record of its checkpoints gone too (laren finds them on storage), trains nothing,
+    returns the final metrics and leaves the one, finished, MLflow run as it was."""
+    from mlflow.tracking import MlflowClient
+
+    from laren.data import storage
+
+    run_id = reference["run_id"]
+    snapshot = f"{RUNS}/{run_id}/{SNAPSHOT}"
+    assert storage.exists(snapshot)
+    storage.delete(snapshot)
+    again = _laren_train(job)
+    assert again["step"] == 10 and again["checkpoint"] == reference["checkpoint"] and again["run_id"] == run_id
+    for k in ("val/psnr", "val/ssim", "train/loss_g", "kimg"):
+        assert again[k] == pytest.approx(reference[k], rel=1e-6), k
+    assert [s for s, _ in loss_curve(env["uri"], EXPERIMENT, run_id)] == list(range(1, 11))
+    c = MlflowClient(env["uri"])
+    runs = c.search_runs([c.get_experiment_by_name(EXPERIMENT).experiment_id],
+                         filter_string=f"attributes.run_name = '{run_id}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_corrupted_latest_checkpoint_resume_falls_back_to_previous(env, job, reference):
+    """Damage checkpoint 10's weights in S3 and run the job again: Ray hands the workers checkpoint 10, which fails
+    its checksum; they resume from checkpoint 5, redo steps 6-10 exactly as the first time, and write a new, complete
+    checkpoint 10. (Last in the module: the reference's MLflow run gains steps 6-10 a second time.)"""
+    from laren.data import storage
+    from laren.train import state as S
+
+    ck10 = reference["checkpoint"]
+    good = storage.read_bytes(storage.join(ck10, S.WEIGHTS_FILE))
+    storage.write_bytes(storage.join(ck10, S.WEIGHTS_FILE), good[: len(good) // 2])  # a truncated object
+
+    second = _laren_train(job)
+    assert second["step"] == 10
+    curve = loss_curve(env["uri"], EXPERIMENT, reference["run_id"])
+    assert [s for s, _ in curve] == list(range(1, 11)) + list(range(6, 11))  # resumed after step 5, not at 0 or 10
+    first_pass = dict(curve[:10])
+    for s, v in curve[10:]:
+        assert v == pytest.approx(first_pass[s], rel=1e-5), (s, v, first_pass[s])
+    # The damaged checkpoint 10 was replaced by a complete one (checksums verified), written by the resumed run.
+    assert second["checkpoint"] == ck10
+    with tempfile.TemporaryDirectory() as d:
+        S.fetch_checkpoint(ck10, d)
+        assert S.read_state(d)["step"] == 10
