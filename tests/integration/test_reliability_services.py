@@ -4,7 +4,11 @@ uninterrupted run's), every checkpoint complete, no bad or skipped samples.
 
 The worker loop runs in this process (``train_worker``, world size 1) with a ``report`` hook: it receives each
 checkpoint exactly where Ray Train would (a finished directory), keeps a copy, and injects the fault at a chosen step.
-Tiny sizes: 32x32 HR, 8x8 LR, H=32, 4 GDM nodes, 10 steps of batch 4 (checkpoints at steps 5 and 10).
+Every faulty run is compared with one uninterrupted run of the same job (``reference``: local shards, no loader
+worker, MLflow in SQLite), so the comparison also holds the data path to giving the same batches from S3 with a loader
+worker. The two MLflow outages share one server, which each test leaves running.
+Tiny sizes: 32x32 HR, 8x8 LR, H=32, 4 GDM nodes, 10 steps of batch 4 (evaluations at steps 5 and 10; checkpoints
+every 2 steps).
 """
 
 from __future__ import annotations
@@ -45,6 +49,29 @@ def run_loop(cfg, run_id: str, report=None, **ctx):
     return train_worker(cfg, WorkerContext(run_id=run_id, report=report, **ctx))
 
 
+CKPT_EVERY = dict(checkpoint_every_kimg=0.008)  # reports (checkpoints) at steps 2, 4, 6, 8, 10
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run (MLflow run ``ref`` in a SQLite store); yields its data, tracking URI and final metrics."""
+    work = tmp_path_factory.mktemp("rel-services")
+    data = make_tiny_dataset(str(work / "shards"), work)
+    uri = f"sqlite:///{work}/ref.db"
+    out = run_loop(tiny_config(data, uri, train=CKPT_EVERY), "ref")
+    return {"data": data, "uri": uri, "out": out}
+
+
+@pytest.fixture(scope="module")
+def mlflow_outage_server(tmp_path_factory):
+    """An MLflow server of this module's own, which its tests stop and start again (same port, same store)."""
+    from laren.services import MLflowServer
+
+    server = MLflowServer(tmp_path_factory.mktemp("mlflow-outage")).start()
+    yield server
+    server.stop()
+
+
 def assert_complete_checkpoints(ck_root: Path, steps: list[int]) -> None:
     """Each checkpoint directory exists and verifies (state.json present, sha256 of both tensor files)."""
     from laren.train.state import read_state
@@ -57,7 +84,7 @@ def assert_complete_checkpoints(ck_root: Path, steps: list[int]) -> None:
 # ----------------------------------------------------------------------------------------------- S3 restart
 
 
-def test_s3_server_restarted_mid_stream_training_continues(tmp_path, monkeypatch):
+def test_s3_server_restarted_mid_stream_training_continues(reference, tmp_path, monkeypatch):
     """The S3 server holding the shards is stopped right after the step-5 checkpoint and started again 3 s later (same
     port, same data dir). The data stream, the evaluation reads and the next pass's shard opens wait and retry; the run
     reproduces the uninterrupted run's loss curve exactly (no sample lost, repeated or skipped)."""
@@ -70,9 +97,8 @@ def test_s3_server_restarted_mid_stream_training_continues(tmp_path, monkeypatch
         s3.create_bucket("rel")
         data = make_tiny_dataset("s3://rel/tiny", tmp_path)
         uri = f"sqlite:///{tmp_path}/mlflow.db"
-        cfg = tiny_config(data, uri, data=dict(loader_workers=1))
-
-        ref = run_loop(cfg, "ref", report=Hooked(tmp_path / "ck-ref"))
+        cfg = tiny_config(data, uri, data=dict(loader_workers=1))  # checkpoints at 5 and 10
+        ref = reference["out"]
 
         restarted = {}
 
@@ -92,7 +118,7 @@ def test_s3_server_restarted_mid_stream_training_continues(tmp_path, monkeypatch
         assert out["step"] == 10 and out["data/skipped"] == 0
         assert hook.steps == [5, 10]
         assert_complete_checkpoints(tmp_path / "ck", [5, 10])
-        curve, ref_curve = loss_curve(uri, "tiny", "outage"), loss_curve(uri, "tiny", "ref")
+        curve, ref_curve = loss_curve(uri, "tiny", "outage"), loss_curve(reference["uri"], "tiny", "ref")
         assert [s for s, _ in curve] == list(range(1, 11))
         assert curve == ref_curve  # the same batches in the same order
         assert out["val/psnr"] == ref["val/psnr"] and out["val/images"] == 8  # evaluation read every image
@@ -111,21 +137,14 @@ def test_s3_server_restarted_mid_stream_training_continues(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_mlflow_server_down_for_a_while_metrics_arrive_afterwards(tmp_path):
+def test_mlflow_server_down_for_a_while_metrics_arrive_afterwards(reference, mlflow_outage_server, tmp_path):
     """The MLflow server is stopped after step 2 and started again (same port, same store) at step 8. Training goes on;
     the metrics of steps 3-7 and the step-5 sample grid are buffered and arrive once the server is back."""
     from mlflow.tracking import MlflowClient
 
-    from laren.services import MLflowServer
-
-    data = make_tiny_dataset(str(tmp_path / "shards"), tmp_path)
-    ref_uri = f"sqlite:///{tmp_path}/ref.db"
-    ref_cfg = tiny_config(data, ref_uri, train=dict(checkpoint_every_kimg=0.008))  # reports at steps 2, 4, 6, 8, 10
-    run_loop(ref_cfg, "mlflow-outage", report=Hooked(tmp_path / "ck-ref"))
-
-    server = MLflowServer(tmp_path / "mlflow").start()
+    server = mlflow_outage_server
     try:
-        cfg = tiny_config(data, server.uri, train=dict(checkpoint_every_kimg=0.008))
+        cfg = tiny_config(reference["data"], server.uri, train=CKPT_EVERY)
         down = {}
 
         def stop() -> None:
@@ -147,7 +166,7 @@ def test_mlflow_server_down_for_a_while_metrics_arrive_afterwards(tmp_path):
         run = runs[0]
         assert out["mlflow_run_id"] == run.info.run_id
         # Every step's loss, equal to the uninterrupted run's; both evaluations; params from before the outage.
-        assert loss_curve(server.uri, "tiny", "mlflow-outage") == loss_curve(ref_uri, "tiny", "mlflow-outage")
+        assert loss_curve(server.uri, "tiny", "mlflow-outage") == loss_curve(reference["uri"], "tiny", "ref")
         for key in ("train/loss_pix", "train/lr", "perf/images_per_s", "data/skipped"):
             assert [m.step for m in c.get_metric_history(run.info.run_id, key)] == list(range(1, 11)), key
         assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "val/psnr")) == [5, 10]
@@ -159,11 +178,12 @@ def test_mlflow_server_down_for_a_while_metrics_arrive_afterwards(tmp_path):
         assert {"weights.safetensors", "optim.safetensors", "state.json"} <= final
         assert "resolved_config.yaml" in {a.path for a in c.list_artifacts(run.info.run_id)}
     finally:
-        server.stop()
+        if not server.running:  # left running for the module's next test
+            server.start()
 
 
 @pytest.mark.slow
-def test_mlflow_server_down_until_the_end_loses_nothing_after_sync(tmp_path):
+def test_mlflow_server_down_until_the_end_loses_nothing_after_sync(reference, mlflow_outage_server, tmp_path):
     """The MLflow server is stopped at step 5 (after its evaluation was logged) and stays down until the run has ended. The unsent records (params,
     metrics, sample grids, the run's end status) are written to the run's storage folder; once the server is back,
     `laren tracking sync RUN` replays them, and the run's metrics equal an uninterrupted run's."""
@@ -171,15 +191,11 @@ def test_mlflow_server_down_until_the_end_loses_nothing_after_sync(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from laren.cli import main
-    from laren.services import MLflowServer
 
-    data = make_tiny_dataset(str(tmp_path / "shards"), tmp_path)
     storage_root = str(tmp_path / "storage")
-    ref_uri = f"sqlite:///{tmp_path}/ref.db"
-    run_loop(tiny_config(data, ref_uri, storage=dict(root=storage_root)), "mlflow-down")
-    server = MLflowServer(tmp_path / "mlflow").start()
+    server = mlflow_outage_server
     try:
-        cfg = tiny_config(data, server.uri, storage=dict(root=storage_root))
+        cfg = tiny_config(reference["data"], server.uri, storage=dict(root=storage_root))  # checkpoints at 5 and 10
         hook = Hooked(tmp_path / "ck", {5: server.stop})
         out = run_loop(cfg, "mlflow-down", report=hook)
         assert out["step"] == 10
@@ -195,9 +211,9 @@ def test_mlflow_server_down_until_the_end_loses_nothing_after_sync(tmp_path):
         assert not list(buffers[0].parent.glob("*.json"))  # replayed once: a second sync has nothing to do
         run = c.get_run(run.info.run_id)
         assert run.info.status == "FINISHED"
-        assert loss_curve(server.uri, "tiny", "mlflow-down") == loss_curve(ref_uri, "tiny", "mlflow-down")
-        ref = MlflowClient(ref_uri)
-        ref_run = ref.search_runs([ref.get_experiment_by_name("tiny").experiment_id], "attributes.run_name = 'mlflow-down'")[0]
+        assert loss_curve(server.uri, "tiny", "mlflow-down") == loss_curve(reference["uri"], "tiny", "ref")
+        ref = MlflowClient(reference["uri"])
+        ref_run = ref.search_runs([ref.get_experiment_by_name("tiny").experiment_id], "attributes.run_name = 'ref'")[0]
         for key in ref_run.data.metrics:
             if key.startswith("perf/"):  # timings differ between two runs
                 continue
@@ -210,4 +226,5 @@ def test_mlflow_server_down_until_the_end_loses_nothing_after_sync(tmp_path):
         res = CliRunner().invoke(main, ["tracking", "sync", "mlflow-down", "--storage", storage_root, "--tracking-uri", server.uri])
         assert res.exit_code == 0 and "nothing to replay" in res.output
     finally:
-        server.stop()
+        if not server.running:  # left running for the module's next test
+            server.start()
