@@ -1,20 +1,38 @@
 """`laren submit` against a real local Ray head (Jobs API) and MLflow server: submit -> status -> logs -> finished,
-the CLI follow-up commands, and a failed job that resumes from its checkpoint when submitted again."""
+the CLI follow-up commands, and a real training job (hostile project path, credentials in the shell, weights from S3)
+that fails and resumes from its checkpoint when submitted again."""
 
 from __future__ import annotations
 
+import io
 import shlex
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from laren.cli import main
+from laren.data import storage
 from laren.jobs import client as S
+from laren.losses import random_vgg16
+from laren.metrics import AlexNetFeatures
 from laren.plan import read_plan
+from laren.render import render_k8s_file, to_yaml
 from laren.specs import load_job
 from tests.integration._tiny_jobs import job_env, make_data, mlflow_runs, tiny_job
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+
+WEIGHTS_BUCKET = "laren-weights"
+VGG = f"s3://{WEIGHTS_BUCKET}/weights/vgg16-397923af.pth"
+ALEX = f"s3://{WEIGHTS_BUCKET}/weights/alexnet-owt-7be5be79.pth"
+
+
+def _put_state(url: str, module: torch.nn.Module) -> None:
+    """``module``'s state dict as a torchvision-format weights file (torch.save) at ``url``."""
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    storage.write_bytes(url, buf.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -67,24 +85,57 @@ def test_stop_and_unknown_run(ray_head, mlflow_server, tmp_path, data):
 
 
 @pytest.mark.slow
-def test_failed_job_resumes_when_submitted_again(ray_head, mlflow_server, tmp_path, data):
-    """Attempt 1 is killed at step 6 (after its step-4 checkpoint) and FAILS; resubmitting continues from step 4, found
-    on storage even when Ray Train has no record of it."""
-    job = tiny_job(tmp_path, "resume", data, steps=8, eval_every=4, ckpt_every=4)
-    run_id = load_job(job).run_id
-    addr = ray_head.dashboard_url
-    env = {**job_env(tmp_path, mlflow_server.uri), "LAREN_TEST_KILL_AT_STEP": "6", "LAREN_TEST_KILL_RANK": "0",
-           "LAREN_TEST_KILL_MARKER": str(tmp_path / "killed-once")}
+def test_real_job_with_s3_weights_fails_and_resumes_when_submitted_again(ray_head, mlflow_server, s3_env, tmp_path, data,
+                                                                         monkeypatch):
+    """A training job as a user submits it:
+    - from a project folder whose path holds a space and a ';' (the entrypoint is quoted), with the S3 keys and MLflow
+      passwords in the submitting environment, none of which reaches the job's runtime env;
+    - its VGG16 and AlexNet weights are s3:// URLs on the local S3 server (the session Ray head's node holds the S3
+      keys): the job passes the input checks and trains with them (perceptual loss, LPIPS), each object downloaded once
+      into the node cache for both attempts; a missing object is refused by `laren submit` itself, naming the URL;
+    - attempt 1 is killed at step 6 (after its step-4 checkpoint) and FAILS; resubmitting continues from step 4, found
+      on storage even when Ray Train has no record of it; one MLflow run; `laren status` tells the two attempts apart;
+    - the same job rendered for KubeRay carries the same weight URLs and none of the S3 keys."""
+    from ray.job_submission import JobSubmissionClient
 
-    first = S.submit(job, address=addr, working_dir=tmp_path, env=env)
-    plan = tmp_path / "storage" / "runs" / run_id / "plan.json"  # planned by submit; the job runs the plan
-    assert first.action == "submitted" and first.entrypoint.endswith(f"laren.cli run-plan {plan}"), first.entrypoint
-    assert read_plan(str(plan)).run_id == run_id
-    assert S.wait(run_id, addr, timeout_s=180) == "FAILED"
+    project = tmp_path / "my project;x"
+    s3_env.create_bucket(WEIGHTS_BUCKET)
+    _put_state(VGG, random_vgg16(0))
+    _put_state(ALEX, AlexNetFeatures())
+    weights = dict(loss={"perceptual_weight": 0.01, "vgg16_path": VGG}, eval={"alexnet_path": ALEX})
+    job = tiny_job(project, "resume", data, steps=8, eval_every=4, ckpt_every=4, **weights)
+    run_id = load_job(job).run_id
+    # The secrets in the submitting environment: the S3 secret key (s3_env) and an MLflow password; the S3 access key
+    # id ("laren") is no secret, but no credential variable may reach the job (below).
+    secrets = {"AWS_SECRET_ACCESS_KEY": s3_env.secret_key, "MLFLOW_TRACKING_PASSWORD": "sentinel-mlflow-pw"}
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secrets["MLFLOW_TRACKING_PASSWORD"])
+    env = {**job_env(project, mlflow_server.uri.replace("http://", "http://laren:url-pw/@x@")),
+           "LAREN_CACHE": str(tmp_path / "node-cache"),
+           "LAREN_TEST_KILL_AT_STEP": "6", "LAREN_TEST_KILL_RANK": "0", "LAREN_TEST_KILL_MARKER": str(tmp_path / "killed-once")}
+
+    missing = tiny_job(project, "s3w-missing", data, loss={"perceptual_weight": 0.01, "vgg16_path": VGG + ".nope"})
+    with pytest.raises(FileNotFoundError, match=r"vgg16-397923af\.pth\.nope"):
+        S.submit(missing, address="http://127.0.0.1:9", working_dir=project, env=env)  # refused before Ray
+
+    addr = ray_head.dashboard_url
+    first = S.submit(job, address=addr, working_dir=project, env=env, log=lambda *_: None)
+    plan = project / "storage" / "runs" / run_id / "plan.json"  # planned by submit; the job runs the plan
+    assert first.action == "submitted" and first.entrypoint.endswith(f"laren.cli run-plan {shlex.quote(str(plan))}")
+    assert "'" in first.entrypoint  # the project path is quoted
+    p = read_plan(str(plan))
+    assert p.run_id == run_id and p.inputs["loss.vgg16_path"] == VGG and p.inputs["eval.alexnet_path"] == ALEX
+    info = JobSubmissionClient(addr).get_job_info(run_id)
+    text = repr(info.runtime_env) + repr(info.entrypoint) + repr(info.metadata)
+    for value in [*secrets.values(), "url-pw/@x"]:
+        assert value not in text
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD"} & set(info.runtime_env["env_vars"])
+    assert info.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == mlflow_server.uri.replace("http://", "http://laren@")
+
+    assert S.wait(run_id, addr, timeout_s=180) == "FAILED", S.logs(run_id, addr)[-3000:]
     assert (tmp_path / "killed-once").exists()
-    ckpts = sorted(p.name for p in (tmp_path / "storage" / "runs" / run_id).glob("checkpoint_0*") if p.is_dir())
-    assert ckpts == ["checkpoint_000000004"]
-    snapshot = tmp_path / "storage" / "runs" / run_id / "checkpoint_manager_snapshot.json"
+    run_dir = project / "storage" / "runs" / run_id
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*") if p.is_dir()) == ["checkpoint_000000004"]
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
     if snapshot.exists():
         # Ray Train's controller recorded the step-4 report before the kill. Take its record away, as a report lost
         # to a worker that dies before the controller's next poll does, so that the resume from storage alone (laren's
@@ -92,11 +143,11 @@ def test_failed_job_resumes_when_submitted_again(ray_head, mlflow_server, tmp_pa
         assert "checkpoint_000000004" in snapshot.read_text()
         snapshot.unlink()
 
-    second = S.submit(job, address=addr, working_dir=tmp_path, env=env)
+    second = S.submit(job, address=addr, working_dir=project, env=env, log=lambda *_: None)
     assert second.action == "resumed" and second.previous_status == "FAILED" and second.run_id == run_id
     assert second.entrypoint == first.entrypoint and read_plan(str(plan)).run_id == run_id
     assert S.wait(run_id, addr, timeout_s=180) == "SUCCEEDED", S.logs(run_id, addr)[-3000:]
-    assert list((tmp_path / ".laren" / "logs").glob(f"{run_id}.attempt-1.log"))  # attempt 1's logs are kept
+    assert list((project / ".laren" / "logs").glob(f"{run_id}.attempt-1.log"))  # attempt 1's logs are kept
 
     # One MLflow run; steps 1..4 were trained once (the resumed attempt started at the checkpoint, not at step 0).
     c, runs = mlflow_runs(mlflow_server.uri, "resume")
@@ -106,11 +157,28 @@ def test_failed_job_resumes_when_submitted_again(ray_head, mlflow_server, tmp_pa
     assert sorted(set(steps)) == list(range(1, 9))
     assert all(steps.count(s) == 1 for s in range(1, 5)), steps
     assert runs[run_id].info.status == "FINISHED"
+    # Trained with the weights from S3, each downloaded once on this node.
+    m, params = runs[run_id].data.metrics, runs[run_id].data.params
+    assert m["train/loss_per"] > 0 and 0 < m["val/lpips_alex"] < 1, m
+    assert params["loss.vgg16_path"] == VGG and params["eval.alexnet_path"] == ALEX
+    cached = sorted(p.name.split("-", 1)[1] for p in (tmp_path / "node-cache" / "objects").iterdir() if p.suffix == ".pth")
+    assert cached == ["alexnet-owt-7be5be79.pth", "vgg16-397923af.pth"]
 
     # `laren status` shows the two attempts and why the first one ended (killed: no error report from it)
     out = CliRunner().invoke(main, ["status", run_id, "--address", addr, "--tracking-uri", mlflow_server.uri])
     assert f"{run_id}: SUCCEEDED" in out.output and "progress: kimg 0.032/0.032 (100%)" in out.output, out.output
     assert "attempts: 2" in out.output and "last failure: attempt 1 ended without an error report" in out.output
+
+    # KubeRay: the same URLs, and the pods' credentials as secret references only.
+    monkeypatch.setenv("LAREN_STORAGE", f"s3://{WEIGHTS_BUCKET}/storage")
+    docs = render_k8s_file(job, warn=lambda *_: None)
+    text = to_yaml(docs)
+    assert VGG in text and ALEX in text and secrets["AWS_SECRET_ACCESS_KEY"] not in text
+    cs = next(d for d in docs if d["kind"] == "RayJob")["spec"]["rayClusterSpec"]
+    for pod in [cs["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in cs["workerGroupSpecs"])]:
+        pod_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in pod["containers"][0]["env"]}
+        assert pod_env["MLFLOW_TRACKING_PASSWORD"] == {"name": "laren-credentials", "key": "MLFLOW_TRACKING_PASSWORD",
+                                                       "optional": True}
 
 
 def test_cli_submit_follows_logs_by_default_and_detach_returns_at_once(ray_head, mlflow_server, tmp_path, data,
