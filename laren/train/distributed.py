@@ -343,8 +343,9 @@ def run_plan(plan: RunPlan, parent_run_id: Optional[str] = None, extra_callbacks
             "s3://" + fs_path if plan.run_dir.startswith("s3://") else fs_path)
     newest = _newest_state(plan.run_dir)
     if newest is not None and newest[1]["step"] > out.get("step", -1):
-        # Resumed at the end from a checkpoint whose report Ray never recorded: nothing was trained or reported by
-        # this attempt, so Ray's result is empty (or older). The final state is the run's newest checkpoint.
+        # Resumed at the end from a checkpoint whose report Ray never recorded: this attempt trained nothing, and
+        # Ray's result may lack the checkpoint it handed back again (empty, or an older one). The final state is the
+        # run's newest checkpoint.
         out = {**_final_metrics(cfg, newest[1]), "checkpoint": newest[0]}
     out["run_id"] = plan.run_id
     return out

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_full_size_face64x_forward_is_healthy():
     """One full-size face64x forward on CPU (encoder, GDM and CGM at the paper's widths; random prior). A pure
     compute test: it uses every core (the suite's other tests keep to one intra-op thread)."""
-    torch.set_num_threads(os.cpu_count() or 1)  # restored after the test (tests/conftest.py: one_torch_thread)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # restored after the test (tests/conftest.py: one_torch_thread)
     cfg = load_any(REPO / "jobs" / "face64x.yaml").run_config().model
     cfg = cfg.model_copy(update={"prior": cfg.prior.model_copy(update={"path": None})})
     torch.manual_seed(0)

@@ -4,11 +4,11 @@ uninterrupted run's), every checkpoint complete, no bad or skipped samples.
 
 The worker loop runs in this process (``train_worker``, world size 1) with a ``report`` hook: it receives each
 checkpoint exactly where Ray Train would (a finished directory), keeps a copy, and injects the fault at a chosen step.
-Every faulty run is compared with one uninterrupted run of the same job (``reference``: local shards, no loader
-worker, MLflow in SQLite), so the comparison also holds the data path to giving the same batches from S3 with a loader
-worker. The two MLflow outages share one server, which each test leaves running.
-Tiny sizes: 32x32 HR, 8x8 LR, H=32, 4 GDM nodes, 10 steps of batch 4 (evaluations at steps 5 and 10; checkpoints
-every 2 steps).
+Every faulty run is compared with one uninterrupted run of the same model, data and seed (``reference``: local
+shards, no loader worker, a checkpoint every 2 steps, MLflow in SQLite); the faulty runs differ from it only where
+their fault needs it (shards in S3 read by a loader worker; checkpoints at steps 5 and 10), which the loss curve and
+the evaluations do not depend on. The two MLflow outages share one server of the module's own.
+Tiny sizes: 32x32 HR, 8x8 LR, H=32, 4 GDM nodes, 10 steps of batch 4 (evaluations at steps 5 and 10).
 """
 
 from __future__ import annotations
@@ -63,13 +63,21 @@ def reference(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mlflow_outage_server(tmp_path_factory):
-    """An MLflow server of this module's own, which its tests stop and start again (same port, same store)."""
+def _outage_server(tmp_path_factory):
     from laren.services import MLflowServer
 
-    server = MLflowServer(tmp_path_factory.mktemp("mlflow-outage")).start()
+    server = MLflowServer(tmp_path_factory.mktemp("mlflow-outage"))
     yield server
     server.stop()
+
+
+@pytest.fixture
+def mlflow_outage_server(_outage_server):
+    """An MLflow server of this module's own, running when the test starts; the test stops it and starts it again
+    (same port, same store)."""
+    if not _outage_server.running:  # first use, or a previous test failed while it was down
+        _outage_server.start()
+    return _outage_server
 
 
 def assert_complete_checkpoints(ck_root: Path, steps: list[int]) -> None:
@@ -143,43 +151,40 @@ def test_mlflow_server_down_for_a_while_metrics_arrive_afterwards(reference, mlf
     from mlflow.tracking import MlflowClient
 
     server = mlflow_outage_server
-    try:
-        cfg = tiny_config(reference["data"], server.uri, train=CKPT_EVERY)
-        down = {}
+    cfg = tiny_config(reference["data"], server.uri, train=CKPT_EVERY)
+    down = {}
 
-        def stop() -> None:
-            server.stop()
-            down["t"] = time.time()
+    def stop() -> None:
+        server.stop()
+        down["t"] = time.time()
 
-        def start() -> None:
-            down["s"] = time.time() - down["t"]
-            server.start()
+    def start() -> None:
+        down["s"] = time.time() - down["t"]
+        server.start()
 
-        hook = Hooked(tmp_path / "ck", {2: stop, 8: start})
-        out = run_loop(cfg, "mlflow-outage", report=hook)
-        assert out["step"] == 10 and down["s"] > 1.0
-        assert_complete_checkpoints(tmp_path / "ck", [2, 4, 6, 8, 10])
+    hook = Hooked(tmp_path / "ck", {2: stop, 8: start})
+    out = run_loop(cfg, "mlflow-outage", report=hook)
+    assert out["step"] == 10 and down["s"] > 1.0
+    assert_complete_checkpoints(tmp_path / "ck", [2, 4, 6, 8, 10])
 
-        c = MlflowClient(server.uri)
-        runs = c.search_runs([c.get_experiment_by_name("tiny").experiment_id], "attributes.run_name = 'mlflow-outage'")
-        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-        run = runs[0]
-        assert out["mlflow_run_id"] == run.info.run_id
-        # Every step's loss, equal to the uninterrupted run's; both evaluations; params from before the outage.
-        assert loss_curve(server.uri, "tiny", "mlflow-outage") == loss_curve(reference["uri"], "tiny", "ref")
-        for key in ("train/loss_pix", "train/lr", "perf/images_per_s", "data/skipped"):
-            assert [m.step for m in c.get_metric_history(run.info.run_id, key)] == list(range(1, 11)), key
-        assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "val/psnr")) == [5, 10]
-        assert run.data.params["model.gdm.num_nodes"] == "4"
-        # Artifacts queued during the outage (step-5 sample grid) and after it (final checkpoint) were uploaded.
-        images = [a.path for a in c.list_artifacts(run.info.run_id, "images")]
-        assert sum("val" in p and p.endswith(".png") for p in images) >= 2, images
-        final = {a.path.split("/")[-1] for a in c.list_artifacts(run.info.run_id, "final_checkpoint")}
-        assert {"weights.safetensors", "optim.safetensors", "state.json"} <= final
-        assert "resolved_config.yaml" in {a.path for a in c.list_artifacts(run.info.run_id)}
-    finally:
-        if not server.running:  # left running for the module's next test
-            server.start()
+    c = MlflowClient(server.uri)
+    runs = c.search_runs([c.get_experiment_by_name("tiny").experiment_id], "attributes.run_name = 'mlflow-outage'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert out["mlflow_run_id"] == run.info.run_id
+    # Every step's loss, equal to the uninterrupted run's; both evaluations; params from before the outage.
+    assert loss_curve(server.uri, "tiny", "mlflow-outage") == loss_curve(reference["uri"], "tiny", "ref")
+    for key in ("train/loss_pix", "train/lr", "perf/images_per_s", "data/skipped"):
+        assert [m.step for m in c.get_metric_history(run.info.run_id, key)] == list(range(1, 11)), key
+    assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "val/psnr")) == [5, 10]
+    assert run.data.params["model.gdm.num_nodes"] == "4"
+    # Artifacts queued during the outage (step-5 sample grid) and after it (final checkpoint) were uploaded.
+    images = [a.path for a in c.list_artifacts(run.info.run_id, "images")]
+    assert sum("val" in p and p.endswith(".png") for p in images) >= 2, images
+    final = {a.path.split("/")[-1] for a in c.list_artifacts(run.info.run_id, "final_checkpoint")}
+    assert {"weights.safetensors", "optim.safetensors", "state.json"} <= final
+    assert "resolved_config.yaml" in {a.path for a in c.list_artifacts(run.info.run_id)}
+
 
 
 @pytest.mark.slow
@@ -194,37 +199,33 @@ def test_mlflow_server_down_until_the_end_loses_nothing_after_sync(reference, ml
 
     storage_root = str(tmp_path / "storage")
     server = mlflow_outage_server
-    try:
-        cfg = tiny_config(reference["data"], server.uri, storage=dict(root=storage_root))  # checkpoints at 5 and 10
-        hook = Hooked(tmp_path / "ck", {5: server.stop})
-        out = run_loop(cfg, "mlflow-down", report=hook)
-        assert out["step"] == 10
-        buffers = list((tmp_path / "storage" / "runs" / "mlflow-down" / "tracking-buffer").glob("*.json"))
-        assert len(buffers) == 1
-        server.start()
-        c = MlflowClient(server.uri)
-        run = c.search_runs([c.get_experiment_by_name("tiny").experiment_id], "attributes.run_name = 'mlflow-down'")[0]
-        assert run.info.status == "RUNNING" and max(m.step for m in c.get_metric_history(run.info.run_id, "train/loss_g")) == 5
+    cfg = tiny_config(reference["data"], server.uri, storage=dict(root=storage_root))  # checkpoints at 5 and 10
+    hook = Hooked(tmp_path / "ck", {5: server.stop})
+    out = run_loop(cfg, "mlflow-down", report=hook)
+    assert out["step"] == 10
+    buffers = list((tmp_path / "storage" / "runs" / "mlflow-down" / "tracking-buffer").glob("*.json"))
+    assert len(buffers) == 1
+    server.start()
+    c = MlflowClient(server.uri)
+    run = c.search_runs([c.get_experiment_by_name("tiny").experiment_id], "attributes.run_name = 'mlflow-down'")[0]
+    assert run.info.status == "RUNNING" and max(m.step for m in c.get_metric_history(run.info.run_id, "train/loss_g")) == 5
 
-        res = CliRunner().invoke(main, ["tracking", "sync", "mlflow-down", "--storage", storage_root, "--tracking-uri", server.uri])
-        assert res.exit_code == 0 and "1 buffer file(s) replayed" in res.output, res.output
-        assert not list(buffers[0].parent.glob("*.json"))  # replayed once: a second sync has nothing to do
-        run = c.get_run(run.info.run_id)
-        assert run.info.status == "FINISHED"
-        assert loss_curve(server.uri, "tiny", "mlflow-down") == loss_curve(reference["uri"], "tiny", "ref")
-        ref = MlflowClient(reference["uri"])
-        ref_run = ref.search_runs([ref.get_experiment_by_name("tiny").experiment_id], "attributes.run_name = 'ref'")[0]
-        for key in ref_run.data.metrics:
-            if key.startswith("perf/"):  # timings differ between two runs
-                continue
-            got = [(m.step, m.value) for m in sorted(c.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
-            want = [(m.step, m.value) for m in sorted(ref.get_metric_history(ref_run.info.run_id, key), key=lambda m: m.step)]
-            assert got == want, key
-        assert [m.step for m in c.get_metric_history(run.info.run_id, "perf/images_per_s")] == list(range(1, 11))
-        images = [a.path for a in c.list_artifacts(run.info.run_id, "images")]
-        assert sum("val" in p and p.endswith(".png") for p in images) >= 2, images  # the step-10 grid came by sync
-        res = CliRunner().invoke(main, ["tracking", "sync", "mlflow-down", "--storage", storage_root, "--tracking-uri", server.uri])
-        assert res.exit_code == 0 and "nothing to replay" in res.output
-    finally:
-        if not server.running:  # left running for the module's next test
-            server.start()
+    res = CliRunner().invoke(main, ["tracking", "sync", "mlflow-down", "--storage", storage_root, "--tracking-uri", server.uri])
+    assert res.exit_code == 0 and "1 buffer file(s) replayed" in res.output, res.output
+    assert not list(buffers[0].parent.glob("*.json"))  # replayed once: a second sync has nothing to do
+    run = c.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert loss_curve(server.uri, "tiny", "mlflow-down") == loss_curve(reference["uri"], "tiny", "ref")
+    ref = MlflowClient(reference["uri"])
+    ref_run = ref.search_runs([ref.get_experiment_by_name("tiny").experiment_id], "attributes.run_name = 'ref'")[0]
+    for key in ref_run.data.metrics:
+        if key.startswith("perf/"):  # timings differ between two runs
+            continue
+        got = [(m.step, m.value) for m in sorted(c.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+        want = [(m.step, m.value) for m in sorted(ref.get_metric_history(ref_run.info.run_id, key), key=lambda m: m.step)]
+        assert got == want, key
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "perf/images_per_s")] == list(range(1, 11))
+    images = [a.path for a in c.list_artifacts(run.info.run_id, "images")]
+    assert sum("val" in p and p.endswith(".png") for p in images) >= 2, images  # the step-10 grid came by sync
+    res = CliRunner().invoke(main, ["tracking", "sync", "mlflow-down", "--storage", storage_root, "--tracking-uri", server.uri])
+    assert res.exit_code == 0 and "nothing to replay" in res.output

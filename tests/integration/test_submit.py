@@ -5,6 +5,7 @@ that fails and resumes from its checkpoint when submitted again."""
 from __future__ import annotations
 
 import io
+import json
 import shlex
 
 import pytest
@@ -85,11 +86,12 @@ def test_stop_and_unknown_run(ray_head, mlflow_server, tmp_path, data):
 
 
 @pytest.mark.slow
-def test_real_job_with_s3_weights_fails_and_resumes_when_submitted_again(ray_head, mlflow_server, s3_env, tmp_path, data,
+def test_real_job_with_s3_weights_fails_and_resumes_when_submitted_again(ray_head, mlflow_server, s3_env, tmp_path,
                                                                          monkeypatch):
     """A training job as a user submits it:
-    - from a project folder whose path holds a space and a ';' (the entrypoint is quoted), with the S3 keys and MLflow
-      passwords in the submitting environment, none of which reaches the job's runtime env;
+    - from a project folder whose path holds a space and a ';' (the entrypoint is quoted; the shards lie there too),
+      with the S3 secret key and MLflow passwords in the submitting environment and in the job's explicit environment,
+      none of which reaches the job's runtime env;
     - its VGG16 and AlexNet weights are s3:// URLs on the local S3 server (the session Ray head's node holds the S3
       keys): the job passes the input checks and trains with them (perceptual loss, LPIPS), each object downloaded once
       into the node cache for both attempts; a missing object is refused by `laren submit` itself, naming the URL;
@@ -99,6 +101,7 @@ def test_real_job_with_s3_weights_fails_and_resumes_when_submitted_again(ray_hea
     from ray.job_submission import JobSubmissionClient
 
     project = tmp_path / "my project;x"
+    data = make_data(project)
     s3_env.create_bucket(WEIGHTS_BUCKET)
     _put_state(VGG, random_vgg16(0))
     _put_state(ALEX, AlexNetFeatures())
@@ -110,6 +113,7 @@ def test_real_job_with_s3_weights_fails_and_resumes_when_submitted_again(ray_hea
     secrets = {"AWS_SECRET_ACCESS_KEY": s3_env.secret_key, "MLFLOW_TRACKING_PASSWORD": "sentinel-mlflow-pw"}
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secrets["MLFLOW_TRACKING_PASSWORD"])
     env = {**job_env(project, mlflow_server.uri.replace("http://", "http://laren:url-pw/@x@")),
+           "AWS_SECRET_ACCESS_KEY": secrets["AWS_SECRET_ACCESS_KEY"],  # given explicitly: runtime_env_vars drops it
            "LAREN_CACHE": str(tmp_path / "node-cache"),
            "LAREN_TEST_KILL_AT_STEP": "6", "LAREN_TEST_KILL_RANK": "0", "LAREN_TEST_KILL_MARKER": str(tmp_path / "killed-once")}
 
@@ -135,6 +139,8 @@ def test_real_job_with_s3_weights_fails_and_resumes_when_submitted_again(ray_hea
     assert (tmp_path / "killed-once").exists()
     run_dir = project / "storage" / "runs" / run_id
     assert sorted(p.name for p in run_dir.glob("checkpoint_0*") if p.is_dir()) == ["checkpoint_000000004"]
+    cache = tmp_path / "node-cache" / "objects"
+    downloads = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.iterdir() if p.suffix == ".pth"}
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     if snapshot.exists():
         # Ray Train's controller recorded the step-4 report before the kill. Take its record away, as a report lost
@@ -161,8 +167,11 @@ def test_real_job_with_s3_weights_fails_and_resumes_when_submitted_again(ray_hea
     m, params = runs[run_id].data.metrics, runs[run_id].data.params
     assert m["train/loss_per"] > 0 and 0 < m["val/lpips_alex"] < 1, m
     assert params["loss.vgg16_path"] == VGG and params["eval.alexnet_path"] == ALEX
-    cached = sorted(p.name.split("-", 1)[1] for p in (tmp_path / "node-cache" / "objects").iterdir() if p.suffix == ".pth")
-    assert cached == ["alexnet-owt-7be5be79.pth", "vgg16-397923af.pth"]
+    cached = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.iterdir() if p.suffix == ".pth"}
+    assert sorted(n.split("-", 1)[1] for n in cached) == ["alexnet-owt-7be5be79.pth", "vgg16-397923af.pth"]
+    assert cached == downloads  # attempt 2 used attempt 1's copies: not downloaded again
+    state = json.loads((run_dir / "checkpoint_000000008" / "state.json").read_text())
+    assert state["step"] == 8 and state["mlflow_run_id"] == runs[run_id].info.run_id
 
     # `laren status` shows the two attempts and why the first one ended (killed: no error report from it)
     out = CliRunner().invoke(main, ["status", run_id, "--address", addr, "--tracking-uri", mlflow_server.uri])

@@ -3,9 +3,9 @@ server, 2 CPU workers (gloo), on the session's Ray instance.
 
 One uninterrupted run, `laren train JOB.yaml --storage s3://...` (run id: the job's deterministic name), is the
 reference of the module. On it, in file order: what it logged and stored; eval and upscale from its S3 checkpoint; a
-run whose worker is SIGKILLed mid-run resumes within the same fit() and reproduces its curve; running the finished job
-again trains nothing; and, last (it adds steps 6-10 to the reference's MLflow run), a corrupted latest checkpoint makes
-the next run fall back to the previous one.
+run whose worker is SIGKILLed mid-run resumes within the same fit() and reproduces its curve; a corrupted latest
+checkpoint, handed over by Ray, makes the next run fall back to the previous one (redoing steps 6-10 of the
+reference's MLflow run); and running the finished job again, without Ray's record, trains nothing.
 
 Tiny sizes: 32x32 HR, 8x8 LR, H=32, 4 GDM nodes, batch 4; 10 steps, checkpoints at steps 5 and 10.
 """
@@ -182,42 +182,23 @@ def test_killed_worker_resumes_from_last_checkpoint(env, reference, monkeypatch,
         assert v == pytest.approx(ref[s], rel=1e-5), (s, v, ref[s])
 
 
-def test_the_finished_job_again_trains_nothing(env, job, reference):
-    """The same job again, with Ray's record of its checkpoints gone too (laren finds them on storage), trains nothing,
-    returns the final metrics and leaves the one, finished, MLflow run as it was."""
-    from mlflow.tracking import MlflowClient
-
-    from laren.data import storage
-
-    run_id = reference["run_id"]
-    snapshot = f"{RUNS}/{run_id}/{SNAPSHOT}"
-    assert storage.exists(snapshot)
-    storage.delete(snapshot)
-    again = _laren_train(job)
-    assert again["step"] == 10 and again["checkpoint"] == reference["checkpoint"] and again["run_id"] == run_id
-    for k in ("val/psnr", "val/ssim", "train/loss_g", "kimg"):
-        assert again[k] == pytest.approx(reference[k], rel=1e-6), k
-    assert [s for s, _ in loss_curve(env["uri"], EXPERIMENT, run_id)] == list(range(1, 11))
-    c = MlflowClient(env["uri"])
-    runs = c.search_runs([c.get_experiment_by_name(EXPERIMENT).experiment_id],
-                         filter_string=f"attributes.run_name = '{run_id}'")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-
-
 def test_corrupted_latest_checkpoint_resume_falls_back_to_previous(env, job, reference):
     """Damage checkpoint 10's weights in S3 and run the job again: Ray hands the workers checkpoint 10, which fails
     its checksum; they resume from checkpoint 5, redo steps 6-10 exactly as the first time, and write a new, complete
-    checkpoint 10. (Last in the module: the reference's MLflow run gains steps 6-10 a second time.)"""
+    checkpoint 10. (After the tests that read the reference's curve: its MLflow run gains steps 6-10 a second time.)"""
     from laren.data import storage
     from laren.train import state as S
 
-    ck10 = reference["checkpoint"]
+    ck10, run_id = reference["checkpoint"], reference["run_id"]
+    # Preconditions: Ray holds its record of checkpoint 10 (from the reference run), which logged steps 1-10 once.
+    assert storage.exists(f"{RUNS}/{run_id}/{SNAPSHOT}")
+    assert [s for s, _ in loss_curve(env["uri"], EXPERIMENT, run_id)] == list(range(1, 11))
     good = storage.read_bytes(storage.join(ck10, S.WEIGHTS_FILE))
     storage.write_bytes(storage.join(ck10, S.WEIGHTS_FILE), good[: len(good) // 2])  # a truncated object
 
     second = _laren_train(job)
     assert second["step"] == 10
-    curve = loss_curve(env["uri"], EXPERIMENT, reference["run_id"])
+    curve = loss_curve(env["uri"], EXPERIMENT, run_id)
     assert [s for s, _ in curve] == list(range(1, 11)) + list(range(6, 11))  # resumed after step 5, not at 0 or 10
     first_pass = dict(curve[:10])
     for s, v in curve[10:]:
@@ -227,3 +208,26 @@ def test_corrupted_latest_checkpoint_resume_falls_back_to_previous(env, job, ref
     with tempfile.TemporaryDirectory() as d:
         S.fetch_checkpoint(ck10, d)
         assert S.read_state(d)["step"] == 10
+
+
+def test_the_finished_job_again_trains_nothing(env, job, reference):
+    """The same job again, with Ray's record of its checkpoints deleted first (laren finds them on storage), trains
+    nothing, returns the final metrics and logs nothing more to the one, finished, MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    from laren.data import storage
+
+    run_id = reference["run_id"]
+    snapshot = f"{RUNS}/{run_id}/{SNAPSHOT}"
+    storage.delete(snapshot)
+    assert not storage.exists(snapshot)
+    before = loss_curve(env["uri"], EXPERIMENT, run_id)
+    again = _laren_train(job)
+    assert again["step"] == 10 and again["checkpoint"] == reference["checkpoint"] and again["run_id"] == run_id
+    for k in ("val/psnr", "val/ssim", "train/loss_g", "kimg"):
+        assert again[k] == pytest.approx(reference[k], rel=1e-5), k
+    assert loss_curve(env["uri"], EXPERIMENT, run_id) == before
+    c = MlflowClient(env["uri"])
+    runs = c.search_runs([c.get_experiment_by_name(EXPERIMENT).experiment_id],
+                         filter_string=f"attributes.run_name = '{run_id}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
