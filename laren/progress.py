@@ -18,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import time
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from laren.tracking import find_run, mlflow_client
 
@@ -71,10 +72,18 @@ def progress_line(run_id: str, kimg: float, total_kimg: float, images_per_s: flo
     return line
 
 
+def write_line(text: str) -> None:
+    """``text`` and a newline to this process's stdout, flushed. Not through ``print``: on a Ray Train worker,
+    ``print`` is patched to log through the root logger and, when Ray has wrapped stdout, to print as well, so each line
+    reached a job's log twice."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 class ProgressPrinter:
     """Rank 0's progress line at each log step of a training loop (other ranks print nothing)."""
 
-    def __init__(self, run_id: str, total_kimg: float, rank: int, out=print):
+    def __init__(self, run_id: str, total_kimg: float, rank: int, out: Callable[[str], None] = write_line):
         self.run_id, self.total_kimg, self.enabled, self.out = run_id, total_kimg, rank == 0, out
         self.val_kimg: Optional[float] = None
 
@@ -85,7 +94,7 @@ class ProgressPrinter:
         if not self.enabled or "perf/images_per_s" not in metrics:
             return
         self.out(progress_line(self.run_id, kimg, self.total_kimg, float(metrics["perf/images_per_s"]), last,
-                               self.val_kimg), flush=True)
+                               self.val_kimg))
 
 
 # ----------------------------------------------------------------------------------------------- attempts

@@ -154,6 +154,8 @@ def test_real_job_with_s3_weights_fails_and_resumes_when_submitted_again(ray_hea
     assert second.entrypoint == first.entrypoint and read_plan(str(plan)).run_id == run_id
     assert S.wait(run_id, addr, timeout_s=180) == "SUCCEEDED", S.logs(run_id, addr)[-3000:]
     assert list((project / ".laren" / "logs").glob(f"{run_id}.attempt-1.log"))  # attempt 1's logs are kept
+    logs = S.logs(run_id, addr)
+    assert logs.count(f"[{run_id}] kimg 0.032/0.032 (100%)") == 1, logs[-3000:]  # each progress line once
 
     # One MLflow run; steps 1..4 were trained once (the resumed attempt started at the checkpoint, not at step 0).
     c, runs = mlflow_runs(mlflow_server.uri, "resume")
