@@ -300,15 +300,15 @@ def report_checkpoint(cfg, ctx: WorkerContext, model, disc, optimizers, st: S.Tr
     best = cfg.train.keep_best_metric
     if best and best not in metrics:  # before the first evaluation: NaN, which Ray's scoring ranks below every number
         metrics = {**metrics, best: math.nan}
-    d = None
     name = f"checkpoint_{st.step:09d}"
-    if ctx.rank == 0 and ctx.report is None and ctx.checkpoint_root:
-        S.write_checkpoint_dir(Path(ctx.checkpoint_root) / name, model, disc, optimizers, st, cfg.to_dict())
-    elif ctx.rank == 0:
+    if ctx.report is None:  # plain Python: rank 0 writes to checkpoint_root; without one, nothing is kept
+        if ctx.rank == 0 and ctx.checkpoint_root:
+            S.write_checkpoint_dir(Path(ctx.checkpoint_root) / name, model, disc, optimizers, st, cfg.to_dict())
+        return
+    d = None
+    if ctx.rank == 0:
         d = tempfile.mkdtemp(prefix="laren-ckpt-")
         S.save_checkpoint(d, model, disc, optimizers, st, cfg.to_dict())
-    if ctx.report is None:
-        return
     try:
         ctx.report(metrics, d, name if d else None)  # takes the folder over (removes it once it is in storage)
     except BaseException:

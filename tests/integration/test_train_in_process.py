@@ -37,12 +37,19 @@ def _run(cfg: RunConfig, run_id: str, **ctx_kw):
     return train_worker(cfg, WorkerContext(run_id=run_id, **ctx_kw))
 
 
-def test_same_seed_same_curve_and_resume_continues_it(dataset, tmp_path):
+def test_same_seed_same_curve_and_resume_continues_it(dataset, tmp_path, monkeypatch):
+    import tempfile
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = tiny_config(dataset, uri)
     peak = 0.5  # TFLOP/s, a stand-in (the CPU has no figure of its own): run a logs perf/mfu, run b does not
     a = _run(tiny_config(dataset, uri, resources=dict(peak_tflops=peak)), "a", checkpoint_root=str(tmp_path / "ck_a"))
-    b = _run(cfg, "b")
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    b = _run(cfg, "b")  # no checkpoint_root, no report function: checkpoints are kept nowhere, not even in the temp dir
+    monkeypatch.undo()
+    assert not list(temp.glob("laren-ckpt-*")), sorted(p.name for p in temp.iterdir())
     ca, cb = loss_curve(uri, "tiny", "a"), loss_curve(uri, "tiny", "b")
     assert [s for s, _ in ca] == list(range(1, 11)) and ca == cb  # same seed on CPU -> identical loss curves
     # ... and the curve recorded before the loop's last refactor (tests/fixtures/README.md)
