@@ -20,11 +20,15 @@ $(STAMP): pyproject.toml constraints.txt
 	@! $(BIN)/python -c "import torchvision" 2>/dev/null || (echo "torchvision must not be installed" && exit 1)
 	touch $(STAMP)
 
+# One pytest worker per core (at most 4), each module on one worker (its module fixtures are built once), in the
+# order tests/conftest.py gives: the longest modules first. Each worker starts its own services at their first use.
+PARALLEL := -n auto --maxprocesses=4 --dist loadscope --no-loadscope-reorder
+
 test: setup
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q $(PARALLEL) --durations=15 tests
 
 test-unit: setup
-	$(BIN)/python -m pytest -q tests/unit
+	$(BIN)/python -m pytest -q $(PARALLEL) tests/unit
 
 # Every benchmark -> benchmarks/RESULTS.md (machine, command, figures, how each was measured; ~10 min on 2 cores).
 bench: setup

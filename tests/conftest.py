@@ -146,10 +146,20 @@ def rosinality_checkpoint() -> Path:
 
 
 def pytest_collection_modifyitems(items) -> None:
-    """Every test under tests/integration carries the ``integration`` mark (``-m "not integration"``: the unit tier),
-    and the unit tier runs first: its failures show within minutes, and it runs before the session's services (Ray head,
-    MLflow and S3 servers, started at their first use) exist to share the CPU with it."""
+    """Every test under tests/integration carries the ``integration`` mark (``-m "not integration"``: the unit tier).
+
+    The order of the modules:
+    - one process (``pytest tests``): the unit tier first, so that its failures show within minutes, before the
+      session's services (Ray head, MLflow and S3 servers, started at their first use) share the CPU with it;
+    - several workers (``make test``: pytest-xdist, one module per worker at a time, handed out in this order): the
+      longest first, so that the short ones fill the end and no worker waits alone on a long module. A module with a
+      ``slow`` test counts as long, an integration module as longer than a unit one."""
     for item in items:
         if "integration" in Path(str(item.path)).parts:
             item.add_marker(pytest.mark.integration)
-    items.sort(key=lambda item: item.get_closest_marker("integration") is not None)  # stable: file order kept
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("integration") is not None)  # stable: file order kept
+        return
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    integration = {item.path for item in items if item.get_closest_marker("integration")}
+    items.sort(key=lambda item: (item.path not in slow, item.path not in integration))  # stable: file order kept

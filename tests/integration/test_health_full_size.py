@@ -19,8 +19,10 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_full_size_face64x_forward_is_healthy():
     """One full-size face64x forward on CPU (encoder, GDM and CGM at the paper's widths; random prior). A pure
-    compute test: it uses every core (the suite's other tests keep to one intra-op thread)."""
-    torch.set_num_threads(len(os.sched_getaffinity(0)))  # restored after the test (tests/conftest.py: one_torch_thread)
+    compute test: it uses its share of the cores, all of them in one process (the suite's other tests keep to one
+    intra-op thread); with pytest-xdist, the cores over the workers: more threads than cores spin and slow both."""
+    share = len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, share))  # restored after the test (tests/conftest.py: one_torch_thread)
     cfg = load_any(REPO / "jobs" / "face64x.yaml").run_config().model
     cfg = cfg.model_copy(update={"prior": cfg.prior.model_copy(update={"path": None})})
     torch.manual_seed(0)
