@@ -75,19 +75,35 @@ class _Process:
         )
         log.close()
 
-    def _wait(self, ready, timeout_s: float) -> None:
+    def _poll(self, timeout_s: float) -> bool:
+        """Whether the service answers (``ready``) within ``timeout_s``; raises if the process this object started exited."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}:\n{self._tail()}")
             try:
-                if ready():
-                    return
+                if self.ready():
+                    return True
             except Exception:
                 pass
             time.sleep(0.2)
-        self.stop()
-        raise TimeoutError(f"{self.name} did not become ready in {timeout_s:.0f} s; see {self.log_path}:\n{self._tail()}")
+        return False
+
+    def _wait(self, timeout_s: float) -> None:
+        if not self._poll(timeout_s):
+            self.stop()
+            raise TimeoutError(f"{self.name} did not become ready in {timeout_s:.0f} s; see {self.log_path}:\n{self._tail()}")
+
+    def attach(self, timeout_s: float = 180.0):
+        """This object for a service that another process started with the same folder and ports, once it answers.
+        It stays that process's to stop."""
+        if not self._poll(timeout_s):
+            raise TimeoutError(f"{self.name} at {self.root} did not answer in {timeout_s:.0f} s; see {self.log_path}:\n"
+                               f"{self._tail()}")
+        return self
+
+    def ready(self) -> bool:  # pragma: no cover - overridden
+        raise NotImplementedError
 
     def _tail(self, n: int = 20) -> str:
         try:
@@ -128,8 +144,8 @@ class _Process:
 class S3Server(_Process):
     """SeaweedFS `weed mini`: a real S3 endpoint on 127.0.0.1 with one static access key.
 
-    Every port weed opens is chosen here (master, volume, filer, s3, admin, webdav, their gRPC twins), so
-    several servers can run side by side.
+    Every port weed opens is chosen here (master, volume, filer, s3, admin, webdav, their gRPC twins; its Iceberg
+    and Lance catalog servers are off), so several servers can run side by side. No telemetry is sent.
     """
 
     name = "s3"
@@ -195,16 +211,17 @@ class S3Server(_Process):
             f"-filer.port={ports['filer']}", f"-filer.port.grpc={free_port()}",
             f"-admin.port={ports['admin']}", f"-admin.port.grpc={free_port()}", "-admin.ui=false",
             f"-webdav.port={ports['webdav']}", "-webdav=false", f"-debug.port={ports['debug']}",
-            "-master.volumeSizeLimitMB=64",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",  # catalog servers laren does not use, on fixed default ports
+            "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
         ]
         self._spawn(argv)
 
-        def ready() -> bool:
-            self.client().list_buckets()
-            return True
-
-        self._wait(ready, timeout_s=60)
+        self._wait(timeout_s=60)
         return self
+
+    def ready(self) -> bool:
+        self.client().list_buckets()
+        return True
 
 
 class MLflowServer(_Process):
@@ -231,12 +248,12 @@ class MLflowServer(_Process):
         ]
         self._spawn(argv, env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
 
-        def ready() -> bool:
-            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                return r.status == 200
-
-        self._wait(ready, timeout_s=120)
+        self._wait(timeout_s=120)
         return self
+
+    def ready(self) -> bool:
+        with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+            return r.status == 200
 
 
 class RayHead(_Process):
@@ -298,12 +315,12 @@ class RayHead(_Process):
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         self._spawn(argv, env={**self.node_env, **self.env(), "PATH": path})
 
-        def ready() -> bool:
-            with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
-                return r.status == 200
-
-        self._wait(ready, timeout_s=120)
+        self._wait(timeout_s=120)
         return self
+
+    def ready(self) -> bool:
+        with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
+            return r.status == 200
 
     def temp_dir(self) -> str:
         # Ray's socket paths must stay short (AF_UNIX limit of 107 bytes): keep them under /tmp.

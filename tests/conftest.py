@@ -1,11 +1,13 @@
-"""Shared fixtures: real services on 127.0.0.1 (started once per test session, stopped after) and reference data paths."""
+"""Shared fixtures: real services on 127.0.0.1 (started once per run of the suite, stopped after; with pytest-xdist, by
+the controller for all its workers) and reference data paths."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 
@@ -42,11 +44,74 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
+# ---- the session's services. With pytest-xdist (`make test`), the controller starts one set for all its workers (its
+# Ray head has 4 logical CPUs per worker), in the background while the workers collect; a worker attaches to it at its
+# first use and never stops it. In one process, the first test that needs a service starts it.
+SHARED = "laren_services"  # the workers' key (workerinput) for the shared services' parameters
+
+
+def _needs_services(config) -> bool:
+    """Whether a run may use the services: not the unit tier alone (its paths, or ``-m "not integration"``)."""
+    unit = REPO / "tests" / "unit"
+    paths = [Path(a.split("::")[0]).resolve() for a in config.args] or [REPO / "tests"]
+    return "not integration" not in (config.option.markexpr or "") and not all(p.is_relative_to(unit) for p in paths)
+
+
+def _start_shared_services(config) -> dict:
+    """The controller's services, started in a thread (stopped at the end of the run); their parameters."""
+    import tempfile
+    import threading
+
+    from laren.services import MLflowServer, RayHead, S3Server
+
+    root = Path(tempfile.mkdtemp(prefix="laren-test-services-"))
+    s3 = S3Server(root / "s3")
+    mlflow = MLflowServer(root / "mlflow")
+    os.environ.update(RayHead.env())
+    head = RayHead(root / "ray", num_cpus=4 * int(config.getoption("numprocesses") or 1), node_env=s3.env())
+    stack = contextlib.ExitStack()
+
+    def start() -> None:
+        for service in (s3, mlflow, head):  # a failure shows in the workers' attach (its log's tail)
+            stack.enter_context(service)
+
+    thread = threading.Thread(target=start, name="laren-test-services", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        thread.join()
+        stack.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+    config.add_cleanup(stop)
+    return {"s3": dict(root_dir=str(s3.root), port=s3.port, access_key=s3.access_key, secret_key=s3.secret_key),
+            "mlflow": dict(root_dir=str(mlflow.root), port=mlflow.port),
+            "ray": dict(root_dir=str(head.root), port=head.port, dashboard_port=head.dashboard_port,
+                        num_cpus=head.num_cpus, node_env=head.node_env)}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """xdist's controller, for each worker: the shared services' parameters (started for the first worker)."""
+    config = node.config
+    if not hasattr(config, "_laren_services"):
+        config._laren_services = _start_shared_services(config) if _needs_services(config) else None
+    if config._laren_services:
+        node.workerinput[SHARED] = config._laren_services
+
+
+def _shared(request, name: str) -> Optional[dict]:
+    return (getattr(request.config, "workerinput", {}).get(SHARED) or {}).get(name)
+
+
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
+def s3_server(request, tmp_path_factory):
     """A SeaweedFS S3 server; yields the S3Server (endpoint_url, env(), create_bucket(), client())."""
     from laren.services import S3Server
 
+    if shared := _shared(request, "s3"):
+        yield S3Server(**shared).attach()
+        return
     with S3Server(tmp_path_factory.mktemp("s3")) as server:
         yield server
 
@@ -60,24 +125,31 @@ def s3_env(s3_server, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
+def mlflow_server(request, tmp_path_factory):
     """An MLflow server on SQLite; yields the MLflowServer (uri)."""
     from laren.services import MLflowServer
 
+    if shared := _shared(request, "mlflow"):
+        yield MLflowServer(**shared).attach()
+        return
     with MLflowServer(tmp_path_factory.mktemp("mlflow")) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
-def ray_head(s3_server, tmp_path_factory):
-    """The session's one Ray instance: a head with its dashboard / Jobs API and 4 logical CPUs, whose node holds the
-    session S3 server's keys (AWS_*), so that its jobs and workers reach that server as a local cluster's do
-    (laren/services.py). Yields the RayHead (address, dashboard_url, env())."""
+def ray_head(request, s3_server, tmp_path_factory):
+    """The session's one Ray instance: a head with its dashboard / Jobs API and 4 logical CPUs (per xdist worker),
+    whose node holds the session S3 server's keys (AWS_*), so that its jobs and workers reach that server as a local
+    cluster's do (laren/services.py). Yields the RayHead (address, dashboard_url, num_cpus, env())."""
     import ray
 
     from laren.services import RayHead
 
     os.environ.update(RayHead.env())
+    if shared := _shared(request, "ray"):
+        yield RayHead(**shared).attach()
+        ray.shutdown()  # this process as a driver (local_ray)
+        return
     with RayHead(tmp_path_factory.mktemp("ray"), num_cpus=4, node_env=s3_server.env()) as head:
         yield head
         ray.shutdown()  # this process as a driver (local_ray), before its head goes
