@@ -143,3 +143,17 @@ def test_missing_bucket_is_a_clear_error(s3_env, tmp_path):
     make_folder(src, 1)
     with pytest.raises(FileNotFoundError, match="no such bucket.*create it"):
         P.pack(str(src), "s3://no-such-bucket-laren/ds", "x", R, progress=False)
+
+
+def test_attach_to_a_running_server_and_refuse_a_dead_one(s3_server, tmp_path):
+    """A service another process started (how the workers of a parallel test run share the controller's): attached by
+    its folder and ports, usable, and not stopped with the attached object; a port nobody serves is refused."""
+    from laren.services import MLflowServer, S3Server, free_port
+
+    other = S3Server(s3_server.root, port=s3_server.port, access_key=s3_server.access_key,
+                     secret_key=s3_server.secret_key).attach(timeout_s=30)
+    other.create_bucket("attached")
+    other.stop()  # not its process: nothing happens
+    assert "attached" in [b["Name"] for b in s3_server.client().list_buckets()["Buckets"]]
+    with pytest.raises(TimeoutError, match=r"mlflow at .* did not answer in 1 s"):
+        MLflowServer(tmp_path / "none", port=free_port()).attach(timeout_s=1)
