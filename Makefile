@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # One pytest worker per core (at most 4), each module on one worker (its module fixtures are built once), in the
-# order tests/conftest.py gives: the longest modules first. Each worker starts its own services at their first use.
+# order tests/conftest.py gives: the longest modules first. The workers share one set of services (tests/conftest.py).
 PARALLEL := -n auto --maxprocesses=4 --dist loadscope --no-loadscope-reorder
 
 test: setup

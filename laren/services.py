@@ -186,6 +186,10 @@ class S3Server(_Process):
         except c.exceptions.BucketAlreadyOwnedByYou:
             pass
 
+    def params(self) -> dict[str, Any]:
+        """Constructor arguments of an object for this same server (``attach`` in another process)."""
+        return dict(root_dir=str(self.root), port=self.port, access_key=self.access_key, secret_key=self.secret_key)
+
     def start(self) -> "S3Server":
         ids = {
             "identities": [
@@ -237,6 +241,10 @@ class MLflowServer(_Process):
     @property
     def uri(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
+
+    def params(self) -> dict[str, Any]:
+        """Constructor arguments of an object for this same server (``attach`` in another process)."""
+        return dict(root_dir=str(self.root), port=self.port, workers=self.workers)
 
     def start(self) -> "MLflowServer":
         db = self.root / "mlflow.db"
@@ -298,6 +306,11 @@ class RayHead(_Process):
         return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                 "RAY_prestart_worker_first_driver": "0", "RAY_enable_worker_prestart": "0"}
 
+    def params(self) -> dict[str, Any]:
+        """Constructor arguments of an object for this same head (``attach`` in another process)."""
+        return dict(root_dir=str(self.root), num_cpus=self.num_cpus, port=self.port, dashboard_port=self.dashboard_port,
+                    object_store_mb=self.object_store_mb, node_env=self.node_env)
+
     def start(self) -> "RayHead":
         argv = [
             _bin("ray"), "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={self.port}",
@@ -329,8 +342,10 @@ class RayHead(_Process):
         return str(d)
 
     def stop(self) -> None:
+        owned = self.proc is not None  # an attached head's folder (its sockets) is its own process's
         super().stop()
-        shutil.rmtree(self.temp_dir(), ignore_errors=True)
+        if owned:
+            shutil.rmtree(self.temp_dir(), ignore_errors=True)
 
 
 STATE_DIR = ".laren"

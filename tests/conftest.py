@@ -6,6 +6,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
+import threading
+import time
+import traceback
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -57,37 +61,50 @@ def _needs_services(config) -> bool:
     return "not integration" not in (config.option.markexpr or "") and not all(p.is_relative_to(unit) for p in paths)
 
 
-def _start_shared_services(config) -> dict:
-    """The controller's services, started in a thread (stopped at the end of the run); their parameters."""
-    import tempfile
-    import threading
-
+def _start_shared_services(config, workers: int) -> dict:
+    """The controller's services, each started in a thread of its own (a failure is written to ``<name>.failed``
+    beside its folder, for the workers to report) and stopped at the end of the run; their parameters."""
     from laren.services import MLflowServer, RayHead, S3Server
 
     root = Path(tempfile.mkdtemp(prefix="laren-test-services-"))
     s3 = S3Server(root / "s3")
-    mlflow = MLflowServer(root / "mlflow")
-    os.environ.update(RayHead.env())
-    head = RayHead(root / "ray", num_cpus=4 * int(config.getoption("numprocesses") or 1), node_env=s3.env())
-    stack = contextlib.ExitStack()
+    services = [s3, MLflowServer(root / "mlflow"), RayHead(root / "ray", num_cpus=4 * workers, node_env=s3.env())]
 
-    def start() -> None:
-        for service in (s3, mlflow, head):  # a failure shows in the workers' attach (its log's tail)
-            stack.enter_context(service)
+    def start(service) -> None:
+        try:
+            service.start()
+        except BaseException:
+            (root / f"{service.name}.failed").write_text(traceback.format_exc())
+            raise
 
-    thread = threading.Thread(target=start, name="laren-test-services", daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=start, args=(sv,), name=f"laren-test-{sv.name}", daemon=True) for sv in services]
+    for t in threads:
+        t.start()
 
     def stop() -> None:
-        thread.join()
-        stack.close()
+        for t in threads:
+            t.join()
+        for service in services:
+            service.stop()
         shutil.rmtree(root, ignore_errors=True)
 
     config.add_cleanup(stop)
-    return {"s3": dict(root_dir=str(s3.root), port=s3.port, access_key=s3.access_key, secret_key=s3.secret_key),
-            "mlflow": dict(root_dir=str(mlflow.root), port=mlflow.port),
-            "ray": dict(root_dir=str(head.root), port=head.port, dashboard_port=head.dashboard_port,
-                        num_cpus=head.num_cpus, node_env=head.node_env)}
+    return {sv.name: sv.params() for sv in services}
+
+
+def _attach(service, timeout_s: float = 300.0):
+    """``service`` (a worker's object for a controller's service) once it answers; the controller's error if its
+    start failed."""
+    failed = service.root.parent / f"{service.name}.failed"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if failed.is_file():
+            raise RuntimeError(f"the shared {service.name} did not start:\n{failed.read_text()}")
+        try:
+            return service.attach(timeout_s=2.0)
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -95,7 +112,8 @@ def pytest_configure_node(node) -> None:
     """xdist's controller, for each worker: the shared services' parameters (started for the first worker)."""
     config = node.config
     if not hasattr(config, "_laren_services"):
-        config._laren_services = _start_shared_services(config) if _needs_services(config) else None
+        workers = int(node.workerinput["workercount"])
+        config._laren_services = _start_shared_services(config, workers) if _needs_services(config) else None
     if config._laren_services:
         node.workerinput[SHARED] = config._laren_services
 
@@ -110,7 +128,7 @@ def s3_server(request, tmp_path_factory):
     from laren.services import S3Server
 
     if shared := _shared(request, "s3"):
-        yield S3Server(**shared).attach()
+        yield _attach(S3Server(**shared))
         return
     with S3Server(tmp_path_factory.mktemp("s3")) as server:
         yield server
@@ -130,7 +148,7 @@ def mlflow_server(request, tmp_path_factory):
     from laren.services import MLflowServer
 
     if shared := _shared(request, "mlflow"):
-        yield MLflowServer(**shared).attach()
+        yield _attach(MLflowServer(**shared))
         return
     with MLflowServer(tmp_path_factory.mktemp("mlflow")) as server:
         yield server
@@ -147,7 +165,7 @@ def ray_head(request, s3_server, tmp_path_factory):
 
     os.environ.update(RayHead.env())
     if shared := _shared(request, "ray"):
-        yield RayHead(**shared).attach()
+        yield _attach(RayHead(**shared))
         ray.shutdown()  # this process as a driver (local_ray)
         return
     with RayHead(tmp_path_factory.mktemp("ray"), num_cpus=4, node_env=s3_server.env()) as head:

@@ -145,15 +145,22 @@ def test_missing_bucket_is_a_clear_error(s3_env, tmp_path):
         P.pack(str(src), "s3://no-such-bucket-laren/ds", "x", R, progress=False)
 
 
-def test_attach_to_a_running_server_and_refuse_a_dead_one(s3_server, tmp_path):
+def test_attach_to_a_running_server_and_refuse_a_dead_one(s3_server, ray_head, tmp_path):
     """A service another process started (how the workers of a parallel test run share the controller's): attached by
-    its folder and ports, usable, and not stopped with the attached object; a port nobody serves is refused."""
-    from laren.services import MLflowServer, S3Server, free_port
+    its parameters, usable, and not stopped (nor its files removed) with the attached object; a port nobody serves is
+    refused."""
+    from pathlib import Path
 
-    other = S3Server(s3_server.root, port=s3_server.port, access_key=s3_server.access_key,
-                     secret_key=s3_server.secret_key).attach(timeout_s=30)
+    from laren.services import MLflowServer, RayHead, S3Server, free_port
+
+    other = S3Server(**s3_server.params()).attach(timeout_s=30)
     other.create_bucket("attached")
     other.stop()  # not its process: nothing happens
     assert "attached" in [b["Name"] for b in s3_server.client().list_buckets()["Buckets"]]
+    head = RayHead(**ray_head.params()).attach(timeout_s=30)
+    session = Path(head.temp_dir()) / "session_latest"  # the head's sockets and logs
+    assert session.exists()
+    head.stop()
+    assert session.exists() and ray_head.ready()
     with pytest.raises(TimeoutError, match=r"mlflow at .* did not answer in 1 s"):
         MLflowServer(tmp_path / "none", port=free_port()).attach(timeout_s=1)
