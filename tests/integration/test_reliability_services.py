@@ -27,8 +27,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 class Hooked:
-    """A ``report`` function for :class:`laren.train.loop.WorkerContext` that copies each checkpoint to ``ck_root`` and
-    calls ``faults[step]()`` once when the loop reports at that step."""
+    """A ``report`` function for :class:`laren.train.loop.WorkerContext` that takes each checkpoint over as Ray Train's
+    does (moved to ``ck_root``: the loop leaves the folder to ``report``) and calls ``faults[step]()`` once when the
+    loop reports at that step."""
 
     def __init__(self, ck_root: Path, faults: Optional[dict[int, Callable[[], None]]] = None):
         self.ck_root, self.faults, self.steps = ck_root, dict(faults or {}), []
@@ -37,7 +38,8 @@ class Hooked:
         step = int(metrics["step"])
         self.steps.append(step)
         if ck_dir:
-            shutil.copytree(ck_dir, self.ck_root / name)
+            self.ck_root.mkdir(parents=True, exist_ok=True)
+            shutil.move(ck_dir, self.ck_root / name)
         fault = self.faults.pop(step, None)
         if fault is not None:
             fault()
