@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,8 +150,6 @@ def test_attach_to_a_running_server_and_refuse_a_dead_one(s3_server, ray_head, t
     """A service another process started (how the workers of a parallel test run share the controller's): attached by
     its parameters, usable, and not stopped (nor its files removed) with the attached object; a port nobody serves is
     refused."""
-    from pathlib import Path
-
     from laren.services import MLflowServer, RayHead, S3Server, free_port
 
     other = S3Server(**s3_server.params()).attach(timeout_s=30)

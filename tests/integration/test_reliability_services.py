@@ -3,7 +3,8 @@ while. In both, training goes on, and the run ends with nothing lost: every step
 uninterrupted run's), every checkpoint complete, no bad or skipped samples.
 
 The worker loop runs in this process (``train_worker``, world size 1) with a ``report`` hook: it receives each
-checkpoint exactly where Ray Train would (a finished directory), keeps a copy, and injects the fault at a chosen step.
+checkpoint exactly where Ray Train would (a finished directory), takes it over as Ray Train does (moving it aside), and
+injects the fault at a chosen step.
 Every faulty run is compared with one uninterrupted run of the same model, data and seed (``reference``: local
 shards, no loader worker, a checkpoint every 2 steps, MLflow in SQLite); the faulty runs differ from it only where
 their fault needs it (shards in S3 read by a loader worker; checkpoints at steps 5 and 10), which the loss curve and
@@ -186,7 +187,6 @@ def test_mlflow_server_down_for_a_while_metrics_arrive_afterwards(reference, mlf
     final = {a.path.split("/")[-1] for a in c.list_artifacts(run.info.run_id, "final_checkpoint")}
     assert {"weights.safetensors", "optim.safetensors", "state.json"} <= final
     assert "resolved_config.yaml" in {a.path for a in c.list_artifacts(run.info.run_id)}
-
 
 
 @pytest.mark.slow
