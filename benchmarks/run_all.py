@@ -1,9 +1,9 @@
 """Every benchmark, one after the other, written to benchmarks/RESULTS.md with the machine, the command and how each
 figure was measured (``make bench``; about 10 minutes on a 2-core CPU machine).
 
-    .venv/bin/python benchmarks/run_all.py [--out benchmarks/RESULTS.md] [--only step,gdm,data,loader,ray,ckpt,profile,ddp,resume]
+    .venv/bin/python benchmarks/run_all.py [--out benchmarks/RESULTS.md] [--only step,gdm,convkb,data,loader,ray,ckpt,profile,ddp,resume]
 
-Sections: training-step throughput and peak memory (LAREN vs Base vs glean_skips), GDM chunked vs unchunked memory,
+Sections: training-step throughput and peak memory (LAREN vs Base vs glean_skips), GDM chunked vs unchunked memory, the GDM's ConvKB sum (literal vs sorted units),
 data pipeline samples/s per loader worker, loader samples/s per core with the LR made on the CPU vs on the training
 device (and the cores per GPU that feed the 64x face step), Ray Train vs a plain torch DDP loop, checkpoint save time to S3, the
 profile of the training step, and the GPU check (pending until it is run on a GPU: benchmarks/gpu_check.sh).
@@ -95,6 +95,19 @@ def section_gdm() -> str:
             "D = N x H for N = 2 and 8 codes; unchunked = one chunk spanning D without recomputation; chunked = 256 "
             "attributes per chunk with (the training default) and without recomputation in backward. Peak = bytes of "
             "tensors alive at once (CPU profiler). Chunked + recompute stays flat in D.\n\n" + "\n".join(out))
+
+
+def section_convkb() -> str:
+    from benchmarks.gdm_convkb import measure
+
+    rows = measure()
+    out = ["| form | fwd s | fwd+bwd s | fwd speed-up | fwd+bwd speed-up |", "|---|---:|---:|---:|---:|"]
+    out += [f"| {r['form']} | {r['fwd_s']:.3f} | {r['fwd_bwd_s']:.3f} | {r['speedup_fwd']:.2f}x | "
+            f"{r['speedup_fwd_bwd']:.2f}x |" for r in rows]
+    return ("How: `benchmarks/gdm_convkb.py`: HMRR's ConvKB sum for one 256-attribute chunk at the paper's widths "
+            "(J=64: 4032 pairs, C=8, Omega=8), batch 2, one thread, best of 3. Literal = the (B, P, Dc, Omega, C) "
+            "tensor of ReLUs summed with w; sorted = the sorted-unit form (laren/models/gdm.py) that the GDM runs. "
+            f"float64 outputs agree to {rows[0]['max_abs_diff_f64']:.0e}.\n\n" + "\n".join(out))
 
 
 def section_data() -> str:
@@ -195,6 +208,7 @@ def section_resume() -> str:
 SECTIONS = {
     "step": ("Training-step throughput and peak memory: LAREN vs Base vs glean_skips", section_step),
     "gdm": ("GDM memory: chunked vs unchunked", section_gdm),
+    "convkb": ("GDM ConvKB sum: literal vs sorted units (one chunk, paper widths)", section_convkb),
     "data": ("Data pipeline: samples/s per loader worker", section_data),
     "loader": ("Loader: CPU LR vs device LR (samples/s per core, cores per GPU at 1024^2)", section_loader),
     "ray": ("Ray Train vs plain torch DDP (same model, 2 workers)", section_ray),

@@ -124,6 +124,26 @@ def test_chunked_equals_reference_float64(chunk_size, checkpoint_chunks, relatio
         assert (a - b).abs().max().item() <= 1e-10
 
 
+def test_sorted_convkb_sum_at_its_edge_cases_float64():
+    """The sorted-unit form of ConvKB's sum (gdm module docstring) where it could differ from ReLU's: a filter with
+    theta_2 = 0 (q = 0: the active units are those with c > 0), filters of both signs, and tied units (theta_1 =
+    theta_3 = beta = 0: c + q = 0 exactly wherever rho = 0). Values and gradients equal the literal (B, P, D, Omega, C) form."""
+    torch.manual_seed(1)
+    gdm = GraphDisentangle(16, 5, 4, 3, convkb_filters=4, chunk_size=7).double()
+    with torch.no_grad():
+        gdm.convkb.theta[:, 1] = torch.tensor([0.0, 0.7, -0.7, 0.3], dtype=torch.float64)
+        gdm.convkb.theta[3, 0] = gdm.convkb.theta[3, 2] = 0.0
+        gdm.convkb.beta[3] = 0.0  # c = 0: ties with q = 0 wherever rho = 0 (off the support)
+    z = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    g, g_ref = gdm(z), reference_hmrr(gdm, z)
+    assert (g - g_ref).abs().max().item() <= 1e-10
+    w = torch.randn_like(g)
+    grads = torch.autograd.grad((g * w).sum(), [z, *gdm.parameters()])
+    grads_ref = torch.autograd.grad((g_ref * w).sum(), [z, *gdm.parameters()])
+    for a, b in zip(grads, grads_ref):
+        assert (a - b).abs().max().item() <= 1e-10
+
+
 def test_rows_without_support_give_zero_relation_and_finite_grads():
     torch.manual_seed(0)
     gdm = GraphDisentangle(8, 3, 2, 2, convkb_filters=2, chunk_size=5).double()
