@@ -9,7 +9,8 @@
     run_plan(plan)             -> plan_trainer(plan).fit() -> {final metrics, "checkpoint": URL, "run_id": ...}
 
 Identity: the Ray Train run name is the job's deterministic run id (``<name>-<config hash>``), and the storage path is
-fixed by the config, so re-running the same job resumes it from its latest checkpoint (same ``(storage_path, name)``);
+fixed by the config, so re-running the same job resumes it from its latest checkpoint (same ``(storage_path, name)``),
+or, when it is complete, returns its final metrics without starting Ray Train (:func:`finished_result`);
 a worker-group restart after a failure resumes from ``ray.train.get_checkpoint()``. Because Ray records a reported
 checkpoint only at its controller's next poll, a run that failed (or whose driver was killed) may hold newer complete
 checkpoints than Ray hands over, or Ray none at all: the workers resume from the newest complete ``checkpoint_*`` of
@@ -43,7 +44,7 @@ from laren.train import faults
 from laren.train import state as S
 from laren.train.faults import KILL_MARKER_ENV, KILL_RANK_ENV, KILL_STEP_ENV, OnStep
 from laren.train.inputs import check_run_inputs
-from laren.train.loop import WorkerContext, train_worker
+from laren.train.loop import Schedule, WorkerContext, train_worker
 from laren.train.prior import check_prior_inputs, prior_worker
 
 log = logging.getLogger("laren.train")
@@ -328,9 +329,14 @@ def run_training(
 def run_plan(plan: RunPlan, parent_run_id: Optional[str] = None, extra_callbacks: Sequence[Any] = (),
              on_step: Optional[OnStep] = None) -> dict[str, Any]:
     """Train a planned run (``laren run-plan``: what a submitted job runs): no rule, manifest or prior metadata is
-    checked or read again; the tracking server is asked once whether this environment's credentials are accepted."""
+    checked or read again; the tracking server is asked once whether this environment's credentials are accepted.
+    A run that is already complete (:func:`finished_result`) returns its final metrics and starts no worker."""
     cfg = plan.run_config()
     check_tracking_auth(cfg.tracking.tracking_uri, cfg.tracking.experiment or cfg.name)
+    done = finished_result(plan)
+    if done is not None:
+        log.info("run %s is complete (%s, its MLflow run FINISHED): nothing to train", plan.run_id, done["checkpoint"])
+        return done
     ensure_ray()
     result = plan_trainer(plan, parent_run_id, extra_callbacks, on_step).fit()
     if result.error is not None:
@@ -346,7 +352,7 @@ def run_plan(plan: RunPlan, parent_run_id: Optional[str] = None, extra_callbacks
         # Resumed at the end from a checkpoint whose report Ray never recorded: this attempt trained nothing, and
         # Ray's result may lack the checkpoint it handed back again (empty, or an older one). The final state is the
         # run's newest checkpoint.
-        out = {**_final_metrics(cfg, newest[1]), "checkpoint": newest[0]}
+        out = {**_final_metrics(newest[1], _mlflow_run(cfg, newest[1])), "checkpoint": newest[0]}
     out["run_id"] = plan.run_id
     return out
 
@@ -365,19 +371,48 @@ def _newest_state(run_dir: str) -> Optional[tuple[str, dict[str, Any]]]:
     return None
 
 
-def _final_metrics(cfg: RunConfig, doc: dict[str, Any]) -> dict[str, Any]:
-    """The final metrics of a run from its last checkpoint's state.json (step, kimg) and its MLflow run (the latest
-    value of every metric it logged, system metrics left out)."""
-    out: dict[str, Any] = {"step": doc["step"], "kimg": doc.get("kimg", doc.get("images_seen", 0) / 1000.0)}
+def finished_result(plan: RunPlan) -> Optional[dict[str, Any]]:
+    """What :func:`run_plan` returns for a run that is complete, or None: an SR run whose newest checkpoint is at its
+    last step and complete (checksums verified: the same rule as a resume), and whose MLflow run is FINISHED (the
+    last attempt logged the final weights, registered the model and closed the run). Such a run needs no worker; a
+    run that died after its last checkpoint, or whose MLflow server cannot say, goes to the workers, which finish it."""
+    if plan.kind != "train":
+        return None
+    newest = _newest_state(plan.run_dir)
+    cfg = plan.run_config()
+    t = cfg.train
+    total = Schedule.from_kimg(t.batch_size_global, t.total_kimg, t.log_every_kimg, t.eval_every_kimg,
+                               t.checkpoint_every_kimg).total_steps
+    if newest is None or newest[1]["step"] < total:
+        return None
+    with tempfile.TemporaryDirectory(prefix="laren-final-check-") as d:
+        try:
+            _resume_copy(None, plan.run_dir, os.path.join(d, "ck"), only=newest[0].rstrip("/").rsplit("/", 1)[1])
+        except S.CheckpointError:
+            return None  # the newest is corrupt: the workers resume from the one before it
+    run = _mlflow_run(cfg, newest[1])
+    if run is None or run.info.status != "FINISHED":
+        return None
+    return {**_final_metrics(newest[1], run), "checkpoint": newest[0], "run_id": plan.run_id}
+
+
+def _mlflow_run(cfg: RunConfig, doc: dict[str, Any]):
+    """The MLflow run named in a checkpoint's state.json, or None (none named, or the server unreachable)."""
     mlflow_run = doc.get("mlflow_run_id")
     if not mlflow_run:
-        return out
+        return None
     try:
-        from mlflow.tracking import MlflowClient  # heavy: only for a run resumed at its end
+        from mlflow.tracking import MlflowClient  # heavy: only for a run found at its end
 
-        metrics = MlflowClient(_absolute(cfg.tracking.tracking_uri) or None).get_run(mlflow_run).data.metrics
+        return MlflowClient(_absolute(cfg.tracking.tracking_uri) or None).get_run(mlflow_run)
     except Exception as err:  # noqa: BLE001 - the tracking server is optional here; never print its URI (credentials)
-        log.warning("final metrics: MLflow run %s unavailable (%s); returning step and kimg only", mlflow_run,
-                    type(err).__name__)
-        return out
+        log.warning("MLflow run %s unavailable (%s)", mlflow_run, type(err).__name__)
+        return None
+
+
+def _final_metrics(doc: dict[str, Any], run) -> dict[str, Any]:
+    """The final metrics of a run from its last checkpoint's state.json (step, kimg) and its MLflow run ``run`` (the
+    latest value of every metric it logged, system metrics left out; step and kimg only when None)."""
+    out: dict[str, Any] = {"step": doc["step"], "kimg": doc.get("kimg", doc.get("images_seen", 0) / 1000.0)}
+    metrics = run.data.metrics if run is not None else {}
     return {**{k: v for k, v in metrics.items() if not k.startswith("system/")}, **out}

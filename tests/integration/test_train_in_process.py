@@ -94,6 +94,27 @@ def test_same_seed_same_curve_and_resume_continues_it(dataset, tmp_path, monkeyp
     for k in ("psnr", "ssim", "lpips_alex"):
         assert ev[f"test/{k}"] == pytest.approx(a[f"val/{k}"], abs=1e-6), k
 
+    # The driver's rule for a complete run (laren/train/distributed.py: finished_result): run a needs no worker while
+    # its last checkpoint is complete and its MLflow run FINISHED; a run left RUNNING (an attempt killed after its
+    # last checkpoint) or a damaged last checkpoint goes to the workers.
+    from mlflow.tracking import MlflowClient
+
+    from laren.plan import build_plan
+    from laren.train.distributed import finished_result
+
+    plan = build_plan(tiny_config(dataset, uri, resources=dict(peak_tflops=peak)), "a", str(tmp_path / "ck_a"))
+    done = finished_result(plan)
+    assert done is not None and done["step"] == 10 and done["run_id"] == "a"
+    assert done["checkpoint"] == str(tmp_path / "ck_a" / "checkpoint_000000010")
+    assert done["val/psnr"] == a["val/psnr"] and done["train/loss_g"] == a["train/loss_g"]
+    client, mlflow_id = MlflowClient(uri), a["mlflow_run_id"]
+    client.update_run(mlflow_id, status="RUNNING")
+    assert finished_result(plan) is None
+    client.update_run(mlflow_id, status="FINISHED")
+    weights = tmp_path / "ck_a" / "checkpoint_000000010" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    assert finished_result(plan) is None
+
 
 def test_training_lowers_pixel_loss(dataset, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"

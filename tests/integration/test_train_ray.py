@@ -5,7 +5,7 @@ One uninterrupted run, `laren train JOB.yaml --storage s3://...` (run id: the jo
 reference of the module. On it, in file order: what it logged and stored; eval and upscale from its S3 checkpoint; a
 run whose worker is SIGKILLed mid-run resumes within the same fit() and reproduces its curve; a corrupted latest
 checkpoint, handed over by Ray, makes the next run fall back to the previous one (redoing steps 6-10 of the
-reference's MLflow run); and running the finished job again, without Ray's record, trains nothing.
+reference's MLflow run); and running the finished job again, without Ray's record, starts no worker.
 
 Tiny sizes: 32x32 HR, 8x8 LR, H=32, 4 GDM nodes, batch 4; 10 steps, checkpoints at steps 5 and 10.
 """
@@ -211,23 +211,33 @@ def test_corrupted_latest_checkpoint_resume_falls_back_to_previous(env, job, ref
 
 
 def test_the_finished_job_again_trains_nothing(env, job, reference):
-    """The same job again, with Ray's record of its checkpoints deleted first (laren finds them on storage), trains
-    nothing, returns the final metrics and logs nothing more to the one, finished, MLflow run."""
+    """The same job again, with Ray's record of its checkpoints deleted first (laren finds them on storage), starts
+    no worker: it returns the final metrics, and the one, finished, MLflow run gains no attempt, metric or end time."""
     from mlflow.tracking import MlflowClient
 
     from laren.data import storage
+    from laren.progress import ATTEMPTS_TAG
 
     run_id = reference["run_id"]
     snapshot = f"{RUNS}/{run_id}/{SNAPSHOT}"
     storage.delete(snapshot)
     assert not storage.exists(snapshot)
-    before = loss_curve(env["uri"], EXPERIMENT, run_id)
+    c = MlflowClient(env["uri"])
+
+    def the_run():
+        runs = c.search_runs([c.get_experiment_by_name(EXPERIMENT).experiment_id],
+                             filter_string=f"attributes.run_name = '{run_id}'")
+        assert len(runs) == 1
+        return runs[0]
+
+    before, curve = the_run(), loss_curve(env["uri"], EXPERIMENT, run_id)
+    assert before.info.status == "FINISHED"
     again = _laren_train(job)
     assert again["step"] == 10 and again["checkpoint"] == reference["checkpoint"] and again["run_id"] == run_id
     for k in ("val/psnr", "val/ssim", "train/loss_g", "kimg"):
         assert again[k] == pytest.approx(reference[k], rel=1e-5), k
-    assert loss_curve(env["uri"], EXPERIMENT, run_id) == before
-    c = MlflowClient(env["uri"])
-    runs = c.search_runs([c.get_experiment_by_name(EXPERIMENT).experiment_id],
-                         filter_string=f"attributes.run_name = '{run_id}'")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert loss_curve(env["uri"], EXPERIMENT, run_id) == curve
+    after = the_run()
+    assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time  # not closed again
+    assert after.data.tags[ATTEMPTS_TAG] == before.data.tags[ATTEMPTS_TAG]  # no worker started an attempt
+    assert not storage.exists(snapshot)  # nor a Ray Train run
