@@ -7,7 +7,7 @@ LPIPS per row, from each row's last evaluation, and its training cost: ``perf/gp
 set (`laren data synth`) each run's SR images also get the factor-FD (:func:`sr_factor_fd`); then, or when rows share a
 label (the seeds of one Table IV row), ``summary.md`` / ``summary.csv`` hold mean ± std per label. Re-running a grid
 re-runs every row under its own run id, so finished
-rows return at once (their training resumes at the end) and unfinished ones continue from their checkpoints.
+rows return at once (no worker starts for a complete run) and unfinished ones continue from their checkpoints.
 
 Eval: the checkpoint a job names (a train job file -> its run id -> the newest ``checkpoint_*`` under
 ``<storage>/runs/<run id>/``; or a run id; or a checkpoint URL) evaluated with :func:`laren.evaluate.run_eval` on
@@ -215,7 +215,7 @@ def run_grid(spec: JobSpec, storage_path: Optional[str] = None, log: Callable[[s
         log(f"  row {rows[i][0].name}: {results[i]['status']} {results[i].get('error', '')}")
     table_rows = [{"label": v.title, "run_id": cfg.run_id, **results[i]} for i, (v, cfg) in enumerate(rows)]
     for r in table_rows:
-        # A row finished by an earlier attempt resumes at its end and evaluates nothing: its numbers are the ones it logged.
+        # A row finished by an earlier attempt evaluates nothing again: its numbers are the ones it logged.
         if r["status"] == "FINISHED" and any(key not in r for _, key in TABLE_METRICS):
             try:
                 got = logged_metrics(base.tracking.tracking_uri, exp, r["run_id"])

@@ -24,8 +24,8 @@ the mask still explains 66 % (face64x) and 64 % (demo), above the 60 % criterion
 support standardises the logits (the softmax ignores their mean): 42 % for face64x at the same init. "rms" and "l2"
 remain as switches.
 
-Memory: the (B, P, D, Omega, C) tensor h is never built, not even per chunk (below), and neither are the full
-(B, P, D) tensors A, X-hat or r.
+Memory: the (B, P, D, Omega, C) tensor h is never built (in HMRR not even per chunk: below), and neither are the
+full (B, P, D) tensors A, X-hat or r.
 The attribute axis is processed in chunks of Dc under ``torch.utils.checkpoint``. The softmax over D needs per-pair
 normalisers (the support size, the sum of squares, the max, then the sum of exponentials, which depends on the
 first three). They are gathered in two cheap chunked statistics passes (each chunk only (B, P, Dc)). A third pass
@@ -220,7 +220,7 @@ class GraphDisentangle(_GraphBase):
         num_nodes: J.  node_dim: C.  num_codes: N (the generator's number of style inputs).
         convkb_filters: Omega.
         relation_scale: kappa in rho = kappa * r. None means D (choice C5); 1.0 is the paper-literal reading.
-        chunk_size: attributes per chunk (Dc). Peak memory scales with B*P*Dc*Omega*C, not with D.
+        chunk_size: attributes per chunk (Dc). Peak memory scales with B*P*Dc*Omega, not with D.
         checkpoint_chunks: recompute each chunk in backward, so the memory stays flat in D during training too.
         relation_logits: the normaliser nu of the logits: "std" (default), "rms" (spec v2) or "l2" (v1, paper-literal).
 

@@ -38,7 +38,7 @@ from laren.plan import RunPlan, build_plan, write_plan
 from laren.ray_address import driver_address
 from laren.services import RayHead
 from laren.services import read_services
-from laren.tracking import check_tracking_auth
+from laren.tracking import check_tracking_auth, mlflow_client
 from laren.train import collectives as C
 from laren.train import faults
 from laren.train import state as S
@@ -118,6 +118,16 @@ def _complete_copy(fetch, dest: str) -> bool:
         return False
 
 
+def _stored_fetch(url: str):
+    """A fetch function for :func:`_complete_copy`: the checkpoint's three files at ``url`` into a folder."""
+
+    def fetch(d: str) -> None:
+        for f in (S.WEIGHTS_FILE, S.OPTIM_FILE, S.STATE_FILE):
+            storage.download_file(storage.join(url, f), os.path.join(d, f))
+
+    return fetch
+
+
 def _resume_copy(ck, run_dir: Optional[str], dest: str, only: Optional[str] = None) -> Optional[str]:
     """The name of the newest *complete* checkpoint of the run, copied into ``dest``, or None when it has none.
 
@@ -142,12 +152,7 @@ def _resume_copy(ck, run_dir: Optional[str], dest: str, only: Optional[str] = No
                 with ck.as_directory() as src:  # may be a transient download: copy what the loop needs
                     shutil.copytree(src, d, dirs_exist_ok=True)
         else:
-            url = storage.join(run_dir.rstrip("/"), name)
-
-            def fetch(d: str, url: str = url) -> None:
-                for f in (S.WEIGHTS_FILE, S.OPTIM_FILE, S.STATE_FILE):
-                    storage.download_file(storage.join(url, f), os.path.join(d, f))
-
+            fetch = _stored_fetch(storage.join(run_dir.rstrip("/"), name))
         if _complete_copy(fetch, dest):
             if name != names[0]:
                 log.warning("checkpoint %s of the run is unusable; resuming from the previous one, %s", names[0], name)
@@ -330,7 +335,7 @@ def run_plan(plan: RunPlan, parent_run_id: Optional[str] = None, extra_callbacks
              on_step: Optional[OnStep] = None) -> dict[str, Any]:
     """Train a planned run (``laren run-plan``: what a submitted job runs): no rule, manifest or prior metadata is
     checked or read again; the tracking server is asked once whether this environment's credentials are accepted.
-    A run that is already complete (:func:`finished_result`) returns its final metrics and starts no worker."""
+    An SR run that is already complete (:func:`finished_result`) returns its final metrics and starts no worker."""
     cfg = plan.run_config()
     check_tracking_auth(cfg.tracking.tracking_uri, cfg.tracking.experiment or cfg.name)
     done = finished_result(plan)
@@ -372,10 +377,12 @@ def _newest_state(run_dir: str) -> Optional[tuple[str, dict[str, Any]]]:
 
 
 def finished_result(plan: RunPlan) -> Optional[dict[str, Any]]:
-    """What :func:`run_plan` returns for a run that is complete, or None: an SR run whose newest checkpoint is at its
-    last step and complete (checksums verified: the same rule as a resume), and whose MLflow run is FINISHED (the
-    last attempt logged the final weights, registered the model and closed the run). Such a run needs no worker; a
-    run that died after its last checkpoint, or whose MLflow server cannot say, goes to the workers, which finish it."""
+    """What :func:`run_plan` returns for an SR run that is complete, or None. Complete: its newest checkpoint is at
+    the last step; its MLflow run is FINISHED (the last attempt logged the final weights and closed the run) and,
+    with ``tracking.register_model``, holds a registered model version; and that checkpoint is complete (checksums
+    verified: the rule of a resume; checked last, as it downloads the checkpoint). Such a run needs no worker. A run
+    that died after its last checkpoint, whose registration failed, whose last checkpoint is damaged or whose MLflow
+    server cannot say goes to the workers, which finish it. Prior runs always go to the workers."""
     if plan.kind != "train":
         return None
     newest = _newest_state(plan.run_dir)
@@ -385,15 +392,23 @@ def finished_result(plan: RunPlan) -> Optional[dict[str, Any]]:
                                t.checkpoint_every_kimg).total_steps
     if newest is None or newest[1]["step"] < total:
         return None
-    with tempfile.TemporaryDirectory(prefix="laren-final-check-") as d:
-        try:
-            _resume_copy(None, plan.run_dir, os.path.join(d, "ck"), only=newest[0].rstrip("/").rsplit("/", 1)[1])
-        except S.CheckpointError:
-            return None  # the newest is corrupt: the workers resume from the one before it
     run = _mlflow_run(cfg, newest[1])
-    if run is None or run.info.status != "FINISHED":
+    if run is None or run.info.status != "FINISHED" or (cfg.tracking.register_model and not _registered(cfg, run)):
         return None
+    with tempfile.TemporaryDirectory(prefix="laren-final-check-") as d:
+        if not _complete_copy(_stored_fetch(newest[0]), d):
+            return None  # the workers resume from the checkpoint before it
     return {**_final_metrics(newest[1], run), "checkpoint": newest[0], "run_id": plan.run_id}
+
+
+def _registered(cfg: RunConfig, run) -> bool:
+    """Whether the model registry holds a version made from the MLflow run ``run`` (False when it cannot say)."""
+    try:
+        return bool(mlflow_client(_absolute(cfg.tracking.tracking_uri)).search_model_versions(
+            f"run_id = '{run.info.run_id}'"))
+    except Exception as err:  # noqa: BLE001 - as _mlflow_run
+        log.warning("MLflow model registry unavailable (%s)", type(err).__name__)
+        return False
 
 
 def _mlflow_run(cfg: RunConfig, doc: dict[str, Any]):
@@ -402,9 +417,7 @@ def _mlflow_run(cfg: RunConfig, doc: dict[str, Any]):
     if not mlflow_run:
         return None
     try:
-        from mlflow.tracking import MlflowClient  # heavy: only for a run found at its end
-
-        return MlflowClient(_absolute(cfg.tracking.tracking_uri) or None).get_run(mlflow_run)
+        return mlflow_client(_absolute(cfg.tracking.tracking_uri) or None).get_run(mlflow_run)
     except Exception as err:  # noqa: BLE001 - the tracking server is optional here; never print its URI (credentials)
         log.warning("MLflow run %s unavailable (%s)", mlflow_run, type(err).__name__)
         return None

@@ -95,8 +95,9 @@ def test_same_seed_same_curve_and_resume_continues_it(dataset, tmp_path, monkeyp
         assert ev[f"test/{k}"] == pytest.approx(a[f"val/{k}"], abs=1e-6), k
 
     # The driver's rule for a complete run (laren/train/distributed.py: finished_result): run a needs no worker while
-    # its last checkpoint is complete and its MLflow run FINISHED; a run left RUNNING (an attempt killed after its
-    # last checkpoint) or a damaged last checkpoint goes to the workers.
+    # its last checkpoint is complete and its MLflow run FINISHED (and its model registered, when asked); a run left
+    # RUNNING (an attempt killed after its last checkpoint), an unregistered model or a damaged last checkpoint goes
+    # to the workers.
     from mlflow.tracking import MlflowClient
 
     from laren.plan import build_plan
@@ -111,6 +112,13 @@ def test_same_seed_same_curve_and_resume_continues_it(dataset, tmp_path, monkeyp
     client.update_run(mlflow_id, status="RUNNING")
     assert finished_result(plan) is None
     client.update_run(mlflow_id, status="FINISHED")
+    # With tracking.register_model, the registry must also hold a version made from the run.
+    registering = build_plan(tiny_config(dataset, uri, resources=dict(peak_tflops=peak), tracking=dict(register_model=True)),
+                             "a", str(tmp_path / "ck_a"))
+    assert finished_result(registering) is None
+    client.create_registered_model("laren-tiny-a")
+    client.create_model_version("laren-tiny-a", str(tmp_path / "ck_a" / "checkpoint_000000010"), run_id=mlflow_id)
+    assert finished_result(registering)["step"] == 10
     weights = tmp_path / "ck_a" / "checkpoint_000000010" / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])
     assert finished_result(plan) is None
