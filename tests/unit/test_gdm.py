@@ -110,18 +110,22 @@ def test_chunked_equals_reference_float64(chunk_size, checkpoint_chunks, relatio
     torch.manual_seed(0)
     gdm = GraphDisentangle(16, 5, 4, 3, convkb_filters=3, chunk_size=chunk_size, checkpoint_chunks=checkpoint_chunks,
                            relation_logits=relation_logits).double()
-    z = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
-    g = gdm(z)
-    g_ref = reference_hmrr(gdm, z)
+    g = assert_equals_reference(gdm, torch.randn(3, 16, dtype=torch.float64, requires_grad=True))
     assert g.shape == (3, 3, 16)
-    assert (g - g_ref).abs().max().item() <= 1e-10
     assert g.std().item() > 1e-3  # kappa = D keeps g varying over d (choice C5)
-    # gradients agree too (through the chunked checkpoints and both statistics passes)
+
+
+def assert_equals_reference(gdm: GraphDisentangle, z: torch.Tensor) -> torch.Tensor:
+    """g = gdm(z) equals the literal reference to 1e-10, and so do the gradients of a random function of g with respect
+    to z and every parameter (through the chunked checkpoints and both statistics passes); returns g."""
+    g, g_ref = gdm(z), reference_hmrr(gdm, z)
+    assert (g - g_ref).abs().max().item() <= 1e-10
     w = torch.randn_like(g)
     grads = torch.autograd.grad((g * w).sum(), [z, *gdm.parameters()])
     grads_ref = torch.autograd.grad((g_ref * w).sum(), [z, *gdm.parameters()])
     for a, b in zip(grads, grads_ref):
         assert (a - b).abs().max().item() <= 1e-10
+    return g
 
 
 def test_sorted_convkb_sum_at_its_edge_cases_float64():
@@ -134,14 +138,7 @@ def test_sorted_convkb_sum_at_its_edge_cases_float64():
         gdm.convkb.theta[:, 1] = torch.tensor([0.0, 0.7, -0.7, 0.3], dtype=torch.float64)
         gdm.convkb.theta[3, 0] = gdm.convkb.theta[3, 2] = 0.0
         gdm.convkb.beta[3] = 0.0  # c = 0: ties with q = 0 wherever rho = 0 (off the support)
-    z = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
-    g, g_ref = gdm(z), reference_hmrr(gdm, z)
-    assert (g - g_ref).abs().max().item() <= 1e-10
-    w = torch.randn_like(g)
-    grads = torch.autograd.grad((g * w).sum(), [z, *gdm.parameters()])
-    grads_ref = torch.autograd.grad((g_ref * w).sum(), [z, *gdm.parameters()])
-    for a, b in zip(grads, grads_ref):
-        assert (a - b).abs().max().item() <= 1e-10
+    assert_equals_reference(gdm, torch.randn(3, 16, dtype=torch.float64, requires_grad=True))
 
 
 def test_rows_without_support_give_zero_relation_and_finite_grads():
