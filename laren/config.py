@@ -40,13 +40,13 @@ class PriorConfig(Section):
     style_dim: int = Field(512, ge=1, le=4096, description="Style / latent width H of the generator (512 for official weights).")
     mapping_layers: int = Field(8, ge=1, le=32, description="Depth of the mapping MLP (8 for official weights).")
     channel_multiplier: int = Field(2, ge=1, le=64, description="StyleGAN2 channel multiplier (2 for FFHQ-1024 config-f, 1 for some 256 models).")
-    channel_max: int = Field(512, ge=1, le=4096, description="Cap on feature channels per resolution (512 for official weights; small in tests).")
     channel_table_base: Optional[int] = Field(
         None, ge=1, le=1 << 24,
         description="channel_base of a non-stock channel table, channels(r) = min(channel_table_base // r, channel_max), "
         "as `laren prior import` records it (PriorMeta.channel_base); None: the stock 16384 * channel_multiplier. "
         "Filled in from the prior's metadata when a run is planned.",
     )
+    channel_max: int = Field(512, ge=1, le=4096, description="Cap on feature channels per resolution (512 for official weights; small in tests).")
     source: str = Field(
         "",
         description="Human note: which pre-trained checkpoint this job expects and where to obtain it.",
@@ -489,13 +489,7 @@ class AnalysisConfig(Section):
     )
     max_images: int = Field(1024, ge=16, le=1_000_000, description="Images encoded (the first of data.val_url).")
     test_fraction: float = Field(0.5, gt=0, lt=1, description="Share of the images whose codes test the estimators.")
-    estimator: Literal["gbt", "lasso"] = Field(
-        "gbt", description="gbt: scikit-learn gradient-boosted trees, importance = feature_importances_ (Eastwood & "
-        "Williams; StyleSpace); lasso: L1 linear models on standardised codes, importance = |coef|.",
-    )
-    gbt_trees: int = Field(100, ge=1, le=10_000, description="gbt: boosting stages (scikit-learn default 100).")
-    gbt_depth: int = Field(3, ge=1, le=32, description="gbt: tree depth (scikit-learn default 3).")
-    lasso_alpha: float = Field(0.01, gt=0, le=100, description="lasso: L1 weight (Lasso alpha; 1 / C of logistic).")
+    batch_size: int = Field(64, ge=1, le=4096, description="Images per forward pass when encoding.")
     continuous: Literal["regress", "bin"] = Field(
         "regress", description="Continuous factors: regress (regressor; informativeness = held-out R^2 clipped to "
         "[0, 1]) or bin (quantile bins, classifier; informativeness = accuracy as for discrete factors).",
@@ -506,8 +500,14 @@ class AnalysisConfig(Section):
         "images (StyleSpace keeps an attribute with >= 5 % on each side).",
     )
     colour_max: float = Field(0.4, gt=0, le=1, description="Top of the heatmaps' colour range (Fig. 7: 0.4).")
-    batch_size: int = Field(64, ge=1, le=4096, description="Images per forward pass when encoding.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Train/test split and estimator seed.")
+    estimator: Literal["gbt", "lasso"] = Field(
+        "gbt", description="gbt: scikit-learn gradient-boosted trees, importance = feature_importances_ (Eastwood & "
+        "Williams; StyleSpace); lasso: L1 linear models on standardised codes, importance = |coef|.",
+    )
+    gbt_trees: int = Field(100, ge=1, le=10_000, description="gbt: boosting stages (scikit-learn default 100).")
+    gbt_depth: int = Field(3, ge=1, le=32, description="gbt: tree depth (scikit-learn default 3).")
+    lasso_alpha: float = Field(0.01, gt=0, le=100, description="lasso: L1 weight (Lasso alpha; 1 / C of logistic).")
 
 
 # ----------------------------------------------------------------------------------------------- loading
