@@ -5,7 +5,8 @@
 At the paper's widths (J=64 nodes: P = 4032 ordered pairs; C=8, Omega=8; a 256-attribute chunk; batch 2; one thread),
 g[b, d] = mean_p sum_{o,k} w_ok ReLU(c[b,p,o,k] + theta_2o rho[b,p,d]) two ways:
 - literal: the (B, P, Dc, Omega, C) tensor of ReLUs, summed with w (the form before laren/models/gdm.py's sorted units);
-- sorted: ``convkb_sorted`` once, then a search and two lookups per (b, p, o, d) (what ``GraphDisentangle`` runs).
+- sorted: ``convkb_sorted`` once, then ``convkb_mean_score``: a search and two lookups per (b, p, o, d) (what
+  ``GraphDisentangle`` runs).
 Both are timed forward and forward + backward in the same run (best of 3), and their outputs compared in float64.
 ``measure()`` returns the rows for ``benchmarks/run_all.py``.
 """
@@ -28,14 +29,9 @@ def literal(c_BPOC, rho_BPD, theta2_O, w_OC):
 
 
 def sorted_units(c_BPOC, rho_BPD, theta2_O, w_OC):
-    import torch
+    from laren.models.gdm import convkb_mean_score, convkb_sorted
 
-    from laren.models.gdm import convkb_sorted
-
-    negc, s, wsum = convkb_sorted(c_BPOC, w_OC)
-    q = theta2_O[:, None] * rho_BPD[:, :, None, :]
-    m = torch.searchsorted(negc, q)
-    return (s.gather(-1, m).sum((1, 2)) + (q * wsum.gather(-1, m)).sum((1, 2))) / c_BPOC.shape[1]
+    return convkb_mean_score(*convkb_sorted(c_BPOC, w_OC), theta2_O, rho_BPD)
 
 
 def _best(fn, repeats: int = 3) -> float:

@@ -63,8 +63,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ConvKB", "GraphDisentangle", "GraphDisentangleVRR", "ordered_pairs", "convkb_sorted", "RELATION_LOGITS",
-           "mask_variance_share"]
+__all__ = ["ConvKB", "GraphDisentangle", "GraphDisentangleVRR", "ordered_pairs", "convkb_sorted", "convkb_mean_score",
+           "RELATION_LOGITS", "mask_variance_share"]
 
 RELATION_LOGITS = ("std", "rms", "l2")  # the normaliser nu of the relation logits: default, spec v2, v1 paper-literal
 
@@ -118,6 +118,16 @@ def convkb_sorted(base_BPOC: Tensor, w_OC: Tensor) -> tuple[Tensor, Tensor, Tens
     wc_BPOC = w_BPOC * base_BPOC.gather(-1, order_BPOC)
     zero = base_BPOC.new_zeros(base_BPOC.shape[:-1] + (1,))
     return negc_BPOC, torch.cat([zero, wc_BPOC.cumsum(-1)], -1), torch.cat([zero, w_BPOC.cumsum(-1)], -1)
+
+
+def convkb_mean_score(negc_BPOC: Tensor, s_BPOC1: Tensor, w_BPOC1: Tensor, theta2_O: Tensor, rho_BPDc: Tensor) -> Tensor:
+    """mean_p sum_{o,k} w_ok ReLU(c_pok + theta_2o rho_pd), (B, Dc), from :func:`convkb_sorted`'s sorted units: the
+    active units of (p, o, d) are the first m, m = #{k: -c_k < q} with q = theta_2o rho_pd, and their sum is
+    S_m + q W_m (module docstring)."""
+    q_BPODc = theta2_O[:, None] * rho_BPDc[:, :, None, :]
+    m_BPODc = torch.searchsorted(negc_BPOC, q_BPODc)  # strictly: a unit at c_k + q == 0 is inactive, as in ReLU
+    score = s_BPOC1.gather(-1, m_BPODc).sum((1, 2)) + (q_BPODc * w_BPOC1.gather(-1, m_BPODc)).sum((1, 2))
+    return score / negc_BPOC.shape[1]
 
 
 def _maybe_checkpoint(enabled: bool, fn, *args):
@@ -265,10 +275,7 @@ class GraphDisentangle(_GraphBase):
         """g for one chunk of attributes, (B, Dc): mean over pairs of sum_{o,k} w_ok ReLU(c_pok + theta_2o rho_pd),
         through the sorted units (module docstring; :func:`convkb_sorted`)."""
         rho_BPDc = self._rho_chunk(self._attr_chunk(u_BJC, w_DcC2, b_Dc), norm_BP, shift_BP, sumexp_BP)
-        q_BPODc = theta2_O[:, None] * rho_BPDc[:, :, None, :]
-        m_BPODc = torch.searchsorted(negc_BPOC, q_BPODc)  # active units: -c_k < q
-        score = s_BPOC1.gather(-1, m_BPODc).sum((1, 2)) + (q_BPODc * w_BPOC1.gather(-1, m_BPODc)).sum((1, 2))
-        return score / negc_BPOC.shape[1]  # mean over pairs: (B, Dc)
+        return convkb_mean_score(negc_BPOC, s_BPOC1, w_BPOC1, theta2_O, rho_BPDc)
 
     # -------------------------------------------------------------------------------------------------------------
 

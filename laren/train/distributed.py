@@ -35,6 +35,7 @@ from typing import Any, Optional, Sequence
 from laren.config import PriorRunConfig, RunConfig
 from laren.data import storage
 from laren.plan import RunPlan, build_plan, write_plan
+from laren.progress import write_line
 from laren.ray_address import driver_address
 from laren.services import RayHead
 from laren.services import read_services
@@ -340,7 +341,7 @@ def run_plan(plan: RunPlan, parent_run_id: Optional[str] = None, extra_callbacks
     check_tracking_auth(cfg.tracking.tracking_uri, cfg.tracking.experiment or cfg.name)
     done = finished_result(plan)
     if done is not None:
-        log.info("run %s is complete (%s, its MLflow run FINISHED): nothing to train", plan.run_id, done["checkpoint"])
+        write_line(f"{plan.run_id}: complete ({done['checkpoint']}; its MLflow run FINISHED): nothing to train")
         return done
     ensure_ray()
     result = plan_trainer(plan, parent_run_id, extra_callbacks, on_step).fit()
@@ -425,7 +426,8 @@ def _mlflow_run(cfg: RunConfig, doc: dict[str, Any]):
 
 def _final_metrics(doc: dict[str, Any], run) -> dict[str, Any]:
     """The final metrics of a run from its last checkpoint's state.json (step, kimg) and its MLflow run ``run`` (the
-    latest value of every metric it logged, system metrics left out; step and kimg only when None)."""
+    latest value of every metric it logged; step and kimg only when None): the keys a training attempt returns, so
+    system metrics and the health figures, which rank 0 only logs, are left out."""
     out: dict[str, Any] = {"step": doc["step"], "kimg": doc.get("kimg", doc.get("images_seen", 0) / 1000.0)}
     metrics = run.data.metrics if run is not None else {}
-    return {**{k: v for k, v in metrics.items() if not k.startswith("system/")}, **out}
+    return {**{k: v for k, v in metrics.items() if not k.startswith(("system/", "health/"))}, **out}

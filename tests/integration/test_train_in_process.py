@@ -108,6 +108,7 @@ def test_same_seed_same_curve_and_resume_continues_it(dataset, tmp_path, monkeyp
     assert done is not None and done["step"] == 10 and done["run_id"] == "a"
     assert done["checkpoint"] == str(tmp_path / "ck_a" / "checkpoint_000000010")
     assert done["val/psnr"] == a["val/psnr"] and done["train/loss_g"] == a["train/loss_g"]
+    assert set(done) - {"checkpoint", "run_id"} == set(a) - {"mlflow_run_id"}  # what the training attempt returned
     client, mlflow_id = MlflowClient(uri), a["mlflow_run_id"]
     client.update_run(mlflow_id, status="RUNNING")
     assert finished_result(plan) is None

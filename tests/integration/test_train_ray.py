@@ -240,4 +240,4 @@ def test_the_finished_job_again_trains_nothing(env, job, reference):
     after = the_run()
     assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time  # not closed again
     assert after.data.tags[ATTEMPTS_TAG] == before.data.tags[ATTEMPTS_TAG]  # no worker started an attempt
-    assert not storage.exists(snapshot)  # nor a Ray Train run
+    assert not storage.exists(snapshot)  # and Ray Train recorded no checkpoint of it
