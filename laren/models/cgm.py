@@ -87,9 +87,10 @@ class CodeGeneration(nn.Module):
         """R_n = (W_Q g_n)(W_K g_n)^T: (B, H, F)."""
         return torch.einsum("bi,bf->bif", self.query(g_BH), self.key(g_BH))
 
-    def codes(self, g_BNH: Tensor, stats: Optional[dict[str, list[float]]] = None) -> Tensor:
+    def codes(self, g_BNH: Tensor, stats: Optional[dict[str, list[Tensor]]] = None) -> Tensor:
         """c_1..c_{N_c}: (B, N_c, F). With ``stats`` (a dict), appends per layer the share of positive
-        pre-activations (``live``: units ReLU would pass) and the max of T (``t_max``)."""
+        pre-activations (``live``: units ReLU would pass) and the max of T (``t_max``), as 0-dim tensors on the
+        model's device (no host sync: the caller reads them all at once)."""
         if g_BNH.shape[1] < self.num_codes:
             raise ValueError(f"CGM needs >= {self.num_codes} latent codes, got g of shape {tuple(g_BNH.shape)}")
         codes = []
@@ -106,8 +107,8 @@ class CodeGeneration(nn.Module):
                 x = torch.cat([c_prev, g_n], dim=1)  # (B, F+H)
             pre = torch.einsum("bif,bi->bf", T, x)
             if stats is not None:
-                stats.setdefault("live", []).append(float((pre > 0).float().mean()))
-                stats.setdefault("t_max", []).append(float(T.amax()))
+                stats.setdefault("live", []).append((pre > 0).float().mean())
+                stats.setdefault("t_max", []).append(T.amax())
             c = self._delta(pre)
             codes.append(c)
             T_prev, c_prev = T, c

@@ -323,13 +323,12 @@ class GraphDisentangle(_GraphBase):
         u_BJC = self.nodes(z_BH)
         W, b = self.attr.weight, self.attr.bias
         norm_BP, shift_BP, sumexp_BP = self._normalisers(u_BJC)
-        count = support = s1 = s2 = 0.0
+        count, sums = 0, torch.zeros(3, dtype=torch.float64, device=z_BH.device)  # support, sum rho, sum rho^2
         for s, e in _chunks(self.num_attributes, self.chunk_size):
             rho = self._rho_chunk(self._attr_chunk(u_BJC, W[s:e], b[s:e]), norm_BP, shift_BP, sumexp_BP).double()
             count += rho.numel()
-            support += float((rho > 0).sum())
-            s1 += float(rho.sum())
-            s2 += float(rho.square().sum())
+            sums += torch.stack([(rho > 0).sum(), rho.sum(), rho.square().sum()])
+        support, s1, s2 = sums.tolist()  # the one host read
         return {"mask_share": mask_variance_share(count, support, s1, s2), "support_share": support / count}
 
 
@@ -376,8 +375,8 @@ class GraphDisentangleVRR(_GraphBase):
     def relation_stats(self, z_BH: Tensor) -> dict[str, float]:
         """Health figures of rho, as :meth:`GraphDisentangle.relation_stats` (here rho is (B, P), shared over D)."""
         rho = self.adjacency(self.nodes(z_BH)).double()
-        support = float((rho > 0).sum())
-        share = mask_variance_share(rho.numel(), support, float(rho.sum()), float(rho.square().sum()))
+        support, s1, s2 = torch.stack([(rho > 0).sum(), rho.sum(), rho.square().sum()]).tolist()  # one host read
+        share = mask_variance_share(rho.numel(), support, s1, s2)
         return {"mask_share": share, "support_share": support / rho.numel()}
 
     def forward(self, z_BH: Tensor) -> Tensor:

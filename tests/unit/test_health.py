@@ -119,3 +119,39 @@ def test_rerr_and_vrr_rows_give_different_image_specific_noise():
     for rel, maps in parts.items():
         assert all((m[:, 0] != m[:, 1]).any() for m in maps), rel  # image-specific
     assert all((a - b).abs().amax() > 1e-6 * b.abs().amax() for a, b in zip(parts["rerr"], parts["vrr"]))
+
+
+def test_figures_read_on_device_equal_their_definitions():
+    """step_figures reads its figures from the device in one transfer: they equal the definitions computed per tensor
+    in float64 (rms(grad) / rms(param) per group; the CGM's live share and max T per layer; maps that differ)."""
+    import math
+
+    from laren.models.build import build_model
+
+    cfg = load_any(REPO / "jobs" / "demo-photos.yaml").run_config().model
+    torch.manual_seed(0)
+    model = build_model(cfg.model_copy(update={"prior": cfg.prior.model_copy(update={"path": None})})).train()
+    lr = health.probe_images(2, cfg.lr_size, seed=0)
+    z, _ = model.encode(lr)
+    g, _ = model.latent_codes(z)
+    sum(m.square().mean() for m in model.cgm(g)).backward()
+    fig = health.step_figures(model, lr)
+
+    for name, params in health._groups(model).items():
+        with torch.no_grad():
+            g2 = sum(float(p.grad.double().square().sum()) for p in params if p.grad is not None)
+            p2 = sum(float(p.double().square().sum()) for p in params)
+        assert fig[f"grad_ratio/{name}"] == pytest.approx(math.sqrt(g2) / math.sqrt(p2), rel=1e-5), name
+    assert fig["grad_ratio/cgm.query"] > 0 and fig["grad_ratio/decoder"] == 0.0  # the frozen prior: no gradient
+    with torch.no_grad():
+        z, _ = model.encode(lr[:2])
+        g, _ = model.latent_codes(z)
+        stats = {}
+        maps = model.cgm.noise_maps(model.cgm.codes(g, stats))
+    live = [float(t) for t in stats["live"]]
+    assert [fig[f"cgm_live/L{i:02d}"] for i in range(len(live))] == pytest.approx(live, rel=1e-12)
+    assert fig["cgm_live_min"] == pytest.approx(min(live), rel=1e-12)
+    assert fig["cgm_tmax/L00"] == pytest.approx(float(stats["t_max"][0]), rel=1e-12)
+    assert fig["cgm_noise_differ"] == sum(bool((m[0] != m[1]).any()) for m in maps) / len(maps)
+    flat = g.flatten(1).double()
+    assert fig["g_spread"] == pytest.approx(float((flat.std(1) / flat.mean(1).abs()).mean()), rel=1e-12)
