@@ -154,6 +154,16 @@ def _logit_norm(sumsq: Tensor, total: Tensor, support: Tensor, mode: str) -> Ten
     return torch.sqrt(msq.clamp_min(1e-24))
 
 
+def _rho_sums(rho: Tensor) -> Tensor:
+    """(support size, sum, sum of squares) of a float64 rho, as one tensor on its device."""
+    return torch.stack([(rho > 0).sum(), rho.sum(), rho.square().sum()])
+
+
+def relation_figures(count: int, support: float, s1: float, s2: float) -> dict[str, float]:
+    """The health figures of rho from its sums (``relation_sums``): ``mask_share`` and ``support_share``."""
+    return {"mask_share": mask_variance_share(count, support, s1, s2), "support_share": support / count}
+
+
 def mask_variance_share(count: float, support: float, s1: float, s2: float) -> float:
     """Share of the variance of rho (>= 0, exactly 0 off the support) that the support mask 1[rho > 0] explains:
     the between-group sum of squares over the total, from the counts of all entries and of the support entries and
@@ -317,19 +327,24 @@ class GraphDisentangle(_GraphBase):
         return torch.cat(g_chunks, dim=1).view(B, self.num_codes, self.latent_dim)
 
     @torch.no_grad()
-    def relation_stats(self, z_BH: Tensor) -> dict[str, float]:
-        """Health figures of rho (model-spec 9, R2/R4), chunk by chunk: the mask's share of its variance and the
-        support's share of the entries."""
+    def relation_sums(self, z_BH: Tensor) -> tuple[int, Tensor]:
+        """rho's entry count and, on the model's device (no host sync), float64 (support size, sum rho, sum rho^2),
+        chunk by chunk: what :func:`relation_figures` turns into the health figures."""
         u_BJC = self.nodes(z_BH)
         W, b = self.attr.weight, self.attr.bias
         norm_BP, shift_BP, sumexp_BP = self._normalisers(u_BJC)
-        count, sums = 0, torch.zeros(3, dtype=torch.float64, device=z_BH.device)  # support, sum rho, sum rho^2
+        count, sums = 0, torch.zeros(3, dtype=torch.float64, device=z_BH.device)
         for s, e in _chunks(self.num_attributes, self.chunk_size):
             rho = self._rho_chunk(self._attr_chunk(u_BJC, W[s:e], b[s:e]), norm_BP, shift_BP, sumexp_BP).double()
             count += rho.numel()
-            sums += torch.stack([(rho > 0).sum(), rho.sum(), rho.square().sum()])
-        support, s1, s2 = sums.tolist()  # the one host read
-        return {"mask_share": mask_variance_share(count, support, s1, s2), "support_share": support / count}
+            sums += _rho_sums(rho)
+        return count, sums
+
+    def relation_stats(self, z_BH: Tensor) -> dict[str, float]:
+        """Health figures of rho (model-spec 9, R2/R4): the mask's share of its variance and the support's share of
+        the entries."""
+        count, sums = self.relation_sums(z_BH)
+        return relation_figures(count, *sums.tolist())
 
 
 class GraphDisentangleVRR(_GraphBase):
@@ -372,12 +387,15 @@ class GraphDisentangleVRR(_GraphBase):
         return torch.einsum("bpdoc,oc->bd", h, w_OC) / h.shape[1]
 
     @torch.no_grad()
-    def relation_stats(self, z_BH: Tensor) -> dict[str, float]:
-        """Health figures of rho, as :meth:`GraphDisentangle.relation_stats` (here rho is (B, P), shared over D)."""
+    def relation_sums(self, z_BH: Tensor) -> tuple[int, Tensor]:
+        """As :meth:`GraphDisentangle.relation_sums` (here rho is (B, P), shared over D)."""
         rho = self.adjacency(self.nodes(z_BH)).double()
-        support, s1, s2 = torch.stack([(rho > 0).sum(), rho.sum(), rho.square().sum()]).tolist()  # one host read
-        share = mask_variance_share(rho.numel(), support, s1, s2)
-        return {"mask_share": share, "support_share": support / rho.numel()}
+        return rho.numel(), _rho_sums(rho)
+
+    def relation_stats(self, z_BH: Tensor) -> dict[str, float]:
+        """Health figures of rho, as :meth:`GraphDisentangle.relation_stats`."""
+        count, sums = self.relation_sums(z_BH)
+        return relation_figures(count, *sums.tolist())
 
     def forward(self, z_BH: Tensor) -> Tensor:
         B = z_BH.shape[0]

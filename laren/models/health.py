@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import get_total_norm
 
 from laren.config import ModelConfig
 from laren.models.build import build_model
+from laren.models.gdm import relation_figures
 from laren.models.laren import LarenSR
 
 __all__ = ["probe_images", "forward_figures", "grad_figures", "check_init", "quick_check", "tiny_widths", "HealthReport",
@@ -76,17 +76,17 @@ def forward_figures(model: LarenSR, lr: Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def code_figures(model: LarenSR, z: Tensor, g: Tensor) -> dict[str, float]:
-    """The figures of :func:`forward_figures` from the batch's z (B, H) and latent codes g (B, N, H). The figures are
-    computed on the model's device and read in one transfer (and the GDM's in one of its own)."""
-    out: dict[str, float] = {}
+    """The figures of :func:`forward_figures` from the batch's z (B, H) and latent codes g (B, N, H), computed on the
+    model's device and read in one transfer."""
     if model.head_produces != "latents":
-        return out
+        return {}
     on_device: dict[str, Tensor] = {}
     flat = g.flatten(1).double()
     on_device["g_spread"] = (flat.std(1) / flat.mean(1).abs().clamp_min(1e-30)).mean()
-    if hasattr(model.head, "relation_stats"):
-        st = model.head.relation_stats(z[:1])  # one image: the figure is a per-image statistic
-        out["gdm_mask_share"], out["gdm_support_share"] = st["mask_share"], st["support_share"]
+    rho_count = None
+    if hasattr(model.head, "relation_sums"):
+        rho_count, rho_sums = model.head.relation_sums(z[:1])  # one image: the figure is a per-image statistic
+        on_device.update(zip(("rho/support", "rho/sum", "rho/sum_sq"), rho_sums))
     if model.cgm is not None:
         stats: dict[str, list[Tensor]] = {}
         maps = model.cgm.noise_maps(model.cgm.codes(g, stats))
@@ -95,8 +95,10 @@ def code_figures(model: LarenSR, z: Tensor, g: Tensor) -> dict[str, float]:
         on_device["cgm_live_min"] = torch.stack(stats["live"]).amin()
         if g.shape[0] >= 2:  # v1's dead maps are bit-identical
             on_device["cgm_noise_differ"] = torch.stack([(m[0] != m[1]).any() for m in maps]).double().mean()
-    values = torch.stack([v.double() for v in on_device.values()]).tolist()  # the one host read
-    out.update(zip(on_device, values))
+    out = dict(zip(on_device, torch.stack([v.double() for v in on_device.values()]).tolist()))  # the one host read
+    if rho_count is not None:
+        rho = relation_figures(rho_count, out.pop("rho/support"), out.pop("rho/sum"), out.pop("rho/sum_sq"))
+        out["gdm_mask_share"], out["gdm_support_share"] = rho["mask_share"], rho["support_share"]
     return out
 
 
@@ -120,18 +122,24 @@ def _groups(model: LarenSR) -> dict[str, list[nn.Parameter]]:
     return {k: v for k, v in groups.items() if v}
 
 
+def _norm(tensors: list[Tensor], like: Tensor) -> Tensor:
+    """The float64 L2 norm of all of ``tensors`` together, on ``like``'s device (0 for none)."""
+    if not tensors:
+        return like.new_zeros((), dtype=torch.float64)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors]))
+
+
 @torch.no_grad()
 def grad_figures(model: LarenSR) -> dict[str, float]:
     """``grad_ratio/<group>``: rms(grad) / rms(param) per module group (after a backward; 0 where no gradient), the
-    ratio of the group's L2 norms (same count). The norms are taken on the model's device (torch's fused per-tensor
-    norms) and read in one transfer: at a log step of a real run, one host sync rather than two per parameter."""
+    ratio of the group's L2 norms (same count). The float64 norms are taken on the model's device and read in one
+    transfer: at a log step of a real run, one host sync rather than two per parameter."""
     groups = _groups(model)
     norms = []
     for params in groups.values():
-        grads = [p.grad for p in params if p.grad is not None]
-        norms.append(get_total_norm(grads) if grads else params[0].new_zeros(()))
-        norms.append(get_total_norm(params))
-    values = torch.stack([n.double() for n in norms]).tolist()  # the one host read
+        norms.append(_norm([p.grad for p in params if p.grad is not None], params[0]))
+        norms.append(_norm(params, params[0]))
+    values = torch.stack(norms).tolist()  # the one host read
     return {f"grad_ratio/{name}": g / max(p, 1e-30) for name, g, p in zip(groups, values[0::2], values[1::2])}
 
 

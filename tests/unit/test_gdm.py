@@ -270,6 +270,22 @@ def test_relation_stats_equal_the_literal_rho():
     assert mask_variance_share(4, 2, 2.0, 2.0) == pytest.approx(1.0)  # rho in {0, 1}: a pure gate
 
 
+def test_vrr_relation_stats_equal_the_variance_decomposition_of_its_rho():
+    """VRR's relation_stats (one device read) = the variance decomposition of its rho (B, P), computed directly."""
+    torch.manual_seed(2)
+    gdm = GraphDisentangleVRR(16, 5, 4, 3).double()
+    z = torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        rho = gdm.adjacency(gdm.nodes(z))
+    mask = rho > 0
+    fit = torch.where(mask, rho[mask].mean(), 0.0)
+    r2 = 1 - (rho - fit).square().sum() / (rho - rho.mean()).square().sum()
+    st = gdm.relation_stats(z)
+    assert 0 < st["support_share"] < 1  # a mixed support: the decomposition is not trivial
+    assert st["mask_share"] == pytest.approx(float(r2), abs=1e-12)
+    assert st["support_share"] == pytest.approx(float(mask.double().mean()), abs=1e-15)
+
+
 def test_rms_logits_make_rho_graded_where_l2_is_a_gate():
     """Model-spec 9 R2 at J=16, C=8 and D = 4 x 256: under "l2" the mask explains > 99 % of rho's variance; under
     "rms" it explains <= 60 % ("std" less still), and W_attr's gradient, relative to ConvKB's, grows more than 10x."""

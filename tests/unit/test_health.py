@@ -4,6 +4,7 @@ v1 switches fail them; the quick check of validate refuses a dead configuration.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from laren.config import ConfigError, ModelConfig
 from laren.models import health
+from laren.models.build import build_model
 from laren.specs import JobSpec, load_any
 from laren.jobs.checks import validate
 from laren.jobs.entrypoints import run_configs
@@ -109,8 +111,6 @@ def test_rerr_and_vrr_rows_give_different_image_specific_noise():
     parts = {}
     for rel, m in rows.items():
         torch.manual_seed(0)
-        from laren.models.build import build_model
-
         model = build_model(m)
         with torch.no_grad():
             z = model.encode(lr)[0]
@@ -121,13 +121,12 @@ def test_rerr_and_vrr_rows_give_different_image_specific_noise():
     assert all((a - b).abs().amax() > 1e-6 * b.abs().amax() for a, b in zip(parts["rerr"], parts["vrr"]))
 
 
+
 def test_figures_read_on_device_equal_their_definitions():
-    """step_figures reads its figures from the device in one transfer: they equal the definitions computed per tensor
-    in float64 (rms(grad) / rms(param) per group; the CGM's live share and max T per layer; maps that differ)."""
-    import math
-
-    from laren.models.build import build_model
-
+    """step_figures reads its figures from the device in one transfer per function: they equal their definitions,
+    computed here per tensor in float64 from the model's parts (rms(grad) / rms(param) per group; rho's variance
+    decomposition; per CGM layer the share of positive pre-activations and max T, layer 1 rebuilt by hand; maps that
+    differ between two images, and none between an image and itself)."""
     cfg = load_any(REPO / "jobs" / "demo-photos.yaml").run_config().model
     torch.manual_seed(0)
     model = build_model(cfg.model_copy(update={"prior": cfg.prior.model_copy(update={"path": None})})).train()
@@ -137,21 +136,27 @@ def test_figures_read_on_device_equal_their_definitions():
     sum(m.square().mean() for m in model.cgm(g)).backward()
     fig = health.step_figures(model, lr)
 
-    for name, params in health._groups(model).items():
-        with torch.no_grad():
+    with torch.no_grad():
+        for name, params in health._groups(model).items():
             g2 = sum(float(p.grad.double().square().sum()) for p in params if p.grad is not None)
             p2 = sum(float(p.double().square().sum()) for p in params)
-        assert fig[f"grad_ratio/{name}"] == pytest.approx(math.sqrt(g2) / math.sqrt(p2), rel=1e-5), name
-    assert fig["grad_ratio/cgm.query"] > 0 and fig["grad_ratio/decoder"] == 0.0  # the frozen prior: no gradient
-    with torch.no_grad():
-        z, _ = model.encode(lr[:2])
+            assert fig[f"grad_ratio/{name}"] == pytest.approx(math.sqrt(g2) / math.sqrt(p2), rel=1e-10), name
+        assert fig["grad_ratio/cgm.query"] > 0 and fig["grad_ratio/decoder"] == 0.0  # this loss stops at the CGM
+
+        z, _ = model.encode(lr)
         g, _ = model.latent_codes(z)
+        assert {k: fig[f"gdm_{k}"] for k in ("mask_share", "support_share")} == pytest.approx(
+            model.head.relation_stats(z[:1]), rel=1e-12)
+        flat = g.flatten(1).double()
+        assert fig["g_spread"] == pytest.approx(float((flat.std(1) / flat.mean(1).abs()).mean()), rel=1e-12)
         stats = {}
         maps = model.cgm.noise_maps(model.cgm.codes(g, stats))
-    live = [float(t) for t in stats["live"]]
-    assert [fig[f"cgm_live/L{i:02d}"] for i in range(len(live))] == pytest.approx(live, rel=1e-12)
-    assert fig["cgm_live_min"] == pytest.approx(min(live), rel=1e-12)
-    assert fig["cgm_tmax/L00"] == pytest.approx(float(stats["t_max"][0]), rel=1e-12)
-    assert fig["cgm_noise_differ"] == sum(bool((m[0] != m[1]).any()) for m in maps) / len(maps)
-    flat = g.flatten(1).double()
-    assert fig["g_spread"] == pytest.approx(float((flat.std(1) / flat.mean(1).abs()).mean()), rel=1e-12)
+        layers = range(len(stats["live"]))
+        assert [fig[f"cgm_live/L{i:02d}"] for i in layers] == [float(t) for t in stats["live"]]
+        assert [fig[f"cgm_tmax/L{i:02d}"] for i in layers] == [float(t) for t in stats["t_max"]]
+        assert fig["cgm_live_min"] == min(float(t) for t in stats["live"])
+        T1 = torch.softmax(model.cgm.relation_logits(g[:, 0]), dim=1)  # layer 1 by hand: T^1 = softmax(R_1), x = g_1
+        pre1 = torch.einsum("bif,bi->bf", T1, g[:, 0])
+        assert fig["cgm_live/L00"] == float((pre1 > 0).float().mean()) and fig["cgm_tmax/L00"] == float(T1.amax())
+        assert fig["cgm_noise_differ"] == sum(bool((m[0] != m[1]).any()) for m in maps) / len(maps) > 0.9
+        assert health.forward_figures(model, lr[[0, 0]])["cgm_noise_differ"] == 0.0  # an image and itself
