@@ -231,6 +231,12 @@ class _GraphBase(nn.Module):
         """U = (W_U z + b_U).view(B, J, C)."""
         return self.node_proj(z_BH).view(z_BH.shape[0], self.num_nodes, self.node_dim)
 
+    def relation_stats(self, z_BH: Tensor) -> dict[str, float]:
+        """Health figures of rho (model-spec 9, R2/R4) from the subclass's ``relation_sums`` (one host read): the
+        mask's share of its variance and the support's share of the entries."""
+        count, sums = self.relation_sums(z_BH)
+        return relation_figures(count, *sums.tolist())
+
 
 class GraphDisentangle(_GraphBase):
     """GDM with hierarchical multi-relation reasoning (HMRR): z (B, H) -> g (B, N, H), with D = N*H.
@@ -340,12 +346,6 @@ class GraphDisentangle(_GraphBase):
             sums += _rho_sums(rho)
         return count, sums
 
-    def relation_stats(self, z_BH: Tensor) -> dict[str, float]:
-        """Health figures of rho (model-spec 9, R2/R4): the mask's share of its variance and the support's share of
-        the entries."""
-        count, sums = self.relation_sums(z_BH)
-        return relation_figures(count, *sums.tolist())
-
 
 class GraphDisentangleVRR(_GraphBase):
     """GDM with vanilla relation reasoning (Table IV "Base+GDM(VRR)"; model-spec section 5): z (B, H) -> g (B, N, H).
@@ -391,11 +391,6 @@ class GraphDisentangleVRR(_GraphBase):
         """As :meth:`GraphDisentangle.relation_sums` (here rho is (B, P), shared over D)."""
         rho = self.adjacency(self.nodes(z_BH)).double()
         return rho.numel(), _rho_sums(rho)
-
-    def relation_stats(self, z_BH: Tensor) -> dict[str, float]:
-        """Health figures of rho, as :meth:`GraphDisentangle.relation_stats`."""
-        count, sums = self.relation_sums(z_BH)
-        return relation_figures(count, *sums.tolist())
 
     def forward(self, z_BH: Tensor) -> Tensor:
         B = z_BH.shape[0]

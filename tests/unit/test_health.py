@@ -121,7 +121,6 @@ def test_rerr_and_vrr_rows_give_different_image_specific_noise():
     assert all((a - b).abs().amax() > 1e-6 * b.abs().amax() for a, b in zip(parts["rerr"], parts["vrr"]))
 
 
-
 def test_figures_read_on_device_equal_their_definitions():
     """step_figures reads its figures from the device in one transfer per function: they equal their definitions,
     computed here per tensor in float64 from the model's parts (rms(grad) / rms(param) per group; rho's variance
